@@ -1,0 +1,342 @@
+"""The ``carrot`` command line: parse, validate at once, run a flow, print a summary.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the input and the fix);
+1 anything else. ``CARROT_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+import flows  # noqa: F401  (applies Prefect's quiet, offline-safe defaults first)
+from pipeline.errors import InputError
+from stores.errors import StoreInputError
+
+USAGE_ERRORS = (InputError, StoreInputError)
+
+
+class UsageError(Exception):
+    """A command-line usage problem (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``carrot`` parser (sub-commands register themselves below)."""
+    parser = _Parser(prog="carrot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_embed(sub)
+    _add_store(sub)
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- embed
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="stage 1: run a timm backbone over DATA into a Zarr store")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        help="ImageFolder dir, CUB/NABirds root, CSV manifest, or sklearn:digits",
+    )
+    p.add_argument("--backbone", required=True, metavar="NAME", help="timm model name")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="hub weights (needs network or cache)")
+    w.add_argument("--checkpoint", metavar="FILE", help="local .safetensors or .pth weights")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random-init seed (default 0)")
+    p.add_argument("--root", metavar="DIR|URL", help="store root (default $CARROT_HOME/stores)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="N")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--image-size", type=_positive_int, metavar="N", help="override input size")
+    p.add_argument(
+        "--views",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="augmented views per image stored beside the clean one",
+    )
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--workers", type=_nonneg_int, metavar="N", help="decode workers (default auto)")
+    p.add_argument(
+        "--chunk-rows",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="rows per store chunk (unit of resume)",
+    )
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F")
+    p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
+    p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    p.set_defaults(run=_run_embed)
+
+
+def embed_settings_from_args(args: argparse.Namespace):
+    """Resolve CLI arguments into :class:`pipeline.embed.EmbedSettings` (validated)."""
+    from pipeline.backbone import BackboneConfig
+    from pipeline.embed import EmbedSettings, default_root
+    from pipeline.extract import ExtractConfig
+
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise InputError(
+            f"--checkpoint {args.checkpoint}: no such file; give a local .safetensors or .pth file"
+        )
+    extract = ExtractConfig(batch_size=args.batch_size, views=args.views, strict=args.strict)
+    if args.workers is not None:
+        extract = ExtractConfig(
+            batch_size=args.batch_size,
+            views=args.views,
+            strict=args.strict,
+            num_workers=args.workers,
+        )
+    return EmbedSettings(
+        data=args.data,
+        backbone=BackboneConfig(
+            name=args.backbone,
+            pretrained=args.pretrained,
+            checkpoint=args.checkpoint,
+            seed=args.seed,
+            image_size=args.image_size,
+            device=args.device,
+        ),
+        extract=extract,
+        root=args.root or default_root(),
+        dtype=args.dtype,
+        chunk_rows=args.chunk_rows,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from flows.embed import embed_flow
+    from flows.runtime import flow_settings
+    from pipeline.backbone import validate_backbone_name
+    from pipeline.embed import resolve_settings_source
+
+    settings = embed_settings_from_args(args)
+    validate_backbone_name(settings.backbone.name)  # fail at once, before any server starts
+    resolve_settings_source(settings)
+    with flow_settings(), _progress_bar(enabled=sys.stderr.isatty()):
+        summary = embed_flow(settings)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_embed_summary(summary)
+    return 0
+
+
+def _print_embed_summary(s: dict) -> None:
+    state = (
+        "cache hit (no backbone work)" if s["cache_hit"] else f"{s['images_per_second']:.1f} img/s"
+    )
+    print(f"store    {s['store']}")
+    print(f"images   {s['n']} × {s['dim']}  ({state}, {s['seconds']:.1f} s)")
+    if s["skipped"]:
+        shown = ", ".join(s["skipped"][:5]) + (" …" if len(s["skipped"]) > 5 else "")
+        print(f"skipped  {len(s['skipped'])} unreadable image(s): {shown}")
+    else:
+        print("skipped  0")
+
+
+class _progress_bar:
+    """A rich progress bar (images/s, ETA) on stderr, fed by ``flows.progress``."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        from flows import progress
+
+        self._bar = Progress(
+            TextColumn("embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[progress.data.speed]{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = None
+        self._bar.start()
+
+        def start(total: int) -> None:
+            self._task = self._bar.add_task("embed", total=total, rate="")
+
+        def advance(n: int) -> None:
+            if self._task is not None:
+                self._bar.advance(self._task, n)
+                speed = self._bar.tasks[0].speed
+                self._bar.update(self._task, rate=f"{speed:.1f} img/s" if speed else "")
+
+        self._ctx = progress.reporting(start=start, advance=advance)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._ctx.__exit__(*exc)
+            self._bar.stop()
+
+
+# --------------------------------------------------------------------------- store
+def _add_store(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="inspect embedding stores")
+    ss = p.add_subparsers(dest="store_command", metavar="ACTION", parser_class=_Parser)
+    ss.required = True
+    info = ss.add_parser("info", help="show a store's metadata")
+    info.add_argument("store", metavar="STORE")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_run_store_info)
+    verify = ss.add_parser("verify", help="check completeness, shapes, key and finite values")
+    verify.add_argument("store", metavar="STORE")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=_run_store_verify)
+    ls = ss.add_parser("ls", help="list stores under a root")
+    ls.add_argument("root", nargs="?", metavar="ROOT", help="default $CARROT_HOME/stores")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=_run_store_ls)
+
+
+def _run_store_info(args: argparse.Namespace) -> int:
+    from stores import open_store
+
+    store = open_store(args.store, require_complete=False)
+    info = {
+        "store": store.url,
+        "complete": store.complete,
+        "n": store.n,
+        "dim": store.dim,
+        "views": store.views,
+        "dtype": store.dtype,
+        "classes": len(store.class_names),
+        "splits": {s: len(store.labels(s)) for s in store.splits()},
+        "key": store.key,
+        **{k: v for k, v in store.attrs.items() if k not in ("skipped",)},
+        "skipped": [s["id"] for s in store.attrs.get("skipped", [])],
+    }
+    if args.json:
+        print(json.dumps(info, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def _run_store_verify(args: argparse.Namespace) -> int:
+    from stores import verify_store
+
+    report = verify_store(args.store)
+    if args.json:
+        print(json.dumps({"store": args.store, "ok": report.ok, "problems": report.problems}))
+    elif report.ok:
+        print(f"ok       {args.store}")
+    else:
+        for problem in report.problems:
+            print(f"problem  {problem}")
+    return 0 if report.ok else 1
+
+
+def _run_store_ls(args: argparse.Namespace) -> int:
+    from pipeline.embed import default_root
+    from stores import list_stores
+
+    rows = list_stores(args.root or default_root())
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], default=str))
+        return 0
+    for r in rows:
+        mark = "complete" if r.complete else "INCOMPLETE"
+        print(f"{r.url}  {r.dataset}  {r.backbone}  N={r.n} D={r.dim}  {mark}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``carrot`` console script."""
+    debug = os.environ.get("CARROT_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args) or 0)
+    except UsageError as e:
+        print(f"{e}", file=sys.stderr)
+        return 2
+    except USAGE_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"carrot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "carrot: interrupted (a resumable store can be continued by re-running)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"carrot: error: {type(e).__name__}: {e} (CARROT_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Stage 1 as a library: plan an embedding store, extract the pending chunks, finalize.
+
+Callable without Prefect (benchmarks, Dask workers, notebooks); ``flows.embed`` wires the same
+steps into a Prefect flow. Resumable: only chunks whose progress flag is unset are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from pipeline.backbone import Backbone, BackboneConfig, create_backbone, describe_backbone
+from pipeline.extract import ExtractConfig, extract_rows
+from pipeline.sources import ImageSource, resolve_source
+from stores import StoreIdentity, StoreWriter, open_writer, store_url
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int], None]
+"""Called with the number of images just finished."""
+
+
+def default_root() -> str:
+    """``$CARROT_HOME/stores``; ``CARROT_HOME`` defaults to ``~/.carrot``."""
+    home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
+    return str(Path(home).expanduser() / "stores")
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """Everything stage 1 needs; resolved once at the edge (CLI or flow) and passed down."""
+
+    data: str  # DATA argument: folder, CUB/NABirds root, CSV manifest or "sklearn:digits"
+    backbone: BackboneConfig  # timm model and its weights
+    extract: ExtractConfig = field(default_factory=ExtractConfig)  # batch size, views, strict
+    root: str = field(default_factory=default_root)  # local folder or fsspec URL
+    dtype: str = "float16"  # stored feature dtype: "float16" | "float32"
+    chunk_rows: int = 1024  # rows per Zarr chunk = unit of work, resume and retry
+    val_fraction: float = 0.1  # split made when the source gives none
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    compressor: str | None = None  # features compressor (None: fastest reads)
+    storage_options: dict[str, Any] | None = None  # fsspec options for the root
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """A resolved source and the identity (so the URL) of the store it maps to."""
+
+    source: ImageSource
+    identity: StoreIdentity
+    url: str
+
+
+@dataclass
+class EmbedSummary:
+    """What ``carrot embed --json`` prints."""
+
+    store: str  # store path or URL
+    n: int  # images listed (skipped included)
+    dim: int  # embedding width D
+    skipped: list[str]  # source-relative ids of unreadable images
+    cache_hit: bool  # True: a complete store with this key existed; no backbone work done
+    seconds: float  # wall time of the whole stage
+    images_per_second: float  # over the images computed in this run (0 on a cache hit)
+    key: str  # content key (sha256 hex)
+    dataset: str
+    backbone: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_settings_source(settings: EmbedSettings) -> ImageSource:
+    """Resolve DATA into an :class:`ImageSource` (splits made when the source has none)."""
+    return resolve_source(
+        settings.data,
+        val_fraction=settings.val_fraction,
+        test_fraction=settings.test_fraction,
+        seed=settings.split_seed,
+    )
+
+
+def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
+    """Compute the store identity and URL without loading weights or running the backbone."""
+    data_config, weights, precision = describe_backbone(settings.backbone)
+    identity = StoreIdentity(
+        dataset=source.name,
+        backbone=settings.backbone.name,
+        weights=weights,
+        data_config=data_config,
+        views=settings.extract.views,
+        dtype=settings.dtype,
+        versions={"timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
+        input_fingerprint=source.fingerprint(),
+        extra={"view_seed": settings.extract.view_seed, "precision": precision},
+    )
+    return EmbedPlan(source=source, identity=identity, url=store_url(settings.root, identity))
+
+
+def open_plan_writer(plan: EmbedPlan, settings: EmbedSettings, dim: int) -> StoreWriter:
+    """Create (or resume) the store of ``plan``; takes the store's writer lock."""
+    src = plan.source
+    return open_writer(
+        plan.url,
+        plan.identity,
+        ids=[r.id for r in src.records],
+        labels=[r.label for r in src.records],
+        split=[r.split for r in src.records],
+        class_names=list(src.class_names),
+        dim=dim,
+        chunk_rows=settings.chunk_rows,
+        compressor=settings.compressor,
+        storage_options=settings.storage_options,
+    )
+
+
+def write_chunks(
+    writer: StoreWriter,
+    backbone: Backbone,
+    source: ImageSource,
+    chunks: list[int],
+    settings: EmbedSettings,
+    *,
+    progress: ProgressFn | None = None,
+) -> tuple[int, float]:
+    """Extract and write ``chunks`` (chunk-aligned, idempotent). Returns (images, seconds)."""
+    images, seconds = 0, 0.0
+    for i in chunks:
+        rows = writer.chunk_rows_range(i)
+        result = extract_rows(backbone, source, rows, settings.extract)
+        writer.write_chunk(i, result.features, valid=result.valid, errors=result.errors)
+        images += len(rows)
+        seconds += result.seconds
+        if progress is not None:
+            progress(len(rows))
+    return images, seconds
+
+
+def summarize(
+    plan: EmbedPlan,
+    settings: EmbedSettings,
+    *,
+    cache_hit: bool,
+    seconds: float,
+    rate: float,
+) -> EmbedSummary:
+    """Summary of a finished (complete) store."""
+    from stores import open_store
+
+    store = open_store(plan.url, storage_options=settings.storage_options)
+    skipped = [s["id"] for s in store.attrs.get("skipped", [])]
+    return EmbedSummary(
+        store=plan.url,
+        n=store.n,
+        dim=store.dim,
+        skipped=skipped,
+        cache_hit=cache_hit,
+        seconds=round(seconds, 3),
+        images_per_second=round(rate, 2),
+        key=plan.identity.key(),
+        dataset=plan.identity.dataset,
+        backbone=plan.identity.backbone,
+    )
+
+
+def run_embedding(settings: EmbedSettings, *, progress: ProgressFn | None = None) -> EmbedSummary:
+    """Stage 1 end to end, without Prefect: resolve, plan, extract pending chunks, finalize."""
+    t0 = time.perf_counter()
+    source = resolve_settings_source(settings)
+    plan = plan_embedding(settings, source)
+    backbone: Backbone | None = None
+    dim = _cached_dim(plan, settings)
+    if dim is None:
+        backbone = create_backbone(settings.backbone)
+        dim = backbone.dim
+    with open_plan_writer(plan, settings, dim) as writer:
+        if writer.complete:
+            return summarize(
+                plan, settings, cache_hit=True, seconds=time.perf_counter() - t0, rate=0.0
+            )
+        if backbone is None:
+            backbone = create_backbone(settings.backbone)
+        t_extract = time.perf_counter()
+        images, _ = write_chunks(
+            writer, backbone, source, writer.pending_chunks(), settings, progress=progress
+        )
+        extract_s = time.perf_counter() - t_extract
+        writer.finalize(timings={"extract_seconds": round(extract_s, 3), "images": images})
+        rate = images / extract_s if extract_s > 0 else 0.0
+        return summarize(
+            plan, settings, cache_hit=False, seconds=time.perf_counter() - t0, rate=rate
+        )
+
+
+def _cached_dim(plan: EmbedPlan, settings: EmbedSettings) -> int | None:
+    """Width D of an existing store at the plan's URL (so a cache hit builds no backbone)."""
+    from stores import open_store
+    from stores.errors import StoreNotFoundError
+
+    try:
+        return open_store(
+            plan.url, storage_options=settings.storage_options, require_complete=False
+        ).dim
+    except StoreNotFoundError:
+        return None
