@@ -1,0 +1,207 @@
+"""Reading a store: ``open_store(url)`` → :class:`EmbeddingStore` (NumPy, torch, Dask, streaming).
+
+All feature readers return float32 (float16 sums overflow). By default they return the valid
+rows only (``valid_only=False`` gives every row; skipped rows are zeros), optionally of one split.
+Whole-store reads go straight from the chunk files into the result for local uncompressed stores
+(see :mod:`stores.rowread`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stores.errors import StoreError, StoreIncompleteError, StoreInputError
+from stores.identity import SCHEMA_VERSION, StoreIdentity
+from stores.location import StoreLocation, open_group, resolve
+from stores.prefetch import prefetch as run_ahead
+from stores.rowread import RowReader, gather_rows
+from stores.schema import SPLITS
+
+if TYPE_CHECKING:
+    import dask.array
+    import torch
+    import zarr
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddingStore:
+    """A store opened for reading.
+
+    Attributes: ``url``, ``identity`` (:class:`StoreIdentity`), ``key``, ``n`` rows (all, valid or
+    not), ``dim`` D, ``views`` V, ``dtype`` (storage dtype name), ``class_names``, ``attrs`` (all
+    group attributes), ``complete``, ``chunk_rows``.
+    """
+
+    def __init__(self, location: StoreLocation, group: zarr.Group) -> None:
+        attrs = group.attrs.asdict()
+        self.attrs: dict[str, Any] = attrs
+        self.url: str = location.url
+        self.identity = StoreIdentity.from_dict(attrs["identity"])
+        self.key: str = attrs["key"]
+        self.n: int = attrs["n"]
+        self.dim: int = attrs["dim"]
+        self.views: int = attrs["views"]
+        self.dtype: str = attrs["dtype"]
+        self.class_names: list[str] = list(attrs["class_names"])
+        self.complete: bool = attrs["complete"] is True
+        self.chunk_rows: int = attrs["chunk_rows"]
+        self._group = group
+        self._features = RowReader(group["features"], local_root=location.local_path)
+        self._cache: dict[str, np.ndarray] = {}
+
+    # -- per-row arrays (small; read once) ----------------------------------------------------
+    def _row_array(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = np.asarray(self._group[name][:])
+        return self._cache[name]
+
+    def valid_mask(self) -> np.ndarray:
+        """(N,) bool, False for skipped (unreadable) rows."""
+        return self._row_array("valid").astype(bool, copy=True)
+
+    def split_array(self) -> np.ndarray:
+        """(N,) str split name of every row."""
+        return self._row_array("split").copy()
+
+    def _mask(self, split: str | None, valid_only: bool) -> np.ndarray:
+        mask = self._row_array("valid").astype(bool) if valid_only else np.ones(self.n, bool)
+        if split is not None:
+            if split not in SPLITS:
+                raise StoreInputError(
+                    f"unknown split {split!r}; use one of {SPLITS} or None (all rows)"
+                )
+            mask &= self._row_array("split") == split
+        return mask
+
+    def splits(self) -> list[str]:
+        """Split names that have valid rows, in the order train, val, test."""
+        valid, split = self._row_array("valid").astype(bool), self._row_array("split")
+        return [s for s in SPLITS if np.any(valid & (split == s))]
+
+    def labels(self, split: str | None = None, *, valid_only: bool = True) -> np.ndarray:
+        """(n,) int64 class indices into ``class_names``."""
+        return self._row_array("labels")[self._mask(split, valid_only)].astype(np.int64)
+
+    def ids(self, split: str | None = None, *, valid_only: bool = True) -> list[str]:
+        """Source-relative ids of the selected rows."""
+        return self._row_array("ids")[self._mask(split, valid_only)].tolist()
+
+    # -- features -----------------------------------------------------------------------------
+    def _view_index(self, view: int) -> tuple:
+        if not isinstance(view, int | np.integer) or not 0 <= view <= self.views:
+            raise StoreInputError(
+                f"view must be 0 (clean) .. {self.views} (augmented views) for store {self.url}, got {view!r}"
+            )
+        return () if self.views == 0 else (int(view),)
+
+    def features(
+        self, split: str | None = None, *, view: int = 0, valid_only: bool = True
+    ) -> np.ndarray:
+        """(n, D) float32 features of one view (0 = clean) for the selected rows."""
+        return gather_rows(
+            self._features, self._mask(split, valid_only), index=self._view_index(view)
+        )
+
+    def views_array(self, split: str | None = None, *, valid_only: bool = True) -> np.ndarray:
+        """(n, V, D) float32 augmented views (without the clean view 0) of the selected rows."""
+        if self.views == 0:
+            raise StoreInputError(f"store {self.url} holds no augmented views (views=0)")
+        return gather_rows(self._features, self._mask(split, valid_only), index=(slice(1, None),))
+
+    def to_torch(
+        self, split: str | None = None, *, device: Any = "cpu", view: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X (n, D) float32, y (n,) int64)`` tensors of the valid rows on ``device``."""
+        import torch
+
+        x = torch.from_numpy(self.features(split, view=view))
+        y = torch.from_numpy(self.labels(split))
+        if torch.device(device).type == "cpu":
+            return x, y
+        pin = torch.cuda.is_available()
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+
+    def to_dask(self, *, view: int = 0, rows: int | None = None) -> dask.array.Array:
+        """(N, D) float32 Dask array of ALL rows (mask with :meth:`valid_mask`), Zarr-chunked
+        (or ``rows`` per block, rounded to whole chunks)."""
+        import dask.array as da
+
+        index = self._view_index(view)
+        array = self._group["features"]
+        if rows is None:
+            x = da.from_zarr(array)
+        else:
+            block = max(1, rows // self.chunk_rows) * self.chunk_rows
+            x = da.from_zarr(array, chunks=(block, *array.shape[1:]))
+        if index:
+            x = x[:, index[0], :]
+        return x.astype(np.float32)
+
+    def iter_chunks(
+        self, split: str | None = None, *, rows: int = 8192, prefetch: int = 2, view: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream ``(X (n, D) float32, y (n,) int64)`` blocks of the valid rows of ``split``.
+
+        Blocks hold about ``rows`` store rows (whole chunks), in store order, each row exactly
+        once; a background thread reads ``prefetch`` blocks ahead.
+        """
+        index = self._view_index(view)
+        mask = self._mask(split, valid_only=True)
+        labels = self._row_array("labels").astype(np.int64)
+
+        def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            selected = np.flatnonzero(mask)
+            if selected.size == 0:
+                return
+            lo, hi = int(selected[0]), int(selected[-1]) + 1
+            for start, block in self._features.blocks(lo, hi, rows=rows):
+                stop = start + len(block)
+                sel = mask[start:stop]
+                if not sel.any():
+                    continue
+                src = block[(slice(None), *index)] if index else block
+                x = np.array(src if sel.all() else src[sel], dtype=np.float32)  # owns its memory
+                yield x, labels[start:stop][sel]
+
+        return run_ahead(blocks(), depth=prefetch)
+
+    def nbytes(self) -> int:
+        """Bytes of all features as stored (N x (1+V) x D x itemsize), uncompressed."""
+        return int(np.prod(self._features.shape)) * np.dtype(self.dtype).itemsize
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingStore({self.url!r}, n={self.n}, dim={self.dim}, views={self.views}, "
+            f"dtype={self.dtype}, complete={self.complete})"
+        )
+
+
+def open_store(
+    url: str, *, storage_options: dict | None = None, require_complete: bool = True
+) -> EmbeddingStore:
+    """Open the store at ``url`` for reading.
+
+    Raises StoreNotFoundError when there is none, StoreIncompleteError when it is not complete
+    (unless ``require_complete=False``), StoreError when it is not a carrot store of this schema.
+    """
+    location = resolve(url, storage_options)
+    group = open_group(location, mode="r")
+    attrs = group.attrs.asdict()
+    if attrs.get("schema_version") != SCHEMA_VERSION or attrs.get("initialized") is not True:
+        raise StoreError(
+            f"{location.url} is not a carrot embedding store of schema {SCHEMA_VERSION} "
+            f"(schema_version={attrs.get('schema_version')!r}, initialized={attrs.get('initialized')!r})"
+        )
+    if require_complete and attrs.get("complete") is not True:
+        raise StoreIncompleteError(
+            f"store {location.url} is not complete (its writer was interrupted or is still "
+            f"running); run the embedding step again to resume it, or check it with verify_store"
+        )
+    return EmbeddingStore(location, group)
