@@ -27,3 +27,38 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+# --- stage-1 data fixtures (generated images; see tests/image_factory.py) ---
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory):
+    """ImageFolder of drawn shapes (3 classes) with odd modes and one corrupt JPEG."""
+    from image_factory import make_shapes_folder
+
+    return make_shapes_folder(tmp_path_factory.mktemp("shapes") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def cub_root(tmp_path_factory):
+    """CUB-200-2011-like root (3 classes, 4 images each)."""
+    from image_factory import make_cub_root
+
+    return make_cub_root(tmp_path_factory.mktemp("cub"))
+
+
+@pytest.fixture(scope="session")
+def nabirds_root(tmp_path_factory):
+    """NABirds-like root (sparse class ids, names with spaces)."""
+    from image_factory import make_nabirds_root
+
+    return make_nabirds_root(tmp_path_factory.mktemp("nabirds"))
+
+
+@pytest.fixture(scope="session")
+def csv_manifest(tmp_path_factory):
+    """CSV manifest path,label,split (with header) over generated images."""
+    from image_factory import make_csv_manifest
+
+    return make_csv_manifest(tmp_path_factory.mktemp("csv"))
