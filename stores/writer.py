@@ -145,7 +145,8 @@ class StoreWriter:
                 f"ids {name_ids(self._ids(rows)[bad])}; nothing of this chunk was written. Mark those "
                 f"rows invalid (valid=False with a reason) or fix the model/inputs."
             )
-        out = feats.astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # overflow is checked just below
+            out = feats.astype(self.dtype, copy=False)
         overflow = valid_arr & ~np.isfinite(out).reshape(m, -1).all(axis=1)
         if overflow.any():
             raise StoreError(
