@@ -119,14 +119,9 @@ class EmbeddingStore:
         """``(X (n, D) float32, y (n,) int64)`` tensors of the valid rows on ``device``."""
         import torch
 
-        x = torch.from_numpy(self.features(split, view=view))
+        x = torch.from_numpy(self.features(split, view=view))  # shares memory, no copy
         y = torch.from_numpy(self.labels(split))
-        if torch.device(device).type == "cpu":
-            return x, y
-        pin = torch.cuda.is_available()
-        if pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+        return x.to(device), y.to(device)  # no-op on CPU; one synchronous copy to an accelerator
 
     def to_dask(self, *, view: int = 0, rows: int | None = None) -> dask.array.Array:
         """(N, D) float32 Dask array of ALL rows (mask with :meth:`valid_mask`), Zarr-chunked
@@ -189,15 +184,21 @@ def open_store(
     """Open the store at ``url`` for reading.
 
     Raises StoreNotFoundError when there is none, StoreIncompleteError when it is not complete
-    (unless ``require_complete=False``), StoreError when it is not a carrot store of this schema.
+    (unless ``require_complete=False``; a store whose preallocation was cut short always raises
+    it), StoreError when it is not a carrot store of this schema.
     """
     location = resolve(url, storage_options)
     group = open_group(location, mode="r")
     attrs = group.attrs.asdict()
-    if attrs.get("schema_version") != SCHEMA_VERSION or attrs.get("initialized") is not True:
+    if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(
             f"{location.url} is not a carrot embedding store of schema {SCHEMA_VERSION} "
-            f"(schema_version={attrs.get('schema_version')!r}, initialized={attrs.get('initialized')!r})"
+            f"(schema_version={attrs.get('schema_version')!r}); write it again with this version"
+        )
+    if attrs.get("initialized") is not True:
+        raise StoreIncompleteError(
+            f"store {location.url} was never fully created (its writer stopped while "
+            f"preallocating); run the embedding step again to rebuild it"
         )
     if require_complete and attrs.get("complete") is not True:
         raise StoreIncompleteError(

@@ -100,6 +100,12 @@ class StoreWriter:
         """Pickles as a chunk writer re-opened by URL (no lock travels to the other process)."""
         return (_reopen_for_chunks, (self.url, dict(self._location.storage_options)))
 
+    def __copy__(self) -> StoreWriter:
+        return self  # a handle on an external store and lock: copies share them
+
+    def __deepcopy__(self, memo: dict) -> StoreWriter:
+        return self
+
     # -- chunks -------------------------------------------------------------------------------
     def chunk_rows_range(self, i: int) -> range:
         """Rows of chunk ``i``."""

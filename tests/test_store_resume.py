@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import os
@@ -17,9 +18,18 @@ import numpy as np
 import pytest
 import zarr
 
-from stores import StoreError, StoreInputError, StoreWriter, open_store, store_url, verify_store
+from stores import (
+    StoreError,
+    StoreIncompleteError,
+    StoreInputError,
+    StoreWriter,
+    open_store,
+    store_url,
+    verify_store,
+)
 from stores.location import resolve
 from stores.lock import LOCK_NAME, read_owner
+from stores.schema import initial_attrs
 from stores.testing import (
     open_synthetic_writer,
     synthetic_data,
@@ -219,3 +229,36 @@ def test_chunk_writer_cannot_finalize_and_needs_a_preallocated_store(reference, 
         with pytest.raises(StoreError, match="coordinator"):
             worker.finalize(timings={})
     assert not open_store(url, require_complete=False).complete
+
+
+def test_creation_cut_short_is_rebuilt(reference, tmp_path):
+    data, identity, ref_url = reference
+    url = store_url(str(tmp_path), identity)
+    group = zarr.open_group(url, mode="a")
+    attrs = initial_attrs(
+        identity, n=590, dim=16, chunk_rows=16, class_names=data.class_names, compressor=None
+    )
+    group.attrs.put(attrs)  # killed after the attributes and one half-made array
+    group.create_array("labels", shape=(590,), chunks=(16,), dtype="int64")[:10] = 7
+    with pytest.raises(StoreIncompleteError, match="never fully created"):
+        open_store(url, require_complete=False)
+    write_synthetic_store(url, data, identity, chunk_rows=16)
+    assert_same_store(url, ref_url)
+
+
+def test_unreadable_group_metadata_is_rebuilt(reference, tmp_path):
+    data, identity, ref_url = reference
+    url = store_url(str(tmp_path), identity)
+    with open_synthetic_writer(url, data, identity, chunk_rows=16) as writer:
+        write_chunks(writer, data, [0, 1])
+    (Path(url) / "zarr.json").write_text('{"zarr_format": 3, "node_ty')  # torn write
+    write_synthetic_store(url, data, identity, chunk_rows=16)
+    assert_same_store(url, ref_url)
+
+
+def test_copies_of_a_writer_are_the_writer(reference, tmp_path):
+    data, identity, _ = reference
+    with open_synthetic_writer(store_url(str(tmp_path), identity), data, identity) as writer:
+        assert copy.copy(writer) is writer and copy.deepcopy({"w": writer})["w"] is writer
+        clone = pickle.loads(pickle.dumps(writer))
+        assert clone is not writer and clone.url == writer.url and clone._lock is None
