@@ -1,0 +1,505 @@
+"""CARROT: label-safe feature augmentation in the nuisance subspace of a linear head.
+
+For a sample ``(z, y)`` classified with margin, the noise ``√α · P_N ε`` is orthogonal to every
+competitor difference ``d_k = w_y − w_k`` (k ∈ Kset), so those margins do not move; ``α`` is the
+largest variance for which the union bound over the other classes keeps
+``P(any margin < γ) ≤ δ``. See docs/CARROT.md for the math; pipeline/nuisance.py for the
+geometry. Shapes: B rows, D features, C classes, K = min(topk, C − 1) competitors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.nuisance import (
+    ETA_PER_COMPETITOR,
+    Competitors,
+    centered_weight,
+    competitor_geometry,
+    difference_sq,
+    nearest_classes,
+    orthonormal_rows,
+    outside_mask,
+    project_out,
+    project_out_explicit,
+    tail_quantile_sq,
+    top_competitors,
+)
+
+__all__ = [
+    "DEFAULT_RELATIVE_CAP",
+    "CarrotAugment",
+    "CarrotConfig",
+    "CarrotOutput",
+    "carrot_augment",
+    "carrot_augment_pre_ln",
+    "carrot_loss",
+    "class_factor_from_features",
+]
+
+log = logging.getLogger(__name__)
+
+# When no class lies outside Kset (e.g. C = 2 or K = C − 1) the chance constraint is empty and
+# every Kset margin is exact, so only a norm cap bounds the noise: without ``alpha_max`` the
+# noise norm is capped at this multiple of ‖z‖.
+DEFAULT_RELATIVE_CAP = 1.0
+# Pre-LN injection is only first-order safe, so it is always capped (relative to ‖x − mean(x)‖);
+# this is the cap used when ``alpha_max`` is None.
+PRE_LN_DEFAULT_CAP = 0.1
+
+
+@dataclass(frozen=True)
+class CarrotConfig:
+    """Settings of the CARROT augmentation (validated on construction)."""
+
+    topk: int = 10  # competitors per sample/class whose margins stay exact (K = min(topk, C−1))
+    delta: float = 0.05  # allowed P(any other margin falls below gamma), in (0, 0.5)
+    gamma: float = 0.0  # margin floor; rows with any margin <= gamma are not augmented
+    mode: Literal["sample", "class"] = "sample"  # Kset: top-K logits, or K nearest class weights
+    aug_per_sample: int = 1  # augmented copies per eligible row
+    aug_weight: float = 1.0  # weight of the augmented cross-entropy term in the loss
+    warmup_epochs: int = 0  # epochs trained without augmentation (see `active`)
+    refresh: int = 50  # "class" mode in CarrotAugment: recompute class geometry every N calls
+    alpha_max: float | None = None  # cap on √α·‖P_N ε‖/‖z‖ per row (None: no cap)
+    noise: Literal["isotropic", "class_cov"] = "isotropic"  # class_cov needs `class_factor`
+    quantile: Literal["exact", "chernoff"] = "exact"  # Φ⁻¹(1−δ/n_out), or q² = 2 ln(n_out/δ)
+    injection: Literal["post_ln", "pre_ln"] = "post_ln"  # pre_ln: carrot_augment_pre_ln
+    refine: int = 4  # classes per row whose noise variance is computed exactly when only bounded
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"CarrotConfig.{name} must be an integer >= {low}, got {value!r}")
+
+        for name, low in (("topk", 1), ("aug_per_sample", 1), ("warmup_epochs", 0)):
+            integer(name, low)
+        integer("refresh", 1)
+        integer("refine", 1)
+        if not 0.0 < float(self.delta) < 0.5:
+            raise ValueError(f"CarrotConfig.delta must lie in (0, 0.5), got {self.delta!r}")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"CarrotConfig.gamma must be finite and >= 0, got {self.gamma!r}")
+        if not (math.isfinite(self.aug_weight) and self.aug_weight >= 0):
+            raise ValueError(
+                f"CarrotConfig.aug_weight must be finite and >= 0, got {self.aug_weight!r}"
+            )
+        if self.alpha_max is not None and not (
+            math.isfinite(self.alpha_max) and self.alpha_max > 0
+        ):
+            raise ValueError(f"CarrotConfig.alpha_max must be None or > 0, got {self.alpha_max!r}")
+        for name, allowed in (
+            ("mode", ("sample", "class")),
+            ("noise", ("isotropic", "class_cov")),
+            ("quantile", ("exact", "chernoff")),
+            ("injection", ("post_ln", "pre_ln")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"CarrotConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+
+    def active(self, epoch: int) -> bool:
+        """Whether augmentation is on in ``epoch`` (0-based): off during ``warmup_epochs``."""
+        return epoch >= self.warmup_epochs
+
+
+@dataclass
+class CarrotOutput:
+    """Augmented rows. M = (rows augmented) × aug_per_sample, copies stacked copy-major.
+
+    ``z`` (M, D) in the input dtype, differentiable w.r.t. the input; ``y`` (M,) int64 labels;
+    ``source`` (M,) int64 row of the input each came from; ``alpha`` (B,) float32 noise variance
+    per input row (0 = not augmented, never requires grad). ``diagnostics`` holds 0-dim float32
+    tensors (no host sync; call ``float()`` to log): ``frac_augmented``, ``median_alpha``,
+    ``median_noise_ratio`` (‖z̃ − z‖/‖z‖), ``violation_rate`` (augmented rows whose margin
+    against any class fell below gamma, measured with the weight given).
+    """
+
+    z: Tensor
+    y: Tensor
+    source: Tensor
+    alpha: Tensor
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def carrot_augment(
+    z: Tensor,
+    y: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    cfg: CarrotConfig,
+    *,
+    generator: torch.Generator | None = None,
+    class_factor: Tensor | None = None,
+) -> CarrotOutput:
+    """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D).
+
+    ``logits`` (B, C) select the "sample"-mode competitors (any dtype; only their order is used).
+    Margins, α and the projection are computed in float64 from ``z`` and ``weight`` without
+    gradient; ``out.z`` carries gradient to ``z``. ``class_factor`` (C, D, r): low-rank factor
+    ``L_y`` of each class covariance, required for ``cfg.noise == "class_cov"`` (noise
+    ``P_N L_y ξ``, ξ ~ N(0, I_r); see :func:`class_factor_from_features`).
+    Deterministic given ``generator`` (on ``weight``'s device).
+    """
+    if cfg.injection != "post_ln":
+        raise ValueError('cfg.injection is "pre_ln": call carrot_augment_pre_ln(x, ..., ln, cfg)')
+    _check_inputs(z, y, weight)
+    with torch.no_grad():
+        wc = centered_weight(weight)
+        gram = wc @ wc.T
+        k = min(cfg.topk, weight.shape[0] - 1)
+        if cfg.mode == "sample":
+            geo = competitor_geometry(wc, gram, y, top_competitors(logits, y, k))
+        else:
+            classes, inverse = torch.unique(y, return_inverse=True)
+            kset = nearest_classes(gram, k).index_select(0, classes)
+            geo = competitor_geometry(wc, gram, classes, kset).take(inverse)
+    return augment_with_geometry(
+        z, y, weight, cfg, geo, generator=generator, class_factor=class_factor
+    )
+
+
+def augment_with_geometry(
+    z: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    cfg: CarrotConfig,
+    geo: Competitors,
+    *,
+    generator: torch.Generator | None = None,
+    class_factor: Tensor | None = None,
+) -> CarrotOutput:
+    """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
+
+    Margins use the current ``weight``; the noise is projected with ``geo`` (which may be a
+    cached class geometry from an earlier weight, see :class:`CarrotAugment`).
+    """
+    _check_inputs(z, y, weight)
+    b, d = z.shape
+    n_out = weight.shape[0] - 1 - geo.kset.shape[1]
+    shape = (cfg.aug_per_sample, b, d)
+    with torch.no_grad():
+        wc = centered_weight(weight)
+        z64 = z.detach().to(torch.float64)
+        slack = _slack(z64, y, wc, cfg.gamma, z.dtype)  # (B, C), +inf at y
+        eligible = (slack > 0).all(dim=1) & (geo.rank < d)
+        if cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: no refinement
+            alpha = _chance_alpha(slack, geo.nuisance_var, geo.outside, cfg, n_out, None)
+            base = torch.randn(shape, generator=generator, device=z.device).to(torch.float64)
+        else:
+            factor, spectral_sq = _class_factor(class_factor, weight)
+            factor_y = factor.index_select(0, y)  # (B, D, r)
+
+            def exact_var(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r) ‖L_yᵀ P_N d_c‖²
+                dirs = (wc[y][:, None, :] - wc[idx]).transpose(0, 1)  # (r, B, D)
+                return (
+                    torch.einsum("bdq,rbd->rbq", factor_y, project_out(geo, dirs))
+                    .square()
+                    .sum(-1)
+                    .T
+                )
+
+            bound = geo.nuisance_var * spectral_sq[y][:, None]  # ‖L_yᵀ u‖² ≤ σ_max(L_y)²‖u‖²
+            alpha = _chance_alpha(slack, bound, geo.outside, cfg, n_out, exact_var)
+            xi = torch.randn((*shape[:2], factor.shape[2]), generator=generator, device=z.device)
+            base = torch.einsum("bdq,abq->abd", factor_y, xi.to(torch.float64))
+        noise = project_out(geo, base)  # (a, B, D) P_N ε at unit scale
+        default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
+        cap = cfg.alpha_max if cfg.alpha_max is not None else default
+        alpha = _finish_alpha(alpha, eligible, noise, z64.norm(dim=1), cap)
+    return _assemble(z, y, weight, cfg, alpha, noise, features=None)
+
+
+def carrot_augment_pre_ln(
+    x: Tensor,
+    y: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    ln: nn.LayerNorm,
+    cfg: CarrotConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> CarrotOutput:
+    """Pre-LN injection: noise on raw embeddings ``x`` (B, D) before the LayerNorm ``ln``.
+
+    With J the Jacobian of ``ln`` at x, the noise ε_x is projected orthogonally to
+    ``u_k = Jᵀ d_k`` (k ∈ Kset), so the first-order change ``J ε_x`` of z leaves the Kset
+    margins unchanged; α uses the union bound on ``u_cᵀ ε_x`` for the other classes, refined
+    exactly for the ``cfg.refine`` binding ones. First-order safe only: the noise is always
+    capped at ``alpha_max`` (default ``PRE_LN_DEFAULT_CAP``) relative to ``‖x − mean(x)‖``.
+    Returns x̃ rows in ``out.z`` (input dtype, differentiable w.r.t. x). Isotropic noise only.
+    """
+    _check_inputs(x, y, weight)
+    if cfg.noise != "isotropic":
+        raise ValueError('carrot_augment_pre_ln supports noise="isotropic" only')
+    if tuple(ln.normalized_shape) != (x.shape[1],):
+        raise ValueError(f"ln normalizes {tuple(ln.normalized_shape)}, x has D={x.shape[1]}")
+    b, d = x.shape
+    c = weight.shape[0]
+    k = min(cfg.topk, c - 1)
+    n_out = c - 1 - k
+    with torch.no_grad():
+        wc = centered_weight(weight)
+        x64 = x.detach().to(torch.float64)
+        xc = x64 - x64.mean(dim=1, keepdim=True)
+        sigma = (xc.square().mean(dim=1, keepdim=True) + ln.eps).sqrt()  # (B, 1)
+        xhat = xc / sigma
+        gain = _ln_param(ln.weight, d, 1.0, x.device)
+        z64 = gain * xhat + _ln_param(ln.bias, d, 0.0, x.device)
+        slack = _slack(z64, y, wc, cfg.gamma, x.dtype)
+        gram = wc @ wc.T
+        if cfg.mode == "sample":
+            kset = top_competitors(logits, y, k)
+        else:
+            kset = nearest_classes(gram, k).index_select(0, y)
+
+        def pull_back(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r, D) Jᵀ d_c
+            v = gain * (wc[y][:, None, :] - wc[idx])
+            v = v - v.mean(dim=-1, keepdim=True)
+            v = v - (v * xhat[:, None, :]).sum(-1, keepdim=True) / d * xhat[:, None, :]
+            return v / sigma[:, :, None]
+
+        basis, rank = orthonormal_rows(pull_back(kset))
+        eligible = (slack > 0).all(dim=1) & (rank < d)
+        # ‖P_N Jᵀ d_c‖² ≤ ‖Jᵀ d_c‖² ≤ max(gain²)·‖d_c‖²/σ²
+        bound = difference_sq(gram, y, d) * gain.square().max() / sigma.square()
+
+        def exact_var(idx: Tensor) -> Tensor:
+            dirs = pull_back(idx).transpose(0, 1)
+            return project_out_explicit(basis, dirs).square().sum(-1).T
+
+        outside = outside_mask(y, kset, c)
+        alpha = _chance_alpha(slack, bound, outside, cfg, n_out, exact_var)
+        eps = torch.randn((cfg.aug_per_sample, b, d), generator=generator, device=x.device)
+        noise = project_out_explicit(basis, eps.to(torch.float64))
+        cap = cfg.alpha_max if cfg.alpha_max is not None else PRE_LN_DEFAULT_CAP
+        alpha = _finish_alpha(alpha, eligible, noise, xc.norm(dim=1), cap)
+    return _assemble(x, y, weight, cfg, alpha, noise, features=ln)
+
+
+def carrot_loss(
+    head_weight: Tensor,
+    z: Tensor,
+    y: Tensor,
+    out: CarrotOutput,
+    aug_weight: float,
+    *,
+    logits: Tensor | None = None,
+) -> Tensor:
+    """``CE(W z, y) + aug_weight · CE(W z̃, ỹ)``, a scalar.
+
+    ``out.z`` is already normalized: it goes through ``W`` directly (no second LayerNorm).
+    Pass ``logits = W z`` if already computed. With no augmented rows, the plain CE.
+    """
+    real = F.cross_entropy(logits if logits is not None else F.linear(z, head_weight), y)
+    if out.z.shape[0] == 0 or aug_weight == 0:
+        return real
+    return real + aug_weight * F.cross_entropy(F.linear(out.z, head_weight), out.y)
+
+
+class CarrotAugment(nn.Module):
+    """CARROT as a module. "class" mode caches the class geometry (Kset, projector pieces and the
+    nuisance variances of every class pair) and recomputes it every ``cfg.refresh`` calls, or
+    when the weight's shape, dtype or device changes.
+
+    Between refreshes the noise is orthogonal to the competitor differences of the cached
+    weight: Kset margins are exact for that weight and drift with the weight's updates
+    (``diagnostics["violation_rate"]`` measures the effect with the current weight);
+    ``refresh=1`` keeps every guarantee exact. "sample" mode and pre-LN injection are
+    stateless and call :func:`carrot_augment` / :func:`carrot_augment_pre_ln`.
+    """
+
+    def __init__(self, cfg: CarrotConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.refresh_count = 0  # how many times the class geometry was computed
+        self._geometry: Competitors | None = None
+        self._key: tuple | None = None
+        self._calls = 0  # calls served by the current geometry
+
+    def forward(
+        self,
+        z: Tensor,
+        y: Tensor,
+        logits: Tensor,
+        weight: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        class_factor: Tensor | None = None,
+        ln: nn.LayerNorm | None = None,
+    ) -> CarrotOutput:
+        """Same as :func:`carrot_augment` (``ln`` and raw ``x`` as ``z`` for pre-LN injection)."""
+        cfg = self.cfg
+        if cfg.injection == "pre_ln":
+            if ln is None:
+                raise ValueError('injection="pre_ln" needs the head LayerNorm: pass ln=...')
+            return carrot_augment_pre_ln(z, y, logits, weight, ln, cfg, generator=generator)
+        if cfg.mode == "sample":
+            return carrot_augment(
+                z, y, logits, weight, cfg, generator=generator, class_factor=class_factor
+            )
+        _check_inputs(z, y, weight)
+        geo = self.class_geometry(weight).take(y)
+        return augment_with_geometry(
+            z, y, weight, cfg, geo, generator=generator, class_factor=class_factor
+        )
+
+    def class_geometry(self, weight: Tensor) -> Competitors:
+        """Cached geometry of all C classes (N = C rows); counts one call toward the refresh."""
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        if self._geometry is None or key != self._key or self._calls >= self.cfg.refresh:
+            self.refresh(weight)
+        self._calls += 1
+        return self._geometry
+
+    @torch.no_grad()
+    def refresh(self, weight: Tensor) -> None:
+        """Recompute the class geometry from ``weight`` (C, D) now."""
+        wc = centered_weight(weight)
+        gram = wc @ wc.T
+        classes = torch.arange(weight.shape[0], device=weight.device)
+        kset = nearest_classes(gram, min(self.cfg.topk, weight.shape[0] - 1))
+        self._geometry = competitor_geometry(wc, gram, classes, kset)
+        self._key = (tuple(weight.shape), weight.dtype, weight.device)
+        self._calls = 0
+        self.refresh_count += 1
+        log.debug("CARROT class geometry refreshed (C=%d)", weight.shape[0])
+
+
+def class_factor_from_features(
+    features: Tensor, labels: Tensor, *, num_classes: int, rank: int
+) -> Tensor:
+    """(C, D, rank) float32 low-rank factor L_c of each class covariance (L_c L_cᵀ ≈ Σ_c).
+
+    Columns are the top principal directions of the class's features scaled by their standard
+    deviation; classes with fewer than 2 samples get a zero factor (their rows are not augmented
+    under ``noise="class_cov"``). A one-off O(N·D·rank) computation, e.g. from the cached store.
+    """
+    d = features.shape[1]
+    factor = torch.zeros(num_classes, d, rank, device=features.device)
+    for c in range(num_classes):
+        rows = features[labels == c].to(torch.float64)
+        if rows.shape[0] < 2:
+            continue
+        centred = (rows - rows.mean(dim=0)) / math.sqrt(rows.shape[0] - 1)
+        _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+        r = min(rank, sv.shape[0])
+        factor[c, :, :r] = (vh[:r].T * sv[:r]).float()
+    return factor
+
+
+def _ln_param(param: Tensor | None, d: int, fill: float, device) -> Tensor:
+    if param is None:
+        return torch.full((d,), fill, dtype=torch.float64, device=device)
+    return param.detach().to(device=device, dtype=torch.float64)
+
+
+def _slack(z64: Tensor, y: Tensor, wc: Tensor, gamma: float, out_dtype: torch.dtype) -> Tensor:
+    """(B, C) float64 ``m_c − γ`` minus its rounding allowance; +inf in column y.
+
+    The allowance covers the float64 GEMM (D·eps per product, 4× over) and rounding the row to
+    ``out_dtype`` (2·u): ``(4·D·eps₆₄ + 2·u)·‖z‖·(‖w_y‖ + ‖w_c‖)``. A margin equal to γ in exact
+    arithmetic (e.g. a duplicate class) therefore never counts as positive.
+    """
+    logits = z64 @ wc.T
+    margin = logits.gather(1, y[:, None]) - logits
+    norms = wc.norm(dim=1)
+    u = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
+    scale = 4 * z64.shape[1] * torch.finfo(torch.float64).eps + 2 * u
+    allowance = scale * z64.norm(dim=1, keepdim=True) * (norms[y][:, None] + norms[None, :])
+    return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
+
+
+def _chance_alpha(slack, var_bound, outside, cfg: CarrotConfig, n_out: int, exact_var) -> Tensor:
+    """(B,) float64 α = min over outside classes of slack²/(s·q²); +inf when there are none.
+
+    ``var_bound`` (B, C) must never underestimate the variance of each outside margin per unit
+    α. With ``exact_var`` (class indices (B, r) → variances (B, r)), the ``cfg.refine`` classes
+    with the smallest bounded ratio are recomputed exactly; the others keep their bound.
+    """
+    if n_out == 0:
+        return torch.full_like(slack[:, 0], float("inf"))
+    q2 = tail_quantile_sq(cfg.delta, n_out, cfg.quantile)
+    ratio = torch.where(outside, slack.clamp_min(0).square() / var_bound, float("inf"))
+    if exact_var is None:
+        return ratio.min(dim=1).values / q2
+    r = min(cfg.refine, n_out)
+    smallest, idx = ratio.topk(min(r + 1, n_out), dim=1, largest=False)
+    idx = idx[:, :r]
+    bound = var_bound.gather(1, idx)
+    # Round the exact variance up by its numerical uncertainty; never above the bound.
+    exact = (exact_var(idx) + ETA_PER_COMPETITOR * cfg.topk * bound).minimum(bound)
+    best = (slack.gather(1, idx).clamp_min(0).square() / exact).min(dim=1).values
+    if n_out > r:  # the classes not refined keep their (smaller, safe) bounded ratio
+        best = best.minimum(smallest[:, r])
+    return best / q2
+
+
+def _finish_alpha(alpha: Tensor, eligible: Tensor, noise: Tensor, norm: Tensor, cap) -> Tensor:
+    """Cap ``√α·‖noise‖ ≤ cap·norm`` for every copy, zero ineligible rows; finite, >= 0."""
+    if cap is not None:
+        worst = noise.square().sum(-1).amax(dim=0)  # (B,) largest ‖P_N ε‖² over the copies
+        alpha = alpha.minimum((cap * norm).square() / worst)
+    ok = eligible & torch.isfinite(alpha) & (alpha > 0)
+    return torch.where(ok, alpha, 0.0)
+
+
+def _assemble(
+    z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features
+) -> CarrotOutput:
+    """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D) float64."""
+    rows = torch.nonzero(alpha > 0).squeeze(1)  # host sync: M is data-dependent
+    scale = alpha.index_select(0, rows).sqrt()[None, :, None]
+    delta = (noise.index_select(1, rows) * scale).to(z.dtype)  # (a, M, D)
+    z_aug = (z.index_select(0, rows).unsqueeze(0) + delta).reshape(-1, z.shape[1])
+    source = rows.repeat(cfg.aug_per_sample)
+    y_aug = y.index_select(0, source)
+    zero = torch.zeros((), device=z.device)
+    diag = {"frac_augmented": (alpha > 0).float().mean()}
+    if rows.numel() == 0:
+        diag |= {"median_alpha": zero, "median_noise_ratio": zero, "violation_rate": zero}
+        return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
+    with torch.no_grad():
+        base = z.detach().index_select(0, rows).float().norm(dim=-1).clamp_min(1e-30)
+        feats = z_aug.detach() if features is None else features(z_aug.detach())
+        logits = feats.float() @ weight.detach().float().T
+        margin = logits.gather(1, y_aug[:, None]) - logits
+        margin.scatter_(1, y_aug[:, None], float("inf"))
+        diag |= {
+            "median_alpha": alpha.index_select(0, rows).float().median(),
+            "median_noise_ratio": (delta.float().norm(dim=-1) / base).median(),
+            "violation_rate": (margin < cfg.gamma).any(dim=1).float().mean(),
+        }
+    return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
+
+
+def _check_inputs(z: Tensor, y: Tensor, weight: Tensor) -> None:
+    if z.ndim != 2 or weight.ndim != 2 or z.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"need z (B, D) and weight (C, D); got {tuple(z.shape)} and {tuple(weight.shape)}"
+        )
+    if y.shape != (z.shape[0],) or y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"need integer labels y of shape ({z.shape[0]},); got {tuple(y.shape)} {y.dtype}"
+        )
+    if weight.shape[0] < 2:
+        raise ValueError(f"CARROT needs at least 2 classes; weight has {weight.shape[0]}")
+
+
+def _class_factor(class_factor: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 factor (C, D, r) and its squared spectral norm per class (C,)."""
+    c, d = weight.shape
+    if class_factor is None or class_factor.ndim != 3 or tuple(class_factor.shape[:2]) != (c, d):
+        got = None if class_factor is None else tuple(class_factor.shape)
+        raise ValueError(f'noise="class_cov" needs class_factor of shape ({c}, {d}, r); got {got}')
+    factor = class_factor.detach().to(device=weight.device, dtype=torch.float64)
+    small = factor.transpose(1, 2) @ factor  # (C, r, r)
+    return factor, torch.linalg.eigvalsh(small)[:, -1].clamp_min(0)
