@@ -9,18 +9,11 @@ identity (data config, weights, precision) without loading any weights, for cach
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import logging
-import os
-import pickle
-import socket
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import timm.data
@@ -28,6 +21,13 @@ import torch
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.weights import (
+    ensure_hub_weights_available,
+    file_sha256,
+    load_checkpoint_file,
+    load_state_dict_into,
+    pretrained_cfg,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -35,17 +35,15 @@ __all__ = [
     "BackboneConfig",
     "create_backbone",
     "describe_backbone",
-    "load_checkpoint_file",
     "resolve_device",
     "resolve_precision",
+    "validate_backbone_name",
 ]
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-_HUB_PROBE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +165,7 @@ def describe_backbone(cfg: BackboneConfig) -> tuple[dict[str, Any], dict[str, An
     ``{"kind": "checkpoint", "sha256": ..., "file": basename}``, ``{"kind": "random", "seed": s}``.
     The model is built on the meta device (no memory, no init cost).
     """
-    _check_model_name(cfg.name)
+    validate_backbone_name(cfg.name)
     device = resolve_device(cfg.device)
     with torch.device("meta"):
         model = _build_model(cfg, pretrained=False)
@@ -185,7 +183,7 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
         InputError: unknown model or tag, bad device/precision, unusable checkpoint, or hub
             weights that cannot be fetched (offline and not in the local cache).
     """
-    _check_model_name(cfg.name)
+    validate_backbone_name(cfg.name)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     use_hub = cfg.pretrained and cfg.checkpoint is None
@@ -193,7 +191,7 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
         logger.info("both pretrained and checkpoint given: loading %s", cfg.checkpoint)
     state_dict = load_checkpoint_file(cfg.checkpoint) if cfg.checkpoint else None
     if use_hub:
-        _ensure_hub_weights_available(cfg.name)
+        ensure_hub_weights_available(cfg.name)
     torch.manual_seed(cfg.seed)  # random init (and anything timm leaves random) is seeded
     try:
         model = _build_model(cfg, pretrained=use_hub)
@@ -205,7 +203,7 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
             ) from None
         raise
     if state_dict is not None:
-        _load_state_dict(model, state_dict, cfg.checkpoint)  # type: ignore[arg-type]
+        load_state_dict_into(model, state_dict, cfg.checkpoint)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         model = model.to(device, memory_format=torch.channels_last)
@@ -237,8 +235,9 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
 # --------------------------------------------------------------------------- model and config
 
 
-def _check_model_name(name: str) -> None:
-    """InputError naming close matches when timm does not know ``name`` (or its tag)."""
+def validate_backbone_name(name: str) -> None:
+    """Raise InputError, naming close matches, when timm does not know ``name`` or its
+    pretrained tag. Cheap (no model is built): for failing fast at the command line."""
     arch = name.split(".", 1)[0]
     if not timm.is_model(arch):
         candidates = timm.list_models()
@@ -286,11 +285,11 @@ def _weights_identity(
     if cfg.checkpoint is not None:
         return {
             "kind": "checkpoint",
-            "sha256": _sha256(cfg.checkpoint),
+            "sha256": file_sha256(cfg.checkpoint),
             "file": Path(cfg.checkpoint).name,
         }
     if cfg.pretrained:
-        pcfg = getattr(model, "pretrained_cfg", None) or _pretrained_cfg(cfg.name)
+        pcfg = getattr(model, "pretrained_cfg", None) or pretrained_cfg(cfg.name)
         tag = f"{pcfg.get('architecture')}.{pcfg.get('tag')}" if pcfg.get("tag") else cfg.name
         return {
             "kind": "hub",
@@ -298,200 +297,3 @@ def _weights_identity(
             "hf_hub_id": pcfg.get("hf_hub_id") or pcfg.get("url") or None,
         }
     return {"kind": "random", "seed": int(cfg.seed)}
-
-
-def _pretrained_cfg(name: str) -> dict[str, Any]:
-    pcfg = timm.models.get_pretrained_cfg(name)
-    return pcfg.to_dict() if pcfg is not None else {}
-
-
-# --------------------------------------------------------------------------- hub weights
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "ON", "YES", "TRUE"}
-
-
-def _ensure_hub_weights_available(name: str) -> None:
-    """Fail at once, naming ``--checkpoint``, when hub weights can be neither found in the local
-    cache nor downloaded (``HF_HUB_OFFLINE=1`` or the host unreachable within 2 s)."""
-    pcfg = _pretrained_cfg(name)
-    hf_hub_id, url = pcfg.get("hf_hub_id"), pcfg.get("url")
-    if not hf_hub_id and not url:
-        raise InputError(
-            f"timm has no pretrained weights for {name!r}; drop --pretrained (random init) or "
-            "pass --checkpoint FILE with a local .safetensors/.pth"
-        )
-    if hf_hub_id and _in_hf_cache(hf_hub_id, pcfg.get("hf_hub_filename")):
-        return
-    if url and _in_torch_hub_cache(url):
-        return
-    if hf_hub_id:
-        from huggingface_hub import constants
-
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    else:
-        host = urlparse(url).hostname or ""
-    why = "HF_HUB_OFFLINE is set" if _hub_offline() else None
-    if why is None and not _reachable(host):
-        why = f"{host} is unreachable"
-    if why is not None:
-        raise InputError(
-            f"cannot download pretrained weights for {name!r} (offline: {why}) and they are not "
-            "in the local cache. Pass --checkpoint FILE with a local .safetensors/.pth, or "
-            "drop --pretrained for a random init, or run once with network access to cache them"
-        )
-
-
-def _in_hf_cache(hf_hub_id: str, filename: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    repo, _, revision = hf_hub_id.partition("@")
-    names = [filename] if filename else []
-    names += [
-        "model.safetensors",
-        "pytorch_model.bin",
-        "open_clip_model.safetensors",
-        "open_clip_pytorch_model.bin",
-    ]
-    for fname in names:
-        found = try_to_load_from_cache(repo, fname, revision=revision or None)
-        if isinstance(found, str):
-            return True
-    return False
-
-
-def _in_torch_hub_cache(url: str) -> bool:
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-    return path.is_file()
-
-
-@functools.lru_cache(maxsize=8)
-def _reachable(host: str) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=_HUB_PROBE_SECONDS):
-            return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------- checkpoint files
-
-
-def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a local checkpoint safely into a flat ``{name: tensor}`` state dict (CPU).
-
-    ``.safetensors`` via safetensors; ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``
-    (pickled code is refused). A dict nested under ``"state_dict"`` or ``"model"`` is unwrapped;
-    a ``"module."`` prefix (DataParallel) is stripped.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(
-            f"checkpoint {path!r} does not exist; pass a local .safetensors or .pth file"
-        )
-    suffix = p.suffix.lower()
-    if suffix not in _CHECKPOINT_SUFFIXES:
-        raise InputError(
-            f"checkpoint {path!r} has an unknown type {suffix or '(none)'}; use .safetensors or .pth/.pt"
-        )
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(p), device="cpu")
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise InputError(
-            f"checkpoint {path!r} holds pickled objects other than tensors and is refused "
-            f"(weights_only loading: {str(e).splitlines()[0]}); re-save it as a plain state dict "
-            "(torch.save(model.state_dict(), ...)) or as .safetensors"
-        ) from None
-    except Exception as e:  # corrupt or truncated file: safetensors/torch raise various types
-        raise InputError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(
-            f"checkpoint {path!r} is not a state dict of tensors (nor one under 'state_dict' or "
-            "'model'); save model.state_dict()"
-        )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _load_state_dict(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str
-) -> None:
-    """Load ``state_dict`` into ``model`` (num_classes=0): classifier keys are dropped, missing
-    backbone keys or shape mismatches are an InputError, other extra keys are logged."""
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:  # timm's own conversion (e.g. resampled ViT position embeddings)
-        try:
-            state_dict = filter_fn(dict(state_dict), model)
-        except Exception as e:  # a filter written for another layout: check the raw keys below
-            logger.debug(
-                "checkpoint filter of %s failed (%s); using the keys as saved",
-                type(model).__name__,
-                e,
-            )
-    own = model.state_dict()
-    classifier = (
-        model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    )
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    extra = [k for k in state_dict if k not in own]
-    dropped = [k for k in extra if any(k == h or k.startswith(h + ".") for h in heads)]
-    unexpected = [k for k in extra if k not in dropped]
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
-    bad_shape = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or bad_shape:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
-        if bad_shape:
-            detail.append(f"{len(bad_shape)} shape mismatch(es), e.g. {bad_shape[:3]}")
-        raise InputError(
-            f"checkpoint {path!r} does not fit {type(model).__name__} ({'; '.join(detail)}); "
-            "check that the model name matches the checkpoint"
-        )
-    if dropped:
-        logger.info("checkpoint %s: dropped %d classifier key(s) (%s)", path, len(dropped), heads)
-    if unexpected:
-        logger.warning(
-            "checkpoint %s: ignoring %d key(s) the model does not have, e.g. %s",
-            path,
-            len(unexpected),
-            unexpected[:5],
-        )
-    keep = {k: v for k, v in state_dict.items() if k in own}
-    model.load_state_dict(keep, strict=False)
-
-
-def _sha256(path: str) -> str:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(
-            f"checkpoint {path!r} does not exist; pass a local .safetensors or .pth file"
-        )
-    st = p.stat()
-    return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -17,11 +17,12 @@ from pipeline.backbone import (
     BackboneConfig,
     create_backbone,
     describe_backbone,
-    load_checkpoint_file,
     resolve_device,
     resolve_precision,
+    validate_backbone_name,
 )
 from pipeline.errors import InputError
+from pipeline.weights import load_checkpoint_file
 
 CPU = {"device": "cpu"}
 
@@ -244,6 +245,9 @@ def test_unknown_model_suggests_close_names():
         create_backbone(BackboneConfig("resnet_18", **CPU))
     with pytest.raises(InputError, match=r"unknown pretrained tag.*test_resnet\.r160_in1k"):
         create_backbone(BackboneConfig("test_resnet.bogus", **CPU))
+    validate_backbone_name("test_resnet.r160_in1k")  # known name and tag: no error
+    with pytest.raises(InputError, match="did you mean"):
+        validate_backbone_name("tset_resnet")
 
 
 def test_device_and_precision_validation():
