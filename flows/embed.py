@@ -18,6 +18,7 @@ from pipeline.embed import (
     EmbedPlan,
     EmbedSettings,
     EmbedSummary,
+    cached_dim,
     open_plan_writer,
     plan_embedding,
     resolve_settings_source,
@@ -114,7 +115,7 @@ def embed_flow(settings: EmbedSettings) -> dict:
     source = resolve_source_task(settings)
     plan = plan_store_task(settings, source)
     backbone = None
-    dim = _existing_dim(plan, settings)
+    dim = cached_dim(plan, settings)
     if dim is None:
         backbone = build_backbone_task(settings)
         dim = backbone.dim
@@ -140,9 +141,3 @@ def embed_flow(settings: EmbedSettings) -> dict:
         key="embed-summary", markdown=_summary_markdown(summary), description="carrot embed"
     )
     return summary.to_dict()
-
-
-def _existing_dim(plan: EmbedPlan, settings: EmbedSettings) -> int | None:
-    from pipeline.embed import _cached_dim
-
-    return _cached_dim(plan, settings)

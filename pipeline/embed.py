@@ -179,7 +179,7 @@ def run_embedding(settings: EmbedSettings, *, progress: ProgressFn | None = None
     source = resolve_settings_source(settings)
     plan = plan_embedding(settings, source)
     backbone: Backbone | None = None
-    dim = _cached_dim(plan, settings)
+    dim = cached_dim(plan, settings)
     if dim is None:
         backbone = create_backbone(settings.backbone)
         dim = backbone.dim
@@ -202,14 +202,18 @@ def run_embedding(settings: EmbedSettings, *, progress: ProgressFn | None = None
         )
 
 
-def _cached_dim(plan: EmbedPlan, settings: EmbedSettings) -> int | None:
-    """Width D of an existing store at the plan's URL (so a cache hit builds no backbone)."""
+def cached_dim(plan: EmbedPlan, settings: EmbedSettings) -> int | None:
+    """Width D of an existing store at the plan's URL (so a cache hit builds no backbone).
+
+    None when there is no store yet, or only a store whose creation was cut short (the writer
+    rebuilds it).
+    """
     from stores import open_store
-    from stores.errors import StoreNotFoundError
+    from stores.errors import StoreIncompleteError, StoreNotFoundError
 
     try:
         return open_store(
             plan.url, storage_options=settings.storage_options, require_complete=False
         ).dim
-    except StoreNotFoundError:
+    except (StoreNotFoundError, StoreIncompleteError):
         return None
