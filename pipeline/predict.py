@@ -1,0 +1,73 @@
+"""Predict with a trained `Head` and write predictions as CSV."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def predict(
+    head: nn.Module,
+    X: Any,
+    *,
+    batch_size: int = 8192,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``head`` over raw features ``X (N, D)`` → ``pred (N,) int64``, ``probs (N, C)
+    float32`` (softmax). ``device`` defaults to the head's device."""
+    dev = torch.device(device) if device is not None else next(head.parameters()).device
+    was_training = head.training
+    head.eval()
+    Xt = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
+    out = []
+    for start in range(0, Xt.shape[0], batch_size):
+        xb = Xt[start : start + batch_size].to(dev, dtype=torch.float32, non_blocking=True)
+        out.append(torch.softmax(head(xb).float(), dim=-1).cpu())
+    head.train(was_training)
+    C = head.num_classes if hasattr(head, "num_classes") else None
+    probs = torch.cat(out).numpy() if out else np.zeros((0, C or 0), dtype=np.float32)
+    return probs.argmax(axis=1).astype(np.int64), probs.astype(np.float32, copy=False)
+
+
+def write_predictions_csv(
+    path: str | Path,
+    *,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    ids: Sequence[str] | None = None,
+    labels: np.ndarray | None = None,
+    k: int = 5,
+) -> Path:
+    """Write one row per sample: ``id, label, pred, prob, top5, top5_probs``.
+
+    ``label``/``pred`` are class names; ``prob`` is the predicted class's probability;
+    ``top5`` lists the k most probable class names joined by ``|`` (``top5_probs`` likewise).
+    ``ids`` default to the row index; ``label`` is empty when ``labels`` is None.
+    """
+    path = Path(path)
+    n, C = probs.shape
+    k = max(1, min(k, C))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    pred = top[:, 0]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label", "pred", "prob", "top5", "top5_probs"])
+        for i in range(n):
+            w.writerow(
+                [
+                    ids[i] if ids is not None else i,
+                    class_names[int(labels[i])] if labels is not None else "",
+                    class_names[int(pred[i])],
+                    f"{probs[i, pred[i]]:.6f}",
+                    "|".join(class_names[int(c)] for c in top[i]),
+                    "|".join(f"{probs[i, c]:.6f}" for c in top[i]),
+                ]
+            )
+    return path
