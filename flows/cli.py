@@ -13,6 +13,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+# The CLI prints failures itself, on one line: keep Prefect's console handler for CRITICAL only
+# (runs still log to the Prefect API). PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
 import flows  # noqa: F401  (applies Prefect's quiet, offline-safe defaults first)
 from pipeline.errors import InputError
 from stores.errors import StoreInputError
@@ -153,12 +157,10 @@ def embed_settings_from_args(args: argparse.Namespace):
 def _run_embed(args: argparse.Namespace) -> int:
     from flows.embed import embed_flow
     from flows.runtime import flow_settings
-    from pipeline.backbone import validate_backbone_name
-    from pipeline.embed import resolve_settings_source
+    from pipeline.embed import check_settings
 
     settings = embed_settings_from_args(args)
-    validate_backbone_name(settings.backbone.name)  # fail at once, before any server starts
-    resolve_settings_source(settings)
+    check_settings(settings)  # fail at once, before a Prefect server starts
     with flow_settings(), _progress_bar(enabled=sys.stderr.isatty()):
         summary = embed_flow(settings)
     if args.json:
@@ -277,8 +279,13 @@ def _run_store_info(args: argparse.Namespace) -> int:
 
 
 def _run_store_verify(args: argparse.Namespace) -> int:
-    from stores import verify_store
+    from stores import open_store, verify_store
+    from stores.errors import StoreIncompleteError
 
+    try:  # no store at all is a usage error (exit 2); a broken one is reported (exit 1)
+        open_store(args.store, require_complete=False)
+    except StoreIncompleteError:
+        pass
     report = verify_store(args.store)
     if args.json:
         print(json.dumps({"store": args.store, "ok": report.ok, "problems": report.problems}))

@@ -18,9 +18,16 @@ from typing import Any
 import timm
 import torch
 
-from pipeline.backbone import Backbone, BackboneConfig, create_backbone, describe_backbone
+from pipeline.backbone import (
+    Backbone,
+    BackboneConfig,
+    create_backbone,
+    describe_backbone,
+    validate_backbone_name,
+)
 from pipeline.extract import ExtractConfig, extract_rows
 from pipeline.sources import ImageSource, resolve_source
+from pipeline.weights import ensure_hub_weights_available
 from stores import StoreIdentity, StoreWriter, open_writer, store_url
 
 log = logging.getLogger(__name__)
@@ -88,6 +95,18 @@ def resolve_settings_source(settings: EmbedSettings) -> ImageSource:
         test_fraction=settings.test_fraction,
         seed=settings.split_seed,
     )
+
+
+def check_settings(settings: EmbedSettings) -> EmbedPlan:
+    """Fail fast on bad input (DATA, model name, offline hub weights, device) before any work.
+
+    Cheap: no weights are loaded and the backbone is built on the meta device.
+    """
+    cfg = settings.backbone
+    validate_backbone_name(cfg.name)
+    if cfg.pretrained and cfg.checkpoint is None:
+        ensure_hub_weights_available(cfg.name)
+    return plan_embedding(settings, resolve_settings_source(settings))
 
 
 def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
