@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the input
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -282,10 +283,9 @@ def _run_store_verify(args: argparse.Namespace) -> int:
     from stores import open_store, verify_store
     from stores.errors import StoreIncompleteError
 
-    try:  # no store at all is a usage error (exit 2); a broken one is reported (exit 1)
+    # no store at all is a usage error (exit 2); a broken one is reported (exit 1)
+    with contextlib.suppress(StoreIncompleteError):
         open_store(args.store, require_complete=False)
-    except StoreIncompleteError:
-        pass
     report = verify_store(args.store)
     if args.json:
         print(json.dumps({"store": args.store, "ok": report.ok, "problems": report.problems}))

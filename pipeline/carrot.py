@@ -21,9 +21,12 @@ from torch import Tensor, nn
 from pipeline.nuisance import (
     ETA_PER_COMPETITOR,
     Competitors,
+    cap_alpha,
     centered_weight,
+    chance_alpha,
     competitor_geometry,
     difference_sq,
+    margin_slack,
     nearest_classes,
     orthonormal_rows,
     outside_mask,
@@ -161,7 +164,7 @@ def carrot_augment(
         else:
             classes, inverse = torch.unique(y, return_inverse=True)
             kset = nearest_classes(gram, k).index_select(0, classes)
-            geo = competitor_geometry(wc, gram, classes, kset).take(inverse)
+            geo = competitor_geometry(wc, gram, classes, kset, basis=True).take(inverse)
     return augment_with_geometry(
         z, y, weight, cfg, geo, generator=generator, class_factor=class_factor
     )
@@ -176,45 +179,56 @@ def augment_with_geometry(
     *,
     generator: torch.Generator | None = None,
     class_factor: Tensor | None = None,
+    workspace: dict | None = None,
 ) -> CarrotOutput:
     """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
 
     Margins use the current ``weight``; the noise is projected with ``geo`` (which may be a
-    cached class geometry from an earlier weight, see :class:`CarrotAugment`).
+    cached class geometry from an earlier weight, see :class:`CarrotAugment`). ``workspace``:
+    a dict kept by the caller to reuse scratch buffers between calls.
     """
     _check_inputs(z, y, weight)
     b, d = z.shape
-    n_out = weight.shape[0] - 1 - geo.kset.shape[1]
-    shape = (cfg.aug_per_sample, b, d)
+    k = geo.kset.shape[1]
+    n_out = weight.shape[0] - 1 - k
+    # float32 noise when an orthonormal basis is available (accurate whatever the conditioning),
+    # else the float64 coefficient form
+    work = torch.float32 if geo.basis is not None and z.dtype != torch.float64 else torch.float64
+    q2 = tail_quantile_sq(cfg.delta, n_out, cfg.quantile) if n_out else math.inf
     with torch.no_grad():
-        wc = centered_weight(weight)
-        z64 = z.detach().to(torch.float64)
-        slack = _slack(z64, y, wc, cfg.gamma, z.dtype)  # (B, C), +inf at y
+        slack = margin_slack(z, y, weight, cfg.gamma, z.dtype)  # (B, C), +inf at y
         eligible = (slack > 0).all(dim=1) & (geo.rank < d)
-        if cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: no refinement
-            alpha = _chance_alpha(slack, geo.nuisance_var, geo.outside, cfg, n_out, None)
-            base = torch.randn(shape, generator=generator, device=z.device).to(torch.float64)
+        shape = (cfg.aug_per_sample, b, d)
+        if cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: nothing to refine
+            alpha = chance_alpha(slack, geo.nuisance_var, geo.outside, n_out=n_out, q2=q2)
+            base = torch.randn(shape, generator=generator, device=z.device).to(work)
         else:
             factor, spectral_sq = _class_factor(class_factor, weight)
             factor_y = factor.index_select(0, y)  # (B, D, r)
+            wc = centered_weight(weight)
 
             def exact_var(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r) ‖L_yᵀ P_N d_c‖²
                 dirs = (wc[y][:, None, :] - wc[idx]).transpose(0, 1)  # (r, B, D)
-                return (
-                    torch.einsum("bdq,rbd->rbq", factor_y, project_out(geo, dirs))
-                    .square()
-                    .sum(-1)
-                    .T
-                )
+                proj = project_out(geo, dirs).to(torch.float64)
+                return torch.einsum("bdq,rbd->rbq", factor_y, proj).square().sum(-1).T
 
-            bound = geo.nuisance_var * spectral_sq[y][:, None]  # ‖L_yᵀ u‖² ≤ σ_max(L_y)²‖u‖²
-            alpha = _chance_alpha(slack, bound, geo.outside, cfg, n_out, exact_var)
+            bound = geo.nuisance_var * spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
+            alpha = chance_alpha(
+                slack,
+                bound,
+                geo.outside,
+                n_out=n_out,
+                q2=q2,
+                refine=cfg.refine,
+                exact_var=exact_var,
+                eta=ETA_PER_COMPETITOR * k,
+            )
             xi = torch.randn((*shape[:2], factor.shape[2]), generator=generator, device=z.device)
-            base = torch.einsum("bdq,abq->abd", factor_y, xi.to(torch.float64))
-        noise = project_out(geo, base)  # (a, B, D) P_N ε at unit scale
+            base = torch.einsum("bdq,abq->abd", factor_y.to(work), xi.to(work))
+        noise = project_out(geo, base, workspace=workspace)  # (a, B, D) unit-scale P_N ε
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
-        alpha = _finish_alpha(alpha, eligible, noise, z64.norm(dim=1), cap)
+        alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)
     return _assemble(z, y, weight, cfg, alpha, noise, features=None)
 
 
@@ -254,7 +268,7 @@ def carrot_augment_pre_ln(
         xhat = xc / sigma
         gain = _ln_param(ln.weight, d, 1.0, x.device)
         z64 = gain * xhat + _ln_param(ln.bias, d, 0.0, x.device)
-        slack = _slack(z64, y, wc, cfg.gamma, x.dtype)
+        slack = margin_slack(z64, y, weight, cfg.gamma, x.dtype)
         gram = wc @ wc.T
         if cfg.mode == "sample":
             kset = top_competitors(logits, y, k)
@@ -276,12 +290,20 @@ def carrot_augment_pre_ln(
             dirs = pull_back(idx).transpose(0, 1)
             return project_out_explicit(basis, dirs).square().sum(-1).T
 
-        outside = outside_mask(y, kset, c)
-        alpha = _chance_alpha(slack, bound, outside, cfg, n_out, exact_var)
+        alpha = chance_alpha(
+            slack,
+            bound,
+            outside_mask(y, kset, c),
+            n_out=n_out,
+            q2=tail_quantile_sq(cfg.delta, n_out, cfg.quantile) if n_out else math.inf,
+            refine=cfg.refine,
+            exact_var=exact_var,
+            eta=ETA_PER_COMPETITOR * k,
+        )
         eps = torch.randn((cfg.aug_per_sample, b, d), generator=generator, device=x.device)
         noise = project_out_explicit(basis, eps.to(torch.float64))
         cap = cfg.alpha_max if cfg.alpha_max is not None else PRE_LN_DEFAULT_CAP
-        alpha = _finish_alpha(alpha, eligible, noise, xc.norm(dim=1), cap)
+        alpha = cap_alpha(alpha, eligible, noise, xc.norm(dim=1), cap)
     return _assemble(x, y, weight, cfg, alpha, noise, features=ln)
 
 
@@ -324,6 +346,7 @@ class CarrotAugment(nn.Module):
         self._geometry: Competitors | None = None
         self._key: tuple | None = None
         self._calls = 0  # calls served by the current geometry
+        self._workspace: dict = {}  # scratch buffers reused between calls
 
     def forward(
         self,
@@ -349,7 +372,14 @@ class CarrotAugment(nn.Module):
         _check_inputs(z, y, weight)
         geo = self.class_geometry(weight).take(y)
         return augment_with_geometry(
-            z, y, weight, cfg, geo, generator=generator, class_factor=class_factor
+            z,
+            y,
+            weight,
+            cfg,
+            geo,
+            generator=generator,
+            class_factor=class_factor,
+            workspace=self._workspace,
         )
 
     def class_geometry(self, weight: Tensor) -> Competitors:
@@ -367,7 +397,7 @@ class CarrotAugment(nn.Module):
         gram = wc @ wc.T
         classes = torch.arange(weight.shape[0], device=weight.device)
         kset = nearest_classes(gram, min(self.cfg.topk, weight.shape[0] - 1))
-        self._geometry = competitor_geometry(wc, gram, classes, kset)
+        self._geometry = competitor_geometry(wc, gram, classes, kset, basis=True)
         self._key = (tuple(weight.shape), weight.dtype, weight.device)
         self._calls = 0
         self.refresh_count += 1
@@ -402,64 +432,22 @@ def _ln_param(param: Tensor | None, d: int, fill: float, device) -> Tensor:
     return param.detach().to(device=device, dtype=torch.float64)
 
 
-def _slack(z64: Tensor, y: Tensor, wc: Tensor, gamma: float, out_dtype: torch.dtype) -> Tensor:
-    """(B, C) float64 ``m_c − γ`` minus its rounding allowance; +inf in column y.
-
-    The allowance covers the float64 GEMM (D·eps per product, 4× over) and rounding the row to
-    ``out_dtype`` (2·u): ``(4·D·eps₆₄ + 2·u)·‖z‖·(‖w_y‖ + ‖w_c‖)``. A margin equal to γ in exact
-    arithmetic (e.g. a duplicate class) therefore never counts as positive.
-    """
-    logits = z64 @ wc.T
-    margin = logits.gather(1, y[:, None]) - logits
-    norms = wc.norm(dim=1)
-    u = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
-    scale = 4 * z64.shape[1] * torch.finfo(torch.float64).eps + 2 * u
-    allowance = scale * z64.norm(dim=1, keepdim=True) * (norms[y][:, None] + norms[None, :])
-    return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
-
-
-def _chance_alpha(slack, var_bound, outside, cfg: CarrotConfig, n_out: int, exact_var) -> Tensor:
-    """(B,) float64 α = min over outside classes of slack²/(s·q²); +inf when there are none.
-
-    ``var_bound`` (B, C) must never underestimate the variance of each outside margin per unit
-    α. With ``exact_var`` (class indices (B, r) → variances (B, r)), the ``cfg.refine`` classes
-    with the smallest bounded ratio are recomputed exactly; the others keep their bound.
-    """
-    if n_out == 0:
-        return torch.full_like(slack[:, 0], float("inf"))
-    q2 = tail_quantile_sq(cfg.delta, n_out, cfg.quantile)
-    ratio = torch.where(outside, slack.clamp_min(0).square() / var_bound, float("inf"))
-    if exact_var is None:
-        return ratio.min(dim=1).values / q2
-    r = min(cfg.refine, n_out)
-    smallest, idx = ratio.topk(min(r + 1, n_out), dim=1, largest=False)
-    idx = idx[:, :r]
-    bound = var_bound.gather(1, idx)
-    # Round the exact variance up by its numerical uncertainty; never above the bound.
-    exact = (exact_var(idx) + ETA_PER_COMPETITOR * cfg.topk * bound).minimum(bound)
-    best = (slack.gather(1, idx).clamp_min(0).square() / exact).min(dim=1).values
-    if n_out > r:  # the classes not refined keep their (smaller, safe) bounded ratio
-        best = best.minimum(smallest[:, r])
-    return best / q2
-
-
-def _finish_alpha(alpha: Tensor, eligible: Tensor, noise: Tensor, norm: Tensor, cap) -> Tensor:
-    """Cap ``√α·‖noise‖ ≤ cap·norm`` for every copy, zero ineligible rows; finite, >= 0."""
-    if cap is not None:
-        worst = noise.square().sum(-1).amax(dim=0)  # (B,) largest ‖P_N ε‖² over the copies
-        alpha = alpha.minimum((cap * norm).square() / worst)
-    ok = eligible & torch.isfinite(alpha) & (alpha > 0)
-    return torch.where(ok, alpha, 0.0)
-
-
 def _assemble(
     z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features
 ) -> CarrotOutput:
-    """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D) float64."""
+    """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D)."""
     rows = torch.nonzero(alpha > 0).squeeze(1)  # host sync: M is data-dependent
-    scale = alpha.index_select(0, rows).sqrt()[None, :, None]
-    delta = (noise.index_select(1, rows) * scale).to(z.dtype)  # (a, M, D)
-    z_aug = (z.index_select(0, rows).unsqueeze(0) + delta).reshape(-1, z.shape[1])
+    scale = alpha.sqrt().to(noise.dtype)
+    if rows.numel() < z.shape[0]:
+        noise, scale, z_rows = (
+            noise.index_select(1, rows),
+            scale.index_select(0, rows),
+            z.index_select(0, rows),
+        )
+    else:  # every row augmented: no gathers
+        z_rows = z
+    delta = (noise * scale[None, :, None]).to(z.dtype)  # (a, M, D)
+    z_aug = (z_rows.unsqueeze(0) + delta).reshape(-1, z.shape[1])
     source = rows.repeat(cfg.aug_per_sample)
     y_aug = y.index_select(0, source)
     zero = torch.zeros((), device=z.device)
@@ -468,7 +456,7 @@ def _assemble(
         diag |= {"median_alpha": zero, "median_noise_ratio": zero, "violation_rate": zero}
         return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
     with torch.no_grad():
-        base = z.detach().index_select(0, rows).float().norm(dim=-1).clamp_min(1e-30)
+        base = z_rows.detach().float().norm(dim=-1).clamp_min(1e-30)
         feats = z_aug.detach() if features is None else features(z_aug.detach())
         logits = feats.float() @ weight.detach().float().T
         margin = logits.gather(1, y_aug[:, None]) - logits

@@ -234,14 +234,16 @@ class FeatureSet:
         for name in names:
             if stream and name == "train":
                 labels = np.asarray(store.labels(name))
-                first_X, _ = next(iter(store.iter_chunks(name, rows=1, prefetch=1)))
-                dim = int(np.asarray(first_X).shape[1])
+                dim = getattr(store, "dim", None)
+                if dim is None:  # peek at one chunk
+                    first_X, _ = next(iter(store.iter_chunks(name, rows=1, prefetch=1)))
+                    dim = np.asarray(first_X).shape[1]
 
                 def make_iter(split: str = name) -> ChunkIter:
                     return store.iter_chunks(split, rows=chunk_rows, prefetch=prefetch)
 
                 streams[name] = StreamingFeatures(
-                    make_iter, num_rows=len(labels), dim=dim, prefetch=prefetch
+                    make_iter, num_rows=len(labels), dim=int(dim), prefetch=prefetch
                 )
                 logger.info("streaming split %r (%d rows) in chunks", name, len(labels))
                 continue

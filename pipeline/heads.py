@@ -303,8 +303,10 @@ class HeadBank(nn.Module):
     def head_logits(self, xhat: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
         """``x̂ (B, D)`` → logits ``(h, B, C)`` of the heads in ``heads`` (a slice; all by
         default), from one matmul."""
-        sl = heads if heads is not None else slice(None)
-        W, g, b = self.weight[sl], self.ln_weight[sl], self.ln_bias[sl]
+        if heads is None or heads == slice(None):  # no slicing: no SliceBackward copies
+            W, g, b = self.weight, self.ln_weight, self.ln_bias
+        else:
+            W, g, b = self.weight[heads], self.ln_weight[heads], self.ln_bias[heads]
         out = _BankLogits.apply(xhat, W, g, b)  # (B, h*C)
         return out.view(xhat.shape[0], -1, self.num_classes).transpose(0, 1)
 

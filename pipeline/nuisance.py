@@ -3,14 +3,17 @@
 Notation (see docs/CARROT.md): ``W`` (C, D) head weight, ``d_c = w_y − w_c``, competitor set
 ``Kset`` (K classes), ``A = [d_k]_{k∈Kset}`` (K, D), ``S = span(A)``, ``P_N = I − P_S``.
 
-Everything here runs in float64 on the weight's device and never builds a D×D matrix: ``S`` is
-represented by ``A`` and ``G⁺`` (the rank-thresholded pseudo-inverse of the K×K Gram ``A Aᵀ``),
-so ``P_S v = Aᵀ G⁺ A v``. Gram entries come from the C×C class Gram of the centred weight
+The geometry is computed in float64 on the weight's device and never builds a D×D matrix:
+``S`` is represented by ``A`` and ``G⁺`` (the rank-thresholded pseudo-inverse of the K×K Gram
+``A Aᵀ``), so ``P_S v = Aᵀ G⁺ A v``; optionally also by an orthonormal basis ``Q = Λ^-½ Vᵀ A``
+of the same eigen-directions, which projects in float32 without losing accuracy to the
+conditioning of ``A``. Gram entries come from the C×C class Gram of the centred weight
 (centring leaves every ``d_c`` unchanged and removes the cancellation of a shared offset).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +36,10 @@ class Competitors:
     (N, K, K) ``G⁺`` of ``A Aᵀ``; ``rank`` (N,) int64 numerical rank of ``A``;
     ``nuisance_var`` (N, C) ``s_c ≥ ‖P_N d_c‖²`` (rounded up; 0 where not outside);
     ``outside`` (N, C) bool, True for classes outside ``Kset ∪ {y}``.
-    Shared: ``weight`` (C, D) the centred weight that defines ``A``.
+    Shared: ``weight`` (C, D) the centred weight that defines ``A``; ``basis`` (N₀, K, D)
+    float32 orthonormal rows spanning S (zero rows for dropped directions) or None, with
+    ``basis_rows`` (N,) the basis row of each row (None: row n is basis row n) — gathered
+    only when projecting.
     """
 
     labels: Tensor
@@ -43,11 +49,16 @@ class Competitors:
     nuisance_var: Tensor
     outside: Tensor
     weight: Tensor
+    basis: Tensor | None = None
+    basis_rows: Tensor | None = None
 
     def take(self, index: Tensor) -> Competitors:
         """Rows ``index`` (B,) of this geometry (e.g. the class geometry of each sample)."""
         rows = (self.labels, self.kset, self.pinv, self.rank, self.nuisance_var, self.outside)
-        return Competitors(*(t.index_select(0, index) for t in rows), self.weight)
+        basis_rows = index if self.basis_rows is None else self.basis_rows.index_select(0, index)
+        return Competitors(
+            *(t.index_select(0, index) for t in rows), self.weight, self.basis, basis_rows
+        )
 
 
 def centered_weight(weight: Tensor) -> Tensor:
@@ -71,10 +82,13 @@ def top_competitors(logits: Tensor, y: Tensor, k: int) -> Tensor:
     return masked.topk(k, dim=1).indices
 
 
-def competitor_geometry(wc: Tensor, gram: Tensor, labels: Tensor, kset: Tensor) -> Competitors:
+def competitor_geometry(
+    wc: Tensor, gram: Tensor, labels: Tensor, kset: Tensor, *, basis: bool = False
+) -> Competitors:
     """Build :class:`Competitors` for rows with labels (N,) and competitor sets (N, K).
 
-    ``wc`` comes from :func:`centered_weight`, ``gram`` = ``wc @ wc.T`` (C, C). Cost O(N·K·(D + C) + N·K³), no D×D.
+    ``wc`` comes from :func:`centered_weight`, ``gram`` = ``wc @ wc.T`` (C, C). Cost
+    O(N·K·C + N·K³), plus O(N·K²·D) with ``basis=True``; never a D×D matrix.
     """
     n, k = kset.shape
     c, d = wc.shape
@@ -102,7 +116,17 @@ def competitor_geometry(wc: Tensor, gram: Tensor, labels: Tensor, kset: Tensor) 
     nuisance = ((diff_sq - in_s).clamp_min(0) + eta * diff_sq).minimum(diff_sq)
     outside = outside_mask(y, kset, c)
     nuisance = torch.where(outside, nuisance, 0.0)
-    return Competitors(y, kset, pinv, rank, nuisance, outside, wc)
+    q = None
+    if basis:  # rows v_i/√λ_i · A of the kept eigen-directions: the very subspace of G⁺
+        q = _reorthonormalize(whiten.transpose(1, 2) @ (wc[y][:, None, :] - wc[kset])).float()
+    return Competitors(y, kset, pinv, rank, nuisance, outside, wc, q)
+
+
+def _reorthonormalize(q: Tensor) -> Tensor:
+    """One more Gram pass over nearly orthonormal rows q (N, K, D) (zero rows stay zero)."""
+    lam, vec = torch.linalg.eigh(q @ q.transpose(1, 2))  # eigenvalues ≈ 1 (kept) or 0 (dropped)
+    inv_sqrt = torch.where(lam > 0.5, lam.clamp_min(0.5).rsqrt(), 0.0)
+    return (vec * inv_sqrt[:, None, :]).transpose(1, 2) @ q
 
 
 def difference_sq(gram: Tensor, labels: Tensor, dim: int) -> Tensor:
@@ -125,30 +149,52 @@ def outside_mask(labels: Tensor, kset: Tensor, num_classes: int) -> Tensor:
     return outside.scatter_(1, labels[:, None], False)
 
 
-def project_out(geo: Competitors, v: Tensor) -> Tensor:
-    """``P_N v`` for v (..., N, D) float64, row n projected with geometry row n.
+def project_out(geo: Competitors, v: Tensor, *, workspace: dict | None = None) -> Tensor:
+    """``P_N v`` for v (..., N, D), row n projected with geometry row n.
 
-    ``A v`` is read off ``v Wᵀ`` and ``Aᵀ c`` is a class-coefficient matrix times ``W``: two
-    (…·N, D) × (D, C) GEMMs, no (N, K, D) tensor.
+    float32 ``v`` with a ``geo.basis``: ``v − Qᵀ Q v`` in float32 (``workspace``, a dict the
+    caller keeps, holds the gathered basis between calls). Otherwise float64:
+    ``A v`` is read off ``v Wᵀ`` and ``Aᵀ G⁺ A v`` is a class-coefficient matrix times ``W`` —
+    two (…·N, D) × (D, C) GEMMs, no (N, K, D) tensor.
     """
+    if geo.basis is not None and v.dtype == torch.float32:
+        basis = geo.basis
+        if geo.basis_rows is not None:
+            out = _buffer(workspace, "basis", (geo.basis_rows.shape[0], *basis.shape[1:]), basis)
+            basis = torch.index_select(basis, 0, geo.basis_rows, out=out)
+        return project_out_explicit(basis, v)
+    v = v.to(torch.float64)
     shape = v.shape
     n, k = geo.kset.shape
-    flat = v.reshape(-1, n, shape[-1])  # (R, N, D)
-    wv = flat @ geo.weight.T  # (R, N, C)
-    y = geo.labels[None, :, None].expand(flat.shape[0], n, 1)
-    kset = geo.kset.expand(flat.shape[0], n, k)
+    flat = v.reshape(-1, shape[-1])  # (R·N, D)
+    wv = (flat @ geo.weight.T).view(-1, n, geo.weight.shape[0])  # (R, N, C)
+    y = geo.labels[None, :, None].expand(wv.shape[0], n, 1)
+    kset = geo.kset.expand(wv.shape[0], n, k)
     av = wv.gather(2, y) - wv.gather(2, kset)  # (R, N, K) = A v
     c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
-    coef = (
-        torch.zeros_like(wv).scatter_add_(2, y, c.sum(-1, keepdim=True)).scatter_add_(2, kset, -c)
-    )
-    return (flat - coef @ geo.weight).reshape(shape)
+    coef = wv.zero_().scatter_add_(2, y, c.sum(-1, keepdim=True)).scatter_add_(2, kset, -c)
+    return torch.addmm(flat, coef.view(-1, coef.shape[-1]), geo.weight, alpha=-1).view(shape)
 
 
 def project_out_explicit(basis: Tensor, v: Tensor) -> Tensor:
-    """``v − Qᵀ Q v`` for an orthonormal-row basis Q (N, K, D) and v (..., N, D)."""
-    coef = (basis * v.unsqueeze(-2)).sum(-1)  # (..., N, K)
-    return v - (basis * coef.unsqueeze(-1)).sum(-2)
+    """``v − Qᵀ Q v`` for orthonormal rows Q (N, K, D) and v (..., N, D), in v's dtype.
+
+    Two batched (R × D)·(D × K) products per row; no (N, K, D) temporary.
+    """
+    n, d = v.shape[-2:]
+    rows = v.reshape(-1, n, d).transpose(0, 1)  # (N, R, D)
+    coef = torch.bmm(rows, basis.transpose(1, 2))  # (N, R, K) = Q v
+    return torch.baddbmm(rows, coef, basis, alpha=-1).transpose(0, 1).reshape(v.shape)
+
+
+def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:
+    """A reusable ``workspace`` tensor (fresh CPU pages are costly), or None without one."""
+    if workspace is None:
+        return None
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
 
 
 def orthonormal_rows(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,3 +224,97 @@ def tail_quantile_sq(delta: float, n_out: int, kind: str) -> float:
         return 2.0 * float(torch.log(torch.tensor(1.0 / p, dtype=torch.float64)))
     q = -float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
     return q * q
+
+
+def margin_slack(
+    z: Tensor, y: Tensor, weight: Tensor, gamma: float, out_dtype: torch.dtype
+) -> Tensor:
+    """(B, C) float64 ``m_c − γ`` of features z (B, D), minus a rounding allowance; +inf at y.
+
+    Margins come from the centred weight in a float32 GEMM when that GEMM is IEEE (no TF32/bf16
+    modes) and z is not float64, else in float64. The allowance bounds the GEMM's error
+    (D·u per product, whatever the summation order; +2u for centring in float32) and rounding
+    the augmented row to ``out_dtype`` (2·u): ``(gemm + 2·u_out)·‖z‖·(‖w_y‖ + ‖w_c‖)``. So a
+    margin equal to γ in exact arithmetic (e.g. against a duplicate class) never counts.
+    """
+    d = z.shape[1]
+    if z.dtype != torch.float64 and _ieee_fp32_matmul(z.device):
+        unit = torch.finfo(torch.float32).eps / 2
+        zz, w = z.detach().float(), weight.detach().float()
+        gemm = (d + 2) * unit / (1 - (d + 2) * unit)
+    else:
+        zz, w = z.detach().double(), weight.detach().double()
+        gemm = 4 * d * _EPS64
+    w = w - w.mean(dim=0, keepdim=True)
+    logits = (zz @ w.T).double()
+    margin = logits.gather(1, y[:, None]) - logits  # exact: float32 differences in float64
+    u_out = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
+    norms = w.norm(dim=1).double() * (1 + 1e-5)
+    z_norm = zz.norm(dim=1, keepdim=True).double() * (1 + 1e-5)
+    allowance = (gemm + 2 * u_out) * z_norm * (norms[y][:, None] + norms[None, :])
+    return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
+
+
+def _ieee_fp32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmul on ``device`` is plain IEEE float32 (not TF32 or bf16 passes)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    if device.type == "cuda":
+        backend = torch.backends.cuda.matmul
+        return not backend.allow_tf32 and getattr(backend, "fp32_precision", "none") in (
+            "none",
+            "ieee",
+        )
+    if device.type == "cpu":
+        backend = getattr(torch.backends.mkldnn, "matmul", None)
+        return getattr(backend, "fp32_precision", "none") in ("none", "ieee")
+    return False
+
+
+def chance_alpha(
+    slack: Tensor,
+    var_bound: Tensor,
+    outside: Tensor,
+    *,
+    n_out: int,
+    q2: float,
+    refine: int = 0,
+    exact_var: Callable[[Tensor], Tensor] | None = None,
+    eta: float = 0.0,
+) -> Tensor:
+    """(B,) float64 α = min over the ``n_out`` outside classes of slack²/(s·q²); +inf if none.
+
+    ``var_bound`` (B, C) must never underestimate the variance of an outside margin per unit
+    α. With ``exact_var`` (class indices (B, r) → variances (B, r)), the ``refine`` classes with
+    the smallest bounded ratio are recomputed exactly (rounded up by ``eta``·bound); the others
+    keep their bound, which only makes α smaller.
+    """
+    if n_out == 0:
+        return torch.full_like(slack[:, 0], float("inf"))
+    ratio = torch.where(outside, slack.clamp_min(0).square() / var_bound, float("inf"))
+    if exact_var is None or refine == 0:
+        return ratio.min(dim=1).values / q2
+    r = min(refine, n_out)
+    smallest, idx = ratio.topk(min(r + 1, n_out), dim=1, largest=False)
+    idx = idx[:, :r]
+    bound = var_bound.gather(1, idx)
+    exact = (exact_var(idx) + eta * bound).minimum(bound)
+    best = (slack.gather(1, idx).clamp_min(0).square() / exact).min(dim=1).values
+    if n_out > r:  # the classes not refined keep their (smaller, safe) bounded ratio
+        best = best.minimum(smallest[:, r])
+    return best / q2
+
+
+def cap_alpha(
+    alpha: Tensor, eligible: Tensor, noise: Tensor, norm: Tensor, cap: float | None
+) -> Tensor:
+    """Cap ``√α·‖noise_j‖ ≤ cap·norm`` for every copy j, zero ineligible rows: finite, >= 0.
+
+    ``noise`` (a, B, D) unit-scale P_N ε; shrinking α for a draw only lowers every violation
+    probability, so the cap keeps the chance constraint.
+    """
+    if cap is not None:
+        worst = noise.square().sum(-1).amax(dim=0).to(torch.float64)  # (B,)
+        alpha = alpha.minimum((cap * norm).square() / worst)
+    ok = eligible & torch.isfinite(alpha) & (alpha > 0)
+    return torch.where(ok, alpha, 0.0)

@@ -318,3 +318,19 @@ def test_bank_matches_logistic_regression_on_digits():
     bank = train_head_bank(fs, HeadGrid.default(), TrainConfig(epochs=30, batch_size=64))
     lr = fit_logistic_baseline(fs, BaselineConfig(Cs=tuple(np.logspace(-2, 2, 9))))
     assert bank.test["top1"] >= lr.test["top1"] - 0.005, (bank.test, lr.test)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_features_from_a_real_store_in_memory_or_streamed(tmp_path, stream):
+    from stores import open_store
+    from stores.testing import synthetic_data, synthetic_identity, write_synthetic_store
+
+    data = synthetic_data(300, dim=8, n_classes=3, skip_every=17, seed=1)
+    url = write_synthetic_store(str(tmp_path / "s"), data, synthetic_identity(data), chunk_rows=32)
+    store = open_store(url)
+    fs = FeatureSet.from_store(store, max_bytes=0 if stream else None, chunk_rows=64)
+    assert ("train" in fs.streams) == stream and fs.dim == 8 and fs.num_classes == 3
+    assert fs.num_rows("train") == len(store.labels("train"))
+    assert fs.get("test").ids == tuple(store.ids("test"))
+    r = train_head_bank(fs, [HeadSpec(lr=3e-2)], TrainConfig(epochs=8, batch_size=32))
+    assert r.test["top1"] > 0.9 and r.test_ids == tuple(store.ids("test"))
