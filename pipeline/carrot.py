@@ -21,11 +21,14 @@ from torch import Tensor, nn
 from pipeline.nuisance import (
     ETA_PER_COMPETITOR,
     Competitors,
+    LayerNormJacobian,
     cap_alpha,
     centered_weight,
     chance_alpha,
+    class_factor_from_features,
     competitor_geometry,
     difference_sq,
+    factor_spectrum,
     margin_slack,
     nearest_classes,
     orthonormal_rows,
@@ -58,6 +61,14 @@ DEFAULT_RELATIVE_CAP = 1.0
 PRE_LN_DEFAULT_CAP = 0.1
 
 
+_CHOICES = {
+    "mode": ("sample", "class"),
+    "noise": ("isotropic", "class_cov"),
+    "quantile": ("exact", "chernoff"),
+    "injection": ("post_ln", "pre_ln"),
+}
+
+
 @dataclass(frozen=True)
 class CarrotConfig:
     """Settings of the CARROT augmentation (validated on construction)."""
@@ -77,37 +88,31 @@ class CarrotConfig:
     refine: int = 4  # classes per row whose noise variance is computed exactly when only bounded
 
     def __post_init__(self) -> None:
-        def integer(name: str, low: int) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"CarrotConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name, low in (
+            ("topk", 1),
+            ("aug_per_sample", 1),
+            ("warmup_epochs", 0),
+            ("refresh", 1),
+            ("refine", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"CarrotConfig.{name} must be an integer >= {low}, got {value!r}")
-
-        for name, low in (("topk", 1), ("aug_per_sample", 1), ("warmup_epochs", 0)):
-            integer(name, low)
-        integer("refresh", 1)
-        integer("refine", 1)
+                fail(name, f"an integer >= {low}")
         if not 0.0 < float(self.delta) < 0.5:
-            raise ValueError(f"CarrotConfig.delta must lie in (0, 0.5), got {self.delta!r}")
-        if not (math.isfinite(self.gamma) and self.gamma >= 0):
-            raise ValueError(f"CarrotConfig.gamma must be finite and >= 0, got {self.gamma!r}")
-        if not (math.isfinite(self.aug_weight) and self.aug_weight >= 0):
-            raise ValueError(
-                f"CarrotConfig.aug_weight must be finite and >= 0, got {self.aug_weight!r}"
-            )
+            fail("delta", "in (0, 0.5)")
+        for name in ("gamma", "aug_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                fail(name, "finite and >= 0")
         if self.alpha_max is not None and not (
             math.isfinite(self.alpha_max) and self.alpha_max > 0
         ):
-            raise ValueError(f"CarrotConfig.alpha_max must be None or > 0, got {self.alpha_max!r}")
-        for name, allowed in (
-            ("mode", ("sample", "class")),
-            ("noise", ("isotropic", "class_cov")),
-            ("quantile", ("exact", "chernoff")),
-            ("injection", ("post_ln", "pre_ln")),
-        ):
+            fail("alpha_max", "None or a finite number > 0")
+        for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"CarrotConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
+                fail(name, f"one of {allowed}")
 
     def active(self, epoch: int) -> bool:
         """Whether augmentation is on in ``epoch`` (0-based): off during ``warmup_epochs``."""
@@ -203,7 +208,7 @@ def augment_with_geometry(
             alpha = chance_alpha(slack, geo.nuisance_var, geo.outside, n_out=n_out, q2=q2)
             base = torch.randn(shape, generator=generator, device=z.device).to(work)
         else:
-            factor, spectral_sq = _class_factor(class_factor, weight)
+            factor, spectral_sq = factor_spectrum(class_factor, weight)
             factor_y = factor.index_select(0, y)  # (B, D, r)
             wc = centered_weight(weight)
 
@@ -262,29 +267,20 @@ def carrot_augment_pre_ln(
     n_out = c - 1 - k
     with torch.no_grad():
         wc = centered_weight(weight)
-        x64 = x.detach().to(torch.float64)
-        xc = x64 - x64.mean(dim=1, keepdim=True)
-        sigma = (xc.square().mean(dim=1, keepdim=True) + ln.eps).sqrt()  # (B, 1)
-        xhat = xc / sigma
-        gain = _ln_param(ln.weight, d, 1.0, x.device)
-        z64 = gain * xhat + _ln_param(ln.bias, d, 0.0, x.device)
-        slack = margin_slack(z64, y, weight, cfg.gamma, x.dtype)
         gram = wc @ wc.T
+        jac = LayerNormJacobian.at(x, ln)
+        slack = margin_slack(jac.output(), y, weight, cfg.gamma, x.dtype)
         if cfg.mode == "sample":
             kset = top_competitors(logits, y, k)
         else:
             kset = nearest_classes(gram, k).index_select(0, y)
 
         def pull_back(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r, D) Jᵀ d_c
-            v = gain * (wc[y][:, None, :] - wc[idx])
-            v = v - v.mean(dim=-1, keepdim=True)
-            v = v - (v * xhat[:, None, :]).sum(-1, keepdim=True) / d * xhat[:, None, :]
-            return v / sigma[:, :, None]
+            return jac.pull_back(wc[y][:, None, :] - wc[idx])
 
         basis, rank = orthonormal_rows(pull_back(kset))
         eligible = (slack > 0).all(dim=1) & (rank < d)
-        # ‖P_N Jᵀ d_c‖² ≤ ‖Jᵀ d_c‖² ≤ max(gain²)·‖d_c‖²/σ²
-        bound = difference_sq(gram, y, d) * gain.square().max() / sigma.square()
+        bound = difference_sq(gram, y, d) * jac.gain_sq_bound()  # ≥ ‖P_N Jᵀ d_c‖²
 
         def exact_var(idx: Tensor) -> Tensor:
             dirs = pull_back(idx).transpose(0, 1)
@@ -303,7 +299,7 @@ def carrot_augment_pre_ln(
         eps = torch.randn((cfg.aug_per_sample, b, d), generator=generator, device=x.device)
         noise = project_out_explicit(basis, eps.to(torch.float64))
         cap = cfg.alpha_max if cfg.alpha_max is not None else PRE_LN_DEFAULT_CAP
-        alpha = cap_alpha(alpha, eligible, noise, xc.norm(dim=1), cap)
+        alpha = cap_alpha(alpha, eligible, noise, jac.centred_norm(), cap)
     return _assemble(x, y, weight, cfg, alpha, noise, features=ln)
 
 
@@ -404,34 +400,6 @@ class CarrotAugment(nn.Module):
         log.debug("CARROT class geometry refreshed (C=%d)", weight.shape[0])
 
 
-def class_factor_from_features(
-    features: Tensor, labels: Tensor, *, num_classes: int, rank: int
-) -> Tensor:
-    """(C, D, rank) float32 low-rank factor L_c of each class covariance (L_c L_cᵀ ≈ Σ_c).
-
-    Columns are the top principal directions of the class's features scaled by their standard
-    deviation; classes with fewer than 2 samples get a zero factor (their rows are not augmented
-    under ``noise="class_cov"``). A one-off O(N·D·rank) computation, e.g. from the cached store.
-    """
-    d = features.shape[1]
-    factor = torch.zeros(num_classes, d, rank, device=features.device)
-    for c in range(num_classes):
-        rows = features[labels == c].to(torch.float64)
-        if rows.shape[0] < 2:
-            continue
-        centred = (rows - rows.mean(dim=0)) / math.sqrt(rows.shape[0] - 1)
-        _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
-        r = min(rank, sv.shape[0])
-        factor[c, :, :r] = (vh[:r].T * sv[:r]).float()
-    return factor
-
-
-def _ln_param(param: Tensor | None, d: int, fill: float, device) -> Tensor:
-    if param is None:
-        return torch.full((d,), fill, dtype=torch.float64, device=device)
-    return param.detach().to(device=device, dtype=torch.float64)
-
-
 def _assemble(
     z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features
 ) -> CarrotOutput:
@@ -480,14 +448,3 @@ def _check_inputs(z: Tensor, y: Tensor, weight: Tensor) -> None:
         )
     if weight.shape[0] < 2:
         raise ValueError(f"CARROT needs at least 2 classes; weight has {weight.shape[0]}")
-
-
-def _class_factor(class_factor: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """float64 factor (C, D, r) and its squared spectral norm per class (C,)."""
-    c, d = weight.shape
-    if class_factor is None or class_factor.ndim != 3 or tuple(class_factor.shape[:2]) != (c, d):
-        got = None if class_factor is None else tuple(class_factor.shape)
-        raise ValueError(f'noise="class_cov" needs class_factor of shape ({c}, {d}, r); got {got}')
-    factor = class_factor.detach().to(device=weight.device, dtype=torch.float64)
-    small = factor.transpose(1, 2) @ factor  # (C, r, r)
-    return factor, torch.linalg.eigvalsh(small)[:, -1].clamp_min(0)

@@ -13,6 +13,7 @@ conditioning of ``A``. Gram entries come from the C×C class Gram of the centred
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -318,3 +319,81 @@ def cap_alpha(
         alpha = alpha.minimum((cap * norm).square() / worst)
     ok = eligible & torch.isfinite(alpha) & (alpha > 0)
     return torch.where(ok, alpha, 0.0)
+
+
+@dataclass(frozen=True)
+class LayerNormJacobian:
+    """A LayerNorm ``z = g ⊙ (x − μ)/σ + b`` linearized at rows x (B, D), float64.
+
+    ``J = diag(g) (I − 11ᵀ/D − x̂x̂ᵀ/D) / σ`` (σ includes the LayerNorm's eps); for pre-LN
+    injection the constraint directions are ``Jᵀ d_k``.
+    """
+
+    xhat: Tensor  # (B, D) (x − μ)/σ
+    sigma: Tensor  # (B, 1)
+    gain: Tensor  # (D,)
+    bias: Tensor  # (D,)
+
+    @classmethod
+    def at(cls, x: Tensor, ln: torch.nn.LayerNorm) -> LayerNormJacobian:
+        x64 = x.detach().to(torch.float64)
+        centred = x64 - x64.mean(dim=1, keepdim=True)
+        sigma = (centred.square().mean(dim=1, keepdim=True) + ln.eps).sqrt()
+        d = x.shape[1]
+        ones = torch.ones(d, dtype=torch.float64, device=x.device)
+        gain = ones if ln.weight is None else ln.weight.detach().to(ones)
+        bias = ones * 0 if ln.bias is None else ln.bias.detach().to(ones)
+        return cls(centred / sigma, sigma, gain, bias)
+
+    def output(self) -> Tensor:
+        """(B, D) the LayerNorm's output."""
+        return self.gain * self.xhat + self.bias
+
+    def pull_back(self, v: Tensor) -> Tensor:
+        """``Jᵀ v`` for v (B, r, D) → (B, r, D)."""
+        v = self.gain * v
+        v = v - v.mean(dim=-1, keepdim=True)
+        xhat = self.xhat[:, None, :]
+        v = v - (v * xhat).sum(-1, keepdim=True) / v.shape[-1] * xhat
+        return v / self.sigma[:, :, None]
+
+    def gain_sq_bound(self) -> Tensor:
+        """(B, 1): ``‖Jᵀ v‖² ≤ bound·‖v‖²`` (the projector has norm ≤ 1)."""
+        return self.gain.square().max() / self.sigma.square()
+
+    def centred_norm(self) -> Tensor:
+        """(B,) ``‖x − μ‖``, the scale of the pre-LN noise cap."""
+        return (self.xhat * self.sigma).norm(dim=1)
+
+
+def class_factor_from_features(
+    features: Tensor, labels: Tensor, *, num_classes: int, rank: int
+) -> Tensor:
+    """(C, D, rank) float32 low-rank factor L_c of each class covariance (L_c L_cᵀ ≈ Σ_c).
+
+    Columns are the top principal directions of the class's features scaled by their standard
+    deviation; classes with fewer than 2 samples get a zero factor (their rows are not augmented
+    under ``noise="class_cov"``). A one-off computation, e.g. over the cached store.
+    """
+    d = features.shape[1]
+    factor = torch.zeros(num_classes, d, rank, device=features.device)
+    for c in range(num_classes):
+        rows = features[labels == c].to(torch.float64)
+        if rows.shape[0] < 2:
+            continue
+        centred = (rows - rows.mean(dim=0)) / math.sqrt(rows.shape[0] - 1)
+        _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+        r = min(rank, sv.shape[0])
+        factor[c, :, :r] = (vh[:r].T * sv[:r]).float()
+    return factor
+
+
+def factor_spectrum(class_factor: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 class factor (C, D, r) on the weight's device and σ_max(L_c)² per class (C,)."""
+    c, d = weight.shape
+    if class_factor is None or class_factor.ndim != 3 or tuple(class_factor.shape[:2]) != (c, d):
+        got = None if class_factor is None else tuple(class_factor.shape)
+        raise ValueError(f'noise="class_cov" needs class_factor of shape ({c}, {d}, r); got {got}')
+    factor = class_factor.detach().to(device=weight.device, dtype=torch.float64)
+    small = factor.transpose(1, 2) @ factor  # (C, r, r)
+    return factor, torch.linalg.eigvalsh(small)[:, -1].clamp_min(0)

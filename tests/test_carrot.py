@@ -3,13 +3,16 @@ its cache, caps, class-covariance noise, bf16, the loss, and pre-LN injection.""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import nuisance
 from pipeline.carrot import (
     CarrotAugment,
     CarrotConfig,
@@ -270,6 +273,45 @@ def test_module_class_mode_caches_and_refreshes_geometry():
     assert aug.refresh_count == 3
 
 
+def test_module_class_mode_reuses_workspace_across_batch_shapes():
+    z, y, w, logits = problem(b=24, c=10)
+    cfg = CarrotConfig(topk=3, mode="class", aug_per_sample=2)
+    aug = CarrotAugment(cfg)
+    for rows in (24, 7, 24):  # the scratch buffers must follow the batch shape
+        out = aug(z[:rows], y[:rows], logits[:rows], w, generator=gen())
+        ref = carrot_augment(z[:rows], y[:rows], logits[:rows], w, cfg, generator=gen())
+        assert torch.equal(out.source, ref.source) and torch.allclose(out.z, ref.z, atol=1e-6)
+    assert aug.refresh_count == 1
+
+
+def test_float64_features_use_the_float64_projection_and_agree():
+    z, y, w, logits = problem(b=20, c=10)
+    for mode in ("sample", "class"):
+        cfg = CarrotConfig(topk=3, mode=mode)
+        single = carrot_augment(z, y, logits, w, cfg, generator=gen())
+        double = carrot_augment(z.double(), y, logits, w, cfg, generator=gen())
+        assert double.z.dtype == torch.float64 and torch.equal(single.source, double.source)
+        assert torch.allclose(single.z.double(), double.z, atol=1e-4)
+        assert torch.allclose(single.alpha, double.alpha, rtol=1e-4)
+
+
+def test_margins_fall_back_to_float64_when_float32_matmul_is_not_ieee():
+    z, y, w, logits = problem(b=20, c=10)
+    w[3] = w[4]  # a duplicate class: its rows must stay ineligible on both paths
+    cfg = CarrotConfig(topk=3)
+    ieee = carrot_augment(z, y, logits, w, cfg, generator=gen())
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not nuisance._ieee_fp32_matmul(torch.device("cpu"))
+        fallback = carrot_augment(z, y, logits, w, cfg, generator=gen())
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(ieee.source, fallback.source)
+    assert torch.allclose(ieee.alpha, fallback.alpha, rtol=1e-4)
+    assert (ieee.alpha[(y == 3) | (y == 4)] == 0).all()
+
+
 # --- caps, edge cases -----------------------------------------------------------------------
 
 
@@ -455,3 +497,24 @@ def test_pre_ln_gradient_safety_and_module_dispatch():
     )
     with pytest.raises(ValueError, match="ln="):
         CarrotAugment(cfg)(x, y, logits, w)
+
+
+# --- benchmark plumbing ---------------------------------------------------------------------
+
+
+def test_step_benchmark_and_report_on_a_tiny_problem(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import _report, carrot_step
+
+    result = carrot_step.run(quick=True, device="cpu", sizes={"B": 16, "D": 12, "C": 6, "K": 2})
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"plain", "carrot_class", "carrot_sample", "seed_loop"}
+    assert rows["plain"]["ratio"] == 1.0 and all(row["median_ms"] > 0 for row in rows.values())
+    assert rows["carrot_class"]["frac_aug"] > 0 and rows["carrot_class"]["target"] == 2.5
+    path = tmp_path / "step.json"
+    _report.write_report("tiny", result["rows"], json_path=path, extra={"sizes": result["sizes"]})
+    record = json.loads(path.read_text())
+    assert record["name"] == "tiny" and len(record["rows"]) == 4
+    assert {"cpu", "torch_threads", "torch", "gpu"} <= set(record["machine"])
+    assert "carrot_class" in capsys.readouterr().out
+    assert _report.median_time(lambda: sum(range(100)), repeats=3, warmup=1) > 0

@@ -1,0 +1,100 @@
+"""Tiny shared helpers for benchmarks: describe the machine, time a callable, print + save rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["describe_machine", "median_time", "write_report"]
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU model, core and torch thread counts, torch/Python versions, GPU name (or None)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpu else None,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls.
+
+    Synchronizes CUDA around every call when CUDA is in use.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def write_report(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    json_path: str | Path | None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Print ``rows`` as a plain-text table, and write them with the machine to ``json_path``."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = [columns, *[[_cell(row.get(col)) for col in columns] for row in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    machine = describe_machine()
+    print(
+        f"{name} — {machine['gpu'] or machine['cpu']} ({machine['torch_threads']} threads, torch {machine['torch']})"
+    )
+    for i, line in enumerate(table):
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "name": name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine,
+            "rows": list(rows),
+            "extra": extra or {},
+        }
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
