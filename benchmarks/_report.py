@@ -80,9 +80,8 @@ def write_report(
     table = [columns, *[[_cell(row.get(col)) for col in columns] for row in rows]]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     machine = describe_machine()
-    print(
-        f"{name} — {machine['gpu'] or machine['cpu']} ({machine['torch_threads']} threads, torch {machine['torch']})"
-    )
+    where = machine["gpu"] or machine["cpu"]
+    print(f"{name} — {where} ({machine['torch_threads']} threads, torch {machine['torch']})")
     for i, line in enumerate(table):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
         if i == 0:

@@ -1,4 +1,4 @@
-"""Faithful transcription of the seed sketch's CARROT (``shared/seed/carrot-seed.md``), defects kept.
+"""Faithful transcription of the seed sketch's CARROT (shared/seed/carrot-seed.md), defects kept.
 
 Reference only — for the step benchmark (its per-sample loop) and for the test that shows the
 safety test can fail (its bound). Do not use it for training. Defects, as in docs/CARROT.md:

@@ -151,11 +151,15 @@ def carrot_augment(
     """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D).
 
     ``logits`` (B, C) select the "sample"-mode competitors (any dtype; only their order is used).
-    Margins, α and the projection are computed in float64 from ``z`` and ``weight`` without
-    gradient; ``out.z`` carries gradient to ``z``. ``class_factor`` (C, D, r): low-rank factor
+    Everything but ``out.z`` is computed without gradient and never below float32 (bf16/fp16
+    inputs included): the geometry in float64, margins in IEEE float32 with a rigorous
+    rounding allowance (float64 if TF32/bf16 matmul modes are on), the noise in float64
+    ("sample") or float32 against a float64-built orthonormal basis ("class"). ``out.z``
+    carries gradient to ``z`` (d z̃ / d z = I). ``class_factor`` (C, D, r): low-rank factor
     ``L_y`` of each class covariance, required for ``cfg.noise == "class_cov"`` (noise
     ``P_N L_y ξ``, ξ ~ N(0, I_r); see :func:`class_factor_from_features`).
-    Deterministic given ``generator`` (on ``weight``'s device).
+    Deterministic given ``generator`` (on ``weight``'s device). Per call: O(C²·D) for the
+    class Gram plus O(B·C·D); never a D×D matrix, no per-sample Python loop.
     """
     if cfg.injection != "post_ln":
         raise ValueError('cfg.injection is "pre_ln": call carrot_augment_pre_ln(x, ..., ln, cfg)')

@@ -133,8 +133,8 @@ def _reorthonormalize(q: Tensor) -> Tensor:
 def difference_sq(gram: Tensor, labels: Tensor, dim: int) -> Tensor:
     """(N, C) float64 upper bound of ``‖w_y − w_c‖²`` from the class Gram, for labels (N,).
 
-    Each Gram entry (a sum of ``dim`` products) is off by at most dim·eps·‖w_a‖‖w_b‖ (we allow 4× that): the result is
-    rounded up by that amount, so it never underestimates.
+    Each Gram entry (a sum of ``dim`` products) is off by at most dim·eps·‖w_a‖‖w_b‖; the
+    result is rounded up by 4× that, so it never underestimates.
     """
     diag = gram.diagonal()
     norms = diag.clamp_min(0).sqrt()
