@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 import flows  # noqa: F401  (applies Prefect's quiet, offline-safe defaults first)
+from flows.cli_args import fraction, nonneg_int, positive_int
+from flows.cli_train import add_demo, add_predict, add_train
 from pipeline.errors import InputError
 from stores.errors import StoreInputError
 
@@ -36,36 +38,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full ``carrot`` parser (sub-commands register themselves below)."""
     parser = _Parser(prog="carrot", description=__doc__.splitlines()[0])
@@ -73,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_embed(sub)
     _add_store(sub)
+    add_train(sub)
+    add_predict(sub)
+    add_demo(sub)
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -90,29 +65,29 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     w = p.add_mutually_exclusive_group()
     w.add_argument("--pretrained", action="store_true", help="hub weights (needs network or cache)")
     w.add_argument("--checkpoint", metavar="FILE", help="local .safetensors or .pth weights")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="random-init seed (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random-init seed (default 0)")
     p.add_argument("--root", metavar="DIR|URL", help="store root (default $CARROT_HOME/stores)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--image-size", type=_positive_int, metavar="N", help="override input size")
+    p.add_argument("--image-size", type=positive_int, metavar="N", help="override input size")
     p.add_argument(
         "--views",
-        type=_nonneg_int,
+        type=nonneg_int,
         default=0,
         metavar="N",
         help="augmented views per image stored beside the clean one",
     )
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--workers", type=_nonneg_int, metavar="N", help="decode workers (default auto)")
+    p.add_argument("--workers", type=nonneg_int, metavar="N", help="decode workers (default auto)")
     p.add_argument(
         "--chunk-rows",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         metavar="N",
         help="rows per store chunk (unit of resume)",
     )
-    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F")
+    p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F")
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=_run_embed)
@@ -150,8 +125,8 @@ def embed_settings_from_args(args: argparse.Namespace):
         root=args.root or default_root(),
         dtype=args.dtype,
         chunk_rows=args.chunk_rows,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
+        valfraction=args.valfraction,
+        testfraction=args.testfraction,
     )
 
 

@@ -1,0 +1,227 @@
+"""``carrot train`` and ``carrot predict``: argument parsing and the printed summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from flows.cli_args import fraction, nonneg_float, nonneg_int, positive_int
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="stage 2: train a bank of LayerNorm+Linear heads over STORE")
+    p.add_argument("store", metavar="STORE", help="store path or URL (see carrot store ls)")
+    add_probe_options(p)
+    p.add_argument("--out", metavar="DIR", help="output folder (default $CARROT_HOME/runs/...)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    p.set_defaults(run=run_train)
+
+
+def add_probe_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``demo``: the head grid, CARROT, the loop."""
+    g = p.add_argument_group("heads")
+    g.add_argument(
+        "--aug",
+        default="carrot",
+        metavar="NAMES",
+        help="comma list of none|carrot|gaussian|isda|dc|mixup (default carrot)",
+    )
+    g.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2", metavar="LIST")
+    g.add_argument("--wds", default="0,1e-2,1e-1", metavar="LIST", help="weight decays")
+    g.add_argument("--epochs", type=positive_int, default=30, metavar="E")
+    g.add_argument("--batch-size", type=positive_int, default=256, metavar="B")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--label-smoothing", type=fraction, default=None, metavar="F")
+    g.add_argument("--patience", type=positive_int, default=10, metavar="E")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--shots", type=positive_int, metavar="K", help="few-shot: K per class")
+    g.add_argument(
+        "--seeds", type=positive_int, default=3, metavar="S", help="few-shot seeds (default 3)"
+    )
+    g.add_argument("--baseline", action="store_true", help="also fit logistic regression")
+    c = p.add_argument_group("CARROT")
+    c.add_argument("--mode", choices=("sample", "class"), default="sample")
+    c.add_argument("--topk", type=positive_int, default=10, metavar="K")
+    c.add_argument("--delta", type=fraction, default=0.05, metavar="D")
+    c.add_argument("--gamma", type=nonneg_float, default=0.0, metavar="G")
+    c.add_argument("--noise", choices=("isotropic", "class_cov"), default="isotropic")
+    c.add_argument("--injection", choices=("post_ln", "pre_ln"), default="post_ln")
+    c.add_argument("--aug-weight", type=nonneg_float, default=1.0, metavar="W")
+    c.add_argument("--aug-warmup-epochs", type=nonneg_int, default=0, metavar="E")
+
+
+def probe_settings_from_args(args: argparse.Namespace):
+    """Resolve parsed options into :class:`pipeline.probe.ProbeSettings` (validated)."""
+    from pipeline.carrot import CarrotConfig
+    from pipeline.errors import InputError
+    from pipeline.probe import ProbeSettings, parse_floats, parse_names
+    from pipeline.train import TrainConfig
+
+    try:
+        carrot = CarrotConfig(
+            topk=args.topk,
+            delta=args.delta,
+            gamma=args.gamma,
+            mode=args.mode,
+            noise=args.noise,
+            injection=args.injection,
+            aug_weight=args.aug_weight,
+        )
+    except ValueError as e:
+        raise InputError(f"CARROT options: {e}") from None
+    train = TrainConfig(
+        optimizer=args.optimizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        label_smoothing=args.label_smoothing or 0.0,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        aug_warmup_epochs=args.aug_warmup_epochs,
+    )
+    return ProbeSettings(
+        augs=parse_names(args.aug),
+        carrot=carrot,
+        lrs=parse_floats(args.lrs, option="--lrs"),
+        weight_decays=parse_floats(args.wds, option="--wds"),
+        train=train,
+        shots=args.shots,
+        seeds=tuple(range(args.seeds)),
+        baseline=args.baseline,
+    )
+
+
+def default_out(store_url: str, tag: str) -> str:
+    """``$CARROT_HOME/runs/<store name>-<tag>``."""
+    home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
+    name = Path(store_url.rstrip("/")).name.removesuffix(".zarr")
+    return str(Path(home).expanduser() / "runs" / f"{name}-{tag}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from flows.runtime import flow_settings
+    from flows.train import train_head_flow
+    from stores import open_store
+
+    settings = probe_settings_from_args(args)
+    store = open_store(args.store)  # fail fast (exit 2) on a missing or incomplete store
+    out = args.out or default_out(store.url, "-".join(settings.augs))
+    with flow_settings():
+        summary = train_head_flow(store.url, settings, out)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print_train_summary(summary)
+    return 0
+
+
+def _pct(v) -> str:
+    return "  n/a" if v is None else f"{100 * v:5.1f}"
+
+
+def print_train_summary(s: dict) -> None:
+    spec = s.get("best_head", {})
+    print(f"best head  lr={spec.get('lr')} wd={spec.get('weight_decay')} aug={spec.get('aug')}")
+    print(
+        f"test       top1 {_pct(s.get('top1'))} %   top5 {_pct(s.get('top5'))} %   "
+        f"mean/class {_pct(s.get('mean_per_class'))} %"
+    )
+    if "baseline" in s:
+        print(
+            f"baseline   top1 {_pct(s['baseline'].get('top1'))} %  (logistic regression, "
+            f"C={s['baseline'].get('C'):.3g})"
+        )
+    if s.get("carrot_diagnostics"):
+        d = s["carrot_diagnostics"]
+        print("carrot     " + "  ".join(f"{k}={v:.3g}" for k, v in d.items()))
+    print(f"outputs    {s.get('out')}")
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict a store's rows with a saved head")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--head", required=True, metavar="DIR", help="folder written by carrot train")
+    p.add_argument("--split", help="only this split (default: all rows)")
+    p.add_argument("--out", metavar="CSV", help="default DIR/predictions-<store>.csv")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from flows.runtime import flow_settings
+    from flows.train import predict_flow
+    from pipeline.head_io import load_head
+    from stores import open_store
+
+    store = open_store(args.store)
+    load_head(args.head)  # fail fast on a bad --head
+    if args.split is not None and args.split not in store.splits():
+        from pipeline.errors import InputError
+
+        raise InputError(f"--split {args.split}: the store has splits {store.splits()}")
+    name = Path(store.url.rstrip("/")).name.removesuffix(".zarr")
+    out = args.out or str(Path(args.head) / f"predictions-{name}.csv")
+    with flow_settings():
+        summary = predict_flow(store.url, args.head, out, args.split)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {summary['n']} predictions to {out} (top1 {_pct(summary['top1'])} %)")
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="digits → embed → head banks with and without CARROT")
+    p.add_argument(
+        "--backbone",
+        default="resnet18",
+        metavar="NAME",
+        help="timm model, random init (default resnet18)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="input size for the backbone (default 64: fast on a CPU)",
+    )
+    p.add_argument("--root", metavar="DIR|URL", help="store root (default $CARROT_HOME/stores)")
+    p.add_argument("--out", metavar="DIR", help="default $CARROT_HOME/runs/demo")
+    p.add_argument("--epochs", type=positive_int, default=30, metavar="E")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from flows.demo import demo_flow, markdown_table
+    from flows.runtime import flow_settings
+    from pipeline.backbone import BackboneConfig, resolve_device
+    from pipeline.embed import EmbedSettings, check_settings, default_root
+    from pipeline.extract import ExtractConfig
+    from pipeline.probe import ProbeSettings
+    from pipeline.train import TrainConfig
+
+    device = str(resolve_device(args.device))
+    embed = EmbedSettings(
+        data="sklearn:digits",
+        backbone=BackboneConfig(name=args.backbone, image_size=args.image_size, device=device),
+        extract=ExtractConfig(batch_size=128),
+        root=args.root or default_root(),
+    )
+    check_settings(embed)
+    probe = ProbeSettings(train=TrainConfig(epochs=args.epochs, device=device), baseline=True)
+    home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
+    out = args.out or str(Path(home).expanduser() / "runs" / "demo")
+    with flow_settings():
+        table = demo_flow(embed, probe, out)
+    if args.json:
+        print(json.dumps(table, default=str))
+        return 0
+    print(f"store  {table['store']}  ({table['embed']['n']} images, D={table['embed']['dim']})")
+    print(markdown_table(table["rows"]))
+    print(f"plots and heads in {out} (comparison.png, */learning_curves.png, */confusion.png)")
+    return 0

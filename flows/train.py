@@ -1,0 +1,97 @@
+"""Prefect flows ``train_head`` and ``predict``: stage 2 over a store, as a recipe of tasks."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_image_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.features import FeatureSet
+from pipeline.head_io import load_head, write_outputs
+from pipeline.predict import predict, write_predictions_csv
+from pipeline.probe import ProbeReport, ProbeSettings, run_probe, settings_dict
+from stores import EmbeddingStore, open_store
+
+
+@task(name="load-features", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def load_features_task(store_url: str, device: str) -> tuple[EmbeddingStore, FeatureSet]:
+    store = open_store(store_url)
+    return store, FeatureSet.from_store(store, device=device)
+
+
+@task(name="train-head-bank", cache_policy=NO_CACHE)
+def train_task(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
+    return run_probe(features, settings)
+
+
+@task(name="write-outputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def write_outputs_task(
+    report: ProbeReport, store: EmbeddingStore, out: str, settings: ProbeSettings
+) -> dict[str, str]:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    if report.result is not None:
+        written = write_outputs(
+            report.result,
+            out_dir,
+            class_names=store.class_names,
+            store_key=store.key,
+            store_url=store.url,
+        )
+        paths = {k: str(v) for k, v in written.items()}
+    summary = {**report.summary, "out": str(out_dir), "store": store.url}
+    summary["settings"] = settings_dict(settings)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    paths["summary"] = str(out_dir / "summary.json")
+    return paths
+
+
+def _png_data_url(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+@flow(name="train-head", log_prints=False, validate_parameters=False)
+def train_head_flow(store_url: str, settings: ProbeSettings, out: str) -> dict:
+    """Stage 2: train the head grid over ``store_url``; write outputs to ``out``; summary dict."""
+    store, features = load_features_task(store_url, settings.train.device)
+    report = train_task(features, settings)
+    paths = write_outputs_task(report, store, out, settings)
+    s = report.summary
+    rows = [{"metric": k, "value": s[k]} for k in ("top1", "top5", "mean_per_class") if s.get(k)]
+    if "baseline" in s:
+        rows.append({"metric": "baseline top1 (logreg)", "value": s["baseline"].get("top1")})
+    create_table_artifact(key="train-metrics", table=rows, description=f"carrot train {store_url}")
+    for name in ("learning_curves", "confusion"):
+        if name in paths:
+            create_image_artifact(
+                image_url=_png_data_url(paths[name]), key=f"train-{name.replace('_', '-')}"
+            )
+    return {**s, "out": out, "store": store.url}
+
+
+@flow(name="predict", log_prints=False, validate_parameters=False)
+def predict_flow(store_url: str, head_dir: str, out_csv: str, split: str | None = None) -> dict:
+    """Predict every (valid) row of ``split`` (all splits when None) with a saved head."""
+    from pipeline.errors import InputError
+
+    store = open_store(store_url)
+    head, config = load_head(head_dir)
+    if int(config["dim"]) != store.dim:
+        raise InputError(
+            f"--head {head_dir} expects D={config['dim']} features but {store_url} has "
+            f"D={store.dim}; use a head trained on a store of the same backbone"
+        )
+    X, labels, ids = store.features(split), store.labels(split), store.ids(split)
+    _, probs = predict(head, X)
+    write_predictions_csv(
+        out_csv, probs=probs, class_names=config["class_names"], ids=ids, labels=labels
+    )
+    from pipeline.metrics import classification_metrics
+
+    metrics = classification_metrics(labels, probs)
+    return {"predictions": out_csv, "n": len(ids), **{k: metrics[k] for k in ("top1", "top5")}}
