@@ -157,17 +157,18 @@ def cross_entropy(
     *,
     y_soft: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-head mean CE: ``logits (h, M, C)``, ``y (M,)`` (or soft ``y_soft (M, C)``),
-    ``smoothing (h,)`` → ``(h,)``. Same as ``F.cross_entropy(..., label_smoothing=s)``."""
+    """Per-head mean CE: ``logits (M, h, C)`` (batch-major), ``y (M,)`` (or soft
+    ``y_soft (M, C)``), ``smoothing (h,)`` → ``(h,)``.
+    Same as ``F.cross_entropy(logits[:, i], y, label_smoothing=smoothing[i])`` per head."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if y_soft is None:
-        idx = y.view(1, -1, 1).expand(logp.shape[0], -1, 1)
-        nll = -logp.gather(-1, idx).squeeze(-1)  # (h, M)
+        idx = y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)
+        nll = -logp.gather(-1, idx).squeeze(-1)  # (M, h)
     else:
-        nll = -(logp * y_soft.to(logp.dtype)[None]).sum(-1)
+        nll = -(logp * y_soft.to(logp.dtype)[:, None, :]).sum(-1)
     smooth = -logp.mean(-1)
-    s = smoothing.to(logp.dtype)[:, None]
-    return ((1 - s) * nll + s * smooth).mean(-1)
+    s = smoothing.to(logp.dtype)
+    return ((1 - s) * nll + s * smooth).mean(0)
 
 
 @torch.no_grad()
@@ -185,10 +186,10 @@ def evaluate_bank(
     n = len(split)
     for start in range(0, n, batch_size):
         X, y = split.X[start : start + batch_size], split.y[start : start + batch_size]
-        logits = bank.head_logits(bank.normalize(X), sl)  # (h, b, C)
+        logits = bank.head_logits(bank.normalize(X), sl)  # (b, h, C)
         logp = F.log_softmax(logits.float(), dim=-1)
-        loss += -logp.gather(-1, y.view(1, -1, 1).expand(h, -1, 1)).squeeze(-1).sum(1).double()
-        correct = (logits.argmax(-1) == y[None]).float()  # (h, b)
+        loss += -logp.gather(-1, y.view(-1, 1, 1).expand(-1, h, 1)).squeeze(-1).sum(0).double()
+        correct = (logits.argmax(-1) == y[:, None]).float().t()  # (h, b)
         hits.index_add_(1, y, correct)
     counts = torch.bincount(split.y, minlength=C).float()
     present = counts > 0
@@ -302,11 +303,10 @@ def fit_bank(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
 
-    active = torch.ones(H, dtype=torch.bool)
+    active = [True] * H
     best = {"bal": [-1.0] * H, "loss": [math.inf] * H, "epoch": [-1] * H}
     best_states = [bank.head_state(h) for h in range(H)]
     since_best = [0] * H
-    last_val: list[dict[str, float]] = [{} for _ in range(H)]
     curves: dict[str, list[list[float]]] = {
         "train_loss": [],
         "val_balanced_accuracy": [],
@@ -355,7 +355,6 @@ def fit_bank(
         for h in range(H):
             if not active[h]:
                 continue
-            last_val[h] = {"balanced_accuracy": bal[h], "accuracy": acc[h], "loss": vloss[h]}
             if bal[h] > best["bal"][h] or (bal[h] == best["bal"][h] and vloss[h] < best["loss"][h]):
                 best["bal"][h], best["loss"][h], best["epoch"][h] = bal[h], vloss[h], epoch
                 best_states[h] = bank.head_state(h)
@@ -368,12 +367,12 @@ def fit_bank(
             "epoch %d: best val balanced acc %.4f, %d/%d heads active",
             epoch,
             max(best["bal"]),
-            int(active.sum()),
+            sum(active),
             H,
         )
         if on_epoch is not None:
             on_epoch(epoch, {"val_balanced_accuracy": bal, "train_loss": curves["train_loss"][-1]})
-        if not active.any():
+        if not any(active):
             break
 
     out_val: list[dict[str, float]] = []
@@ -388,7 +387,7 @@ def fit_bank(
                     "accuracy": float(m["accuracy"][h]),
                     "loss": float(m["loss"][h]),
                     "best_epoch": best["epoch"][h],
-                    "stopped": not bool(active[h]),
+                    "stopped": not active[h],
                 }
             )
     return _FitOutput(bank, out_val, curves, diagnostics, epochs_run)
@@ -405,31 +404,38 @@ def _bank_loss(
 ) -> torch.Tensor:
     """Per-head training loss ``(H,)`` for one batch ``X (B, D)``, ``y (B,)``."""
     xhat = bank.normalize(X)  # (B, D): once for all heads
-    logits = bank.head_logits(xhat)  # (H, B, C): one matmul for all heads
+    logits = bank.head_logits(xhat)  # (B, H, C): one matmul for all heads
     losses = cross_entropy(logits, y, smoothing)
     if not aug_on:
         return losses
     for g in groups:
         if g.per_head:
             for j, (aug, gen, h) in enumerate(zip(g.augs, g.generators, g.heads, strict=True)):
-                W = bank.weight[h]
+                W = bank.head_weight(h)  # (C, D), gradient straight to head h's parameter
                 if getattr(aug, "pre_ln", False):  # noise on the raw x, then the head's LN
                     out = aug(
-                        X, y, logits[h].detach(), W.detach(), generator=gen, ln=bank.layer_norm(h)
+                        X,
+                        y,
+                        logits[:, h].detach(),
+                        W.detach(),
+                        generator=gen,
+                        ln=bank.layer_norm(h),
                     )
                     z_aug = bank.head_features(bank.normalize(out.z), h)
                 else:
                     z = bank.head_features(xhat, h)  # (B, D) with grad to the head's LN
-                    out = aug(z, y, logits[h].detach(), W.detach(), generator=gen)
+                    out = aug(z, y, logits[:, h].detach(), W.detach(), generator=gen)
                     z_aug = out.z
                 if out.diagnostics:
                     acc = diag_acc.setdefault(h, {})
                     for k, v in out.diagnostics.items():
-                        if isinstance(v, (int, float, torch.Tensor)):
-                            acc.setdefault(k, []).append(torch.as_tensor(v).detach().cpu())
+                        if isinstance(v, (int, float, torch.Tensor)):  # no host sync per step
+                            acc.setdefault(k, []).append(
+                                torch.as_tensor(v, device=X.device).detach()
+                            )
                 if len(out) == 0:
                     continue
-                la = (z_aug @ W.t())[None]  # (1, M, C): z̃ is post-LN already
+                la = (z_aug @ W.t())[:, None]  # (M, 1, C): z̃ is post-LN already
                 ce = cross_entropy(la, out.y, smoothing[h : h + 1], y_soft=out.y_soft)
                 losses = losses.index_add(0, g.index[j : j + 1], aug.aug_weight * ce)
             continue
@@ -438,7 +444,7 @@ def _bank_loss(
         if len(out) == 0:
             continue
         span = g.span
-        la = bank.head_logits(out.z, span) if span else bank.head_logits(out.z)[g.index]
+        la = bank.head_logits(out.z, span) if span else bank.head_logits(out.z)[:, g.index]
         ce = cross_entropy(la, out.y, smoothing[g.index], y_soft=out.y_soft)
         losses = losses.index_add(0, g.index, aug.aug_weight * ce)
     return losses

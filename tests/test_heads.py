@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pipeline.augment import GaussianSettings, MixupSettings
 from pipeline.errors import InputError
-from pipeline.heads import Head, HeadBank, HeadGrid, HeadSpec, _BankLogits
+from pipeline.heads import Head, HeadBank, HeadGrid, HeadSpec, _BankLogits, _Workspace
 
 
 def _perturbed_bank(H: int, D: int, C: int, seed: int = 0) -> HeadBank:
@@ -48,7 +48,9 @@ def test_fused_backward_matches_numerical_gradient():
         torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True),
         torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True),
     ]
-    assert torch.autograd.gradcheck(_BankLogits.apply, args)
+    assert torch.autograd.gradcheck(lambda *a: _BankLogits.apply(*a, None), args)
+    ws = _Workspace()  # with the reusable scratch buffers
+    assert torch.autograd.gradcheck(lambda *a: _BankLogits.apply(*a, ws), args)
 
 
 def test_fused_backward_matches_plain_autograd():
@@ -121,7 +123,7 @@ def test_init_is_seeded_per_head():
 def test_bank_subset_logits_by_slice():
     bank = _perturbed_bank(5, 6, 3)
     xhat = bank.normalize(torch.randn(4, 6))
-    torch.testing.assert_close(bank.head_logits(xhat, slice(1, 4)), bank.head_logits(xhat)[1:4])
+    torch.testing.assert_close(bank.head_logits(xhat, slice(1, 4)), bank.head_logits(xhat)[:, 1:4])
 
 
 def test_grid_from_lists_is_a_product_grouped_by_augmentation():
@@ -158,3 +160,26 @@ def test_bank_rejects_bad_shapes():
         HeadBank(0, 4, 3)
     with pytest.raises(InputError):
         HeadBank(2, 4, 3, seeds=[1])
+
+
+@pytest.mark.parametrize("alias_first", [False, True])
+def test_alias_path_and_stacked_path_gradients_add_up(alias_first):
+    """The per-head path (aliases, as for CARROT rows) and the fused path meet in one gradient."""
+    H, C, D = 3, 4, 5
+    bank = _perturbed_bank(H, D, C)
+    g = torch.Generator().manual_seed(6)
+    x, x2 = torch.randn(6, D, generator=g), torch.randn(4, D, generator=g)
+    y, y2 = torch.arange(6) % C, torch.arange(4) % C
+    h = 1
+    fused = F.cross_entropy(bank(x)[h], y)
+    z = bank.head_features(bank.normalize(x2), h)
+    extra = F.cross_entropy(z @ bank.head_weight(h).t(), y2)
+    (extra + fused if alias_first else fused + extra).backward()
+    head = bank.head(h)
+    (F.cross_entropy(head(x), y) + F.cross_entropy(head(x2), y2)).backward()
+    (lin,), (gw, gb) = bank.head_parameters(h)
+    torch.testing.assert_close(lin.grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
+    other = bank.head_parameters(0)[0][0].grad
+    assert other is not None and float(other.abs().sum()) == 0.0

@@ -122,6 +122,8 @@ def test_bank_with_mixed_augmentations_equals_single_spec_banks():
         HeadSpec(lr=1e-2, aug="dc", aug_settings=DCSettings(k=2, rank=3)),
         HeadSpec(lr=1e-2, aug="carrot", aug_settings=CarrotConfig(topk=2)),
         HeadSpec(lr=3e-2, aug="carrot", aug_settings=CarrotConfig(topk=2), seed=2),
+        HeadSpec(lr=1e-2, aug="carrot", aug_settings=CarrotConfig(topk=2, injection="pre_ln")),
+        HeadSpec(lr=1e-2, aug="carrot", aug_settings=CarrotConfig(topk=2, noise="class_cov")),
     ]
     cfg = TrainConfig(epochs=2, batch_size=40, patience=None)
     bank = fit_bank(fs, specs, cfg, val_split=None).bank
