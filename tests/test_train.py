@@ -91,8 +91,9 @@ def reference_head(X, y, spec: HeadSpec, cfg: TrainConfig) -> Head:
     return head
 
 
+@pytest.mark.parametrize("impl", ["torch", "multi_tensor"])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_bank_equals_independently_trained_heads(optimizer):
+def test_bank_equals_independently_trained_heads(optimizer, impl):
     X, y = gaussian_data(n=200, d=10, c=4)
     fs = FeatureSet.from_arrays({"train": (X, y)})
     specs = [
@@ -101,7 +102,14 @@ def test_bank_equals_independently_trained_heads(optimizer):
         HeadSpec(lr=1e-3, weight_decay=1.0, label_smoothing=0.1, seed=2),
         HeadSpec(lr=5e-2, weight_decay=0.01, seed=0),
     ]
-    cfg = TrainConfig(optimizer=optimizer, epochs=3, batch_size=32, warmup_epochs=1, patience=None)
+    cfg = TrainConfig(
+        optimizer=optimizer,
+        optimizer_impl=impl,
+        epochs=3,
+        batch_size=32,
+        warmup_epochs=1,
+        patience=None,
+    )
     bank = fit_bank(fs, specs, cfg, val_split=None).bank
     for h, spec in enumerate(specs):
         ref = reference_head(X, y, spec, cfg)
@@ -336,3 +344,40 @@ def test_features_from_a_real_store_in_memory_or_streamed(tmp_path, stream):
     assert fs.get("test").ids == tuple(store.ids("test"))
     r = train_head_bank(fs, [HeadSpec(lr=3e-2)], TrainConfig(epochs=8, batch_size=32))
     assert r.test["top1"] > 0.9 and r.test_ids == tuple(store.ids("test"))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_multi_tensor_optimizers_match_torch(kind):
+    from pipeline.train import MultiHeadAdamW, MultiHeadSGD
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (3,), (5, 2), (2,)]
+    settings_ = [(1e-2, 0.1), (3e-2, 0.0), (1e-3, 1.0), (5e-2, 0.01)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+
+    def groups(params):
+        return [
+            {"params": [p], "lr": lr, "weight_decay": wd}
+            for p, (lr, wd) in zip(params, settings_, strict=True)
+        ]
+
+    ours_p = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_p = [torch.nn.Parameter(t.clone()) for t in init]
+    if kind == "adamw":
+        ours = MultiHeadAdamW(groups(ours_p))
+        ref = torch.optim.AdamW(groups(ref_p), foreach=False)
+    else:
+        ours = MultiHeadSGD(groups(ours_p), momentum=0.9)
+        ref = torch.optim.SGD(groups(ref_p), momentum=0.9, foreach=False)
+    for step, gl in enumerate(grads):
+        for group in (*ours.param_groups, *ref.param_groups):  # a schedule changes lrs
+            group["lr"] *= 0.9
+        for p, q, gr in zip(ours_p, ref_p, gl, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        if step == 2:  # a param without gradient is skipped, as torch does
+            ours_p[1].grad = ref_p[1].grad = None
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_p, ref_p, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
