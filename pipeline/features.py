@@ -359,11 +359,12 @@ class FeatureSet:
         xs, ys = [], []
         for X, y in self.streams[split].chunks(self.device):
             y_np = y.cpu().numpy()
+            order = np.argsort(y_np, kind="stable")
+            y_sorted = y_np[order]
+            rank = np.arange(len(order)) - np.searchsorted(y_sorted, y_sorted, side="left")
             keep = np.zeros(len(y_np), dtype=bool)
-            for i, c in enumerate(y_np):
-                if counts[c] < max_per_class:
-                    counts[c] += 1
-                    keep[i] = True
+            keep[order[rank < max_per_class - counts[y_sorted]]] = True  # first rows per class
+            counts += np.bincount(y_np[keep], minlength=self.num_classes)
             if keep.any():
                 k = torch.as_tensor(np.flatnonzero(keep), device=self.device)
                 xs.append(X[k])

@@ -280,24 +280,42 @@ class HeadBank(nn.Module):
         self.weight = nn.Parameter(W.to(dev))  # (H, C, D)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, dim, device=dev))  # (H, D)
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, dim, device=dev))  # (H, D)
-        self._aliases: dict[str, list[torch.Tensor]] = {}
-        self._make_aliases()
-        self._workspace = _Workspace()
-        for name in ("weight", "ln_weight", "ln_bias"):
-            getattr(self, name).register_post_accumulate_grad_hook(self._split_grad_hook(name))
+        self._install()
 
-    # ---------------------------------------------------------------- parameters
-    def _make_aliases(self) -> None:
+    # ---------------------------------------------------------------- aliases and hooks
+    _STACKED = ("weight", "ln_weight", "ln_bias")
+    _TRANSIENT = ("_aliases", "_workspace", "_hooked")
+
+    def _install(self) -> None:
+        """(Re)build the per-head aliases, the scratch workspace, and the gradient hooks (once
+        per parameter object): after construction, a device move, a copy or unpickling."""
         self._aliases = {
             name: [nn.Parameter(getattr(self, name).data[h]) for h in range(self.num_heads)]
-            for name in ("weight", "ln_weight", "ln_bias")
+            for name in self._STACKED
         }
+        self._workspace = _Workspace()
+        hooked = getattr(self, "_hooked", {})
+        for name in self._STACKED:
+            param = getattr(self, name)
+            if hooked.get(name) is not param:
+                param.register_post_accumulate_grad_hook(self._split_grad_hook(name))
+                hooked[name] = param
+        self._hooked = hooked
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._install()
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         out = super()._apply(fn, recurse)
-        self._make_aliases()  # storage may have moved
-        self._workspace = _Workspace()
+        self._install()  # storage (or the parameter objects) may have changed
         return out
+
+    # ---------------------------------------------------------------- parameters
 
     def _split_grad_hook(self, name: str):
         def hook(param: torch.Tensor) -> None:

@@ -183,3 +183,28 @@ def test_alias_path_and_stacked_path_gradients_add_up(alias_first):
     torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
     other = bank.head_parameters(0)[0][0].grad
     assert other is not None and float(other.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "to"])
+def test_copies_get_their_own_aliases_and_hooks(how):
+    import copy
+    import pickle
+
+    bank = _perturbed_bank(2, 4, 3)
+    if how == "deepcopy":
+        other = copy.deepcopy(bank)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(bank))
+    else:
+        other = bank.to(torch.float64).to(torch.float32)
+    before = bank.weight.detach().clone()
+    opt = torch.optim.SGD(
+        [p for h in range(2) for ps in other.head_parameters(h) for p in ps], lr=1.0
+    )
+    other(torch.randn(5, 4)).sum().backward()
+    assert all(other.head_parameters(h)[0][0].grad is not None for h in range(2))
+    snapshot = other.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(other.weight.detach(), snapshot)  # the copy's stacked params moved
+    if how != "to":
+        torch.testing.assert_close(bank.weight.detach(), before)  # the original did not

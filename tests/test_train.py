@@ -381,3 +381,16 @@ def test_multi_tensor_optimizers_match_torch(kind):
         ref.step()
     for p, q in zip(ours_p, ref_p, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_fit_sample_streamed_takes_the_first_rows_of_each_class():
+    X, y = gaussian_data(n=200, d=4, c=3)
+    X[:, 0] = np.arange(200)
+    fs = FeatureSet.from_arrays({"train": (X[:1], y[:1])}, class_names=["a", "b", "c"])
+    del fs.splits["train"]
+    fs.streams["train"] = StreamingFeatures(_chunked(X, y, 23), num_rows=200, dim=4)
+    Xs, ys = fs.fit_sample("train", max_per_class=10)
+    assert np.array_equal(np.bincount(ys.numpy()), [10, 10, 10])
+    for c in range(3):
+        expect = np.flatnonzero(y == c)[:10]
+        assert np.array_equal(np.sort(Xs[ys == c][:, 0].numpy().astype(int)), expect)
