@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 import flows  # noqa: F401  (applies Prefect's quiet, offline-safe defaults first)
 from flows.cli_args import fraction, nonneg_int, positive_int
+from flows.cli_bench import add_bench
 from flows.cli_train import add_demo, add_predict, add_train
 from pipeline.errors import InputError
 from stores.errors import StoreInputError
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_predict(sub)
     add_demo(sub)
+    add_bench(sub, _Parser)
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser

@@ -1,0 +1,101 @@
+"""``carrot bench perf``: the stage-1 and stage-2 benchmarks in one table and one JSON.
+
+Each figure is a ratio against a baseline measured in the same run (bare forward, plain step,
+single head / sequential heads, ``np.load``, matmul rate). Figures from a CUDA GPU carry the
+card's name and are kept apart from CPU figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks._report import describe_machine
+
+
+def _rows(section: str, where: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Normalise each benchmark's rows to: section, device, metric, value, ratio, target."""
+    out = []
+    for r in rows:
+        metric = r.get("metric") or r.get("variant")
+        ratio = r.get("ratio")
+        if ratio is None and r.get("unit") in ("time ratio", "of matmul"):
+            ratio = r.get("value")
+        value = r.get("value", r.get("median_ms"))
+        out.append(
+            {
+                "section": section,
+                "device": where,
+                "metric": metric,
+                "value": value,
+                "ratio": ratio,
+                "target": r.get("target"),
+            }
+        )
+    return out
+
+
+def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Run embed, carrot_step and heads_bank on ``device``; return rows + machine."""
+    from benchmarks import carrot_step, heads_bank
+    from benchmarks import embed as embed_bench
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = "cuda" if cuda else "cpu"
+    machine = describe_machine()
+    where = (
+        f"GPU {machine['gpu']}"
+        if cuda
+        else f"CPU {machine['cpu']} ({machine['torch_threads']} threads)"
+    )
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    e = embed_bench.run(quick=quick, device=dev)
+    rows += _rows("stage 1: embed", where, e["rows"])
+    c = carrot_step.run(quick=quick, device=dev)
+    step_rows = [
+        dict(r, metric=f"step {r['variant']} (ms)", value=r["median_ms"]) for r in c["rows"]
+    ]
+    rows += _rows("stage 2: CARROT step", where, step_rows)
+    h = heads_bank.run(quick=quick, device=dev, json_path=None)
+    rows += _rows("stage 2: head bank", where, h["rows"])
+    return {
+        "machine": machine,
+        "device": where,
+        "rows": rows,
+        "quick": quick,
+        "seconds": time.perf_counter() - t0,
+        "sizes": {"embed": e["sizes"], "carrot_step": c["sizes"], "heads_bank": h["sizes"]},
+    }
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text table, one block per section."""
+    cols = ("section", "metric", "value", "ratio", "target")
+    lines = [[*cols]] + [[_cell(r.get(c)) for c in cols] for r in result["rows"]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    text = [f"carrot bench perf — {result['device']}, torch {result['machine']['torch']}"]
+    for i, line in enumerate(lines):
+        text.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+        if i == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
