@@ -19,6 +19,7 @@ Measured in one run, on one device (timings are medians over interleaved repeats
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,9 @@ def run(
         "parity": p,
         "quick": quick,
         "device": device,
+        # other processes on the machine skew CPU timings (2 OpenMP threads on 2 busy cores
+        # slowed small steps 10x+ here): keep the load next to the numbers
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     write_report("heads_bank", rows, json_path=json_path, extra=raw)
     return {"rows": rows, **raw}
