@@ -127,8 +127,8 @@ def embed_settings_from_args(args: argparse.Namespace):
         root=args.root or default_root(),
         dtype=args.dtype,
         chunk_rows=args.chunk_rows,
-        valfraction=args.valfraction,
-        testfraction=args.testfraction,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
     )
 
 

@@ -49,6 +49,7 @@ METHODS: dict[str, tuple[str, Any]] = {
     "carrot-class": ("carrot", CarrotConfig(mode="class")),
     "carrot-cov": ("carrot", CarrotConfig(mode="sample", noise="class_cov")),
     "carrot-preln": ("carrot", CarrotConfig(mode="sample", injection="pre_ln")),
+    "carrot-capped": ("carrot", CarrotConfig(mode="sample", alpha_max=0.5)),
     "gaussian": ("gaussian", None),
     "isda": ("isda", None),
     "dc": ("dc", None),

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.features import FeatureSet
 from pipeline.quality import METHODS, QualityConfig, Record, run_quality, summarize
 from pipeline.quality_report import markdown, write_quality_report
@@ -128,6 +130,10 @@ def run_suite(s: SuiteSettings, out_dir: str | Path) -> dict[str, Any]:
     from stores import open_store
 
     cfg = quality_config(s)
+    if s.device == "cpu":
+        # Every step here is a tiny matmul: OpenMP threads only add barrier waits, and under a
+        # second busy process they slow it 10× or more (measured on a 2-core machine).
+        torch.set_num_threads(1)
     datasets = builtin_datasets(s) if s.builtin else {}
     for url in s.stores:
         datasets[url] = FeatureSet.from_store(open_store(url), device=s.device)

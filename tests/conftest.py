@@ -17,7 +17,8 @@ os.environ.setdefault("CARROT_HOME", tempfile.mkdtemp(prefix="carrot-test-home-"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tiny matmuls under OpenMP slow down 10×+ when another process holds a core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
