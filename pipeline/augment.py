@@ -211,15 +211,15 @@ class GaussianAugmentation:
         return AugmentedBatch(z=zr + self.settings.sigma * rms * eps, y=yr, source=src)
 
 
-class IsdaAugmentation:
-    """``isda``: explicit ISDA-style sampling ``z̃ = z + √λ · L_y u``, ``u ~ N(0, I_r)``, with
-    ``L_y (D, r)`` the class-covariance factor fitted on the training features."""
+class _ClassStatsAugmentation:
+    """Shared by augmentations that sample from per-class statistics of the training features
+    (fitted once on LayerNorm-normalized rows; ``settings.rank`` factors per class)."""
 
-    name = "isda"
+    name = ""
     per_head = False
     needs_fit = True
 
-    def __init__(self, settings: IsdaSettings, *, num_classes: int) -> None:
+    def __init__(self, settings: Any, *, num_classes: int) -> None:
         self.settings = settings
         self.aug_weight = settings.aug_weight
         self.num_classes = num_classes
@@ -229,6 +229,13 @@ class IsdaAugmentation:
         self.stats = ClassStats.fit(
             normalize(X), y, num_classes=self.num_classes, rank=self.settings.rank
         )
+
+
+class IsdaAugmentation(_ClassStatsAugmentation):
+    """``isda``: explicit ISDA-style sampling ``z̃ = z + √λ · L_y u``, ``u ~ N(0, I_r)``, with
+    ``L_y (D, r)`` the class-covariance factor fitted on the training features."""
+
+    name = "isda"
 
     def __call__(self, z, y, logits, weight, *, generator) -> AugmentedBatch:
         st = _check_fitted(self.stats, self.name)
@@ -241,7 +248,7 @@ class IsdaAugmentation:
         return AugmentedBatch(z=zr + math.sqrt(self.settings.strength) * noise, y=yr, source=src)
 
 
-class DCAugmentation:
+class DCAugmentation(_ClassStatsAugmentation):
     """``dc``: distribution-calibration-style sampling.
 
     For a row ``z`` of class ``y``, the k class means nearest to ``z`` (the own class allowed when
@@ -253,21 +260,11 @@ class DCAugmentation:
     """
 
     name = "dc"
-    per_head = False
-    needs_fit = True
 
     def __init__(self, settings: DCSettings, *, num_classes: int) -> None:
         if settings.k < 1:
             raise InputError(f"dc k must be >= 1, got {settings.k}")
-        self.settings = settings
-        self.aug_weight = settings.aug_weight
-        self.num_classes = num_classes
-        self.stats: ClassStats | None = None
-
-    def fit(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        self.stats = ClassStats.fit(
-            normalize(X), y, num_classes=self.num_classes, rank=self.settings.rank
-        )
+        super().__init__(settings, num_classes=num_classes)
 
     def __call__(self, z, y, logits, weight, *, generator) -> AugmentedBatch:
         st = _check_fitted(self.stats, self.name)

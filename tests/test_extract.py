@@ -42,7 +42,8 @@ def test_shapes_with_and_without_views(backbone, digits):
     assert plain.valid.all() and plain.errors == [""] * 20 and plain.seconds > 0
     multi = extract_rows(backbone, digits, range(0, 20), _cfg(views=2))
     assert multi.features.shape == (20, 3, backbone.dim)
-    np.testing.assert_array_equal(multi.features[:, 0], plain.features)  # index 0 = clean view
+    # index 0 = clean view (computed in other batches: equal up to float rounding)
+    np.testing.assert_allclose(multi.features[:, 0], plain.features, rtol=1e-4, atol=1e-6)
     assert not np.allclose(multi.features[:, 1], multi.features[:, 0])
     assert not np.allclose(multi.features[:, 1], multi.features[:, 2])
 
