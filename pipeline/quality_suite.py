@@ -78,7 +78,7 @@ def quality_config(s: SuiteSettings) -> QualityConfig:
     train = TrainConfig(epochs=30, batch_size=256, device=s.device)
     if s.quick:
         cfg = QualityConfig(
-            shots=(1, 4, None),
+            shots=(1, 8, None),
             seeds=(0, 1, 2),
             lrs=(1e-2, 3e-2),
             weight_decays=(1e-2, 1e-1),
