@@ -28,13 +28,20 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         help="comma list of none|carrot|gaussian|isda|dc|mixup (default carrot)",
     )
-    g.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2", metavar="LIST")
+    g.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1", metavar="LIST")
     g.add_argument("--wds", default="0,1e-2,1e-1", metavar="LIST", help="weight decays")
     g.add_argument("--epochs", type=positive_int, default=30, metavar="E")
     g.add_argument("--batch-size", type=positive_int, default=256, metavar="B")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     g.add_argument("--label-smoothing", type=fraction, default=None, metavar="F")
     g.add_argument("--patience", type=positive_int, default=10, metavar="E")
+    g.add_argument(
+        "--min-steps",
+        type=nonneg_int,
+        default=300,
+        metavar="N",
+        help="small train sets get more epochs: at least N steps (default 300)",
+    )
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.add_argument("--shots", type=positive_int, metavar="K", help="few-shot: K per class")
@@ -81,6 +88,7 @@ def probe_settings_from_args(args: argparse.Namespace):
         seed=args.seed,
         device=args.device,
         aug_warmup_epochs=args.aug_warmup_epochs,
+        min_steps=args.min_steps,
     )
     return ProbeSettings(
         augs=parse_names(args.aug),
@@ -213,7 +221,9 @@ def run_demo(args: argparse.Namespace) -> int:
         root=args.root or default_root(),
     )
     check_settings(embed)
-    probe = ProbeSettings(train=TrainConfig(epochs=args.epochs, device=device), baseline=True)
+    probe = ProbeSettings(
+        train=TrainConfig(epochs=args.epochs, device=device, min_steps=300), baseline=True
+    )
     home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
     out = args.out or str(Path(home).expanduser() / "runs" / "demo")
     with flow_settings():

@@ -167,7 +167,7 @@ def run_fewshot_seed(
         splits={"train": shot_set}, class_names=features.class_names, device=features.device
     )
     refit = fit_bank(
-        full, [specs[best]], replace(cfg, epochs=epochs, patience=None), val_split=None
+        full, [specs[best]], replace(cfg, epochs=epochs, patience=None, min_steps=0), val_split=None
     )
     head = refit.bank.head(0)
     test = None

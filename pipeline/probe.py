@@ -24,7 +24,7 @@ from pipeline.fewshot import FewShotResult, run_fewshot
 from pipeline.heads import HeadGrid
 from pipeline.train import TrainConfig, TrainResult, train_head_bank
 
-DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_WDS = (0.0, 1e-2, 1e-1)
 
 
@@ -36,7 +36,7 @@ class ProbeSettings:
     carrot: CarrotConfig = field(default_factory=CarrotConfig)  # settings of "carrot" heads
     lrs: tuple[float, ...] = DEFAULT_LRS  # learning-rate grid (per augmentation)
     weight_decays: tuple[float, ...] = DEFAULT_WDS  # weight-decay grid
-    train: TrainConfig = field(default_factory=TrainConfig)  # the loop shared by all heads
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(min_steps=300))  # shared loop
     shots: int | None = None  # k shots per class (few-shot mode); None = all training data
     seeds: tuple[int, ...] = (0,)  # few-shot seeds (mean ± std over them)
     baseline: bool = False  # also fit scikit-learn's logistic regression (C searched on val)

@@ -19,7 +19,6 @@ The scikit-learn logistic regression is run on the same rows with its C chosen t
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,8 +71,9 @@ class QualityConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # per-method grid (same for every method)
     weight_decays: tuple[float, ...] = (0.0, 1e-2, 1e-1)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=256))
-    min_steps: int = 150  # small sets get more epochs: at least this many optimizer steps
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=30, batch_size=256, min_steps=150)
+    )  # small sets get more epochs: at least min_steps optimizer steps
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -101,13 +101,6 @@ class Record:
 def _subset(split: Split, idx: np.ndarray) -> Split:
     t = torch.as_tensor(idx, dtype=torch.int64, device=split.X.device)
     return Split(X=split.X[t], y=split.y[t])
-
-
-def _epochs_for(n_rows: int, cfg: QualityConfig) -> TrainConfig:
-    """Enough epochs for ``min_steps`` optimizer steps on ``n_rows`` rows."""
-    steps_per_epoch = max(1, math.ceil(n_rows / cfg.train.batch_size))
-    epochs = max(cfg.train.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
-    return replace(cfg.train, epochs=epochs, patience=max(10, epochs // 3))
 
 
 def _grid(cfg: QualityConfig, seed: int) -> tuple[list[HeadSpec], dict[str, list[int]]]:
@@ -160,7 +153,7 @@ def run_regime_seed(
             class_names=features.class_names,
             device=features.device,
         )
-        tcfg = replace(_epochs_for(len(tr), cfg), seed=cfg.train.seed + seed * 101 + f)
+        tcfg = replace(cfg.train, seed=cfg.train.seed + seed * 101 + f)
         fitted = fit_bank(fold, specs, tcfg, val_split="val")
         for h, v in enumerate(fitted.val):
             scores[f, h] = (v["balanced_accuracy"], v["loss"], v["best_epoch"])
@@ -183,9 +176,10 @@ def run_regime_seed(
                 splits={"train": train}, class_names=features.class_names, device=features.device
             )
             tcfg = replace(
-                _epochs_for(len(train), cfg),
+                cfg.train,
                 epochs=epochs,
                 patience=None,
+                min_steps=0,
                 seed=cfg.train.seed + seed * 101,
             )
             head = fit_bank(one, [specs[h]], tcfg, val_split=None).bank.head(0)

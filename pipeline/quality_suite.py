@@ -75,7 +75,9 @@ class SuiteSettings:
 
 def quality_config(s: SuiteSettings) -> QualityConfig:
     """The protocol's settings; quick mode trims regimes, seeds and the grid, not the methods."""
-    train = TrainConfig(epochs=30, batch_size=256, device=s.device)
+    train = TrainConfig(
+        epochs=30, batch_size=256, device=s.device, min_steps=100 if s.quick else 150
+    )
     if s.quick:
         cfg = QualityConfig(
             shots=(1, 8, None),

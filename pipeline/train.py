@@ -23,7 +23,7 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # used by heads whose spec leaves it None
     aug_warmup_epochs: int = 0  # no augmentation during the first epochs (head not warm yet)
     patience: int | None = 10  # epochs without validation improvement before a head stops
+    min_steps: int = 0  # small train sets: raise epochs (and patience) to reach this many steps
     seed: int = 0  # batch order and augmentation noise
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"...
     dtype: str = "float32"  # autocast dtype of the matmuls: float32 | bfloat16 | float16
@@ -75,6 +76,8 @@ class TrainConfig:
             )
         if self.dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.min_steps < 0:
+            raise InputError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.patience is not None and self.patience < 1:
             raise InputError(f"patience must be >= 1 or None, got {self.patience}")
 
@@ -381,6 +384,21 @@ class _FitOutput:
     epochs_run: int
 
 
+def scale_for_min_steps(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """``cfg`` with epochs (and patience, warm-up epochs, in proportion) raised so that training
+    takes at least ``cfg.min_steps`` optimizer steps; unchanged when it already does."""
+    factor = math.ceil(cfg.min_steps / max(1, cfg.epochs * steps_per_epoch))
+    if factor <= 1:
+        return cfg
+    return replace(
+        cfg,
+        epochs=cfg.epochs * factor,
+        patience=None if cfg.patience is None else cfg.patience * factor,
+        warmup_epochs=cfg.warmup_epochs * factor,
+        aug_warmup_epochs=cfg.aug_warmup_epochs * factor,
+    )
+
+
 def fit_bank(
     features: FeatureSet,
     specs: Sequence[HeadSpec],
@@ -410,6 +428,7 @@ def fit_bank(
 
     n_train = features.num_rows("train")
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    cfg = scale_for_min_steps(cfg, steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     amp_dtype = _DTYPES[cfg.dtype]

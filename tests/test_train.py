@@ -394,3 +394,18 @@ def test_fit_sample_streamed_takes_the_first_rows_of_each_class():
     for c in range(3):
         expect = np.flatnonzero(y == c)[:10]
         assert np.array_equal(np.sort(Xs[ys == c][:, 0].numpy().astype(int)), expect)
+
+
+def test_min_steps_scales_epochs_patience_and_warmup():
+    from pipeline.train import TrainConfig, scale_for_min_steps
+
+    cfg = TrainConfig(epochs=30, patience=10, warmup_epochs=1.0, aug_warmup_epochs=2, min_steps=300)
+    small = scale_for_min_steps(cfg, steps_per_epoch=2)  # 60 steps < 300: 5× the epochs
+    assert (small.epochs, small.patience, small.warmup_epochs, small.aug_warmup_epochs) == (
+        150,
+        50,
+        5.0,
+        10,
+    )
+    assert scale_for_min_steps(cfg, steps_per_epoch=10) is cfg  # 300 steps already
+    assert scale_for_min_steps(TrainConfig(min_steps=0), steps_per_epoch=1).epochs == 30
