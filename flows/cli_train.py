@@ -24,9 +24,9 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("heads")
     g.add_argument(
         "--aug",
-        default="carrot",
+        default="none,carrot",
         metavar="NAMES",
-        help="comma list of none|carrot|gaussian|isda|dc|mixup (default carrot)",
+        help="comma list of none|carrot|gaussian|isda|dc|mixup (default none,carrot: the validation split picks; the plain heads guard against harm)",
     )
     g.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1", metavar="LIST")
     g.add_argument("--wds", default="0,1e-2,1e-1", metavar="LIST", help="weight decays")
@@ -57,6 +57,13 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--noise", choices=("isotropic", "class_cov"), default="isotropic")
     c.add_argument("--injection", choices=("post_ln", "pre_ln"), default="post_ln")
     c.add_argument("--aug-weight", type=nonneg_float, default=1.0, metavar="W")
+    c.add_argument(
+        "--alpha-max",
+        type=nonneg_float,
+        default=None,
+        metavar="R",
+        help="cap the noise norm at R × the feature norm (default: no cap)",
+    )
     c.add_argument("--aug-warmup-epochs", type=nonneg_int, default=0, metavar="E")
 
 
@@ -76,6 +83,7 @@ def probe_settings_from_args(args: argparse.Namespace):
             noise=args.noise,
             injection=args.injection,
             aug_weight=args.aug_weight,
+            alpha_max=args.alpha_max,
         )
     except ValueError as e:
         raise InputError(f"CARROT options: {e}") from None

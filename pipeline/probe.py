@@ -32,7 +32,7 @@ DEFAULT_WDS = (0.0, 1e-2, 1e-1)
 class ProbeSettings:
     """One probe experiment (everything the ``carrot train`` options resolve into)."""
 
-    augs: tuple[str, ...] = ("carrot",)  # augmentations in the bank; the best head wins on val
+    augs: tuple[str, ...] = ("none", "carrot")  # augmentations in the bank; val picks the best
     carrot: CarrotConfig = field(default_factory=CarrotConfig)  # settings of "carrot" heads
     lrs: tuple[float, ...] = DEFAULT_LRS  # learning-rate grid (per augmentation)
     weight_decays: tuple[float, ...] = DEFAULT_WDS  # weight-decay grid
