@@ -1,4 +1,4 @@
-"""The ``carrot`` command line: parse, validate at once, run a flow, print a summary.
+"""carrot: cached-embedding pipeline for fine-grained classification, with CARROT augmentation.
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the input and the fix);
 1 anything else. ``CARROT_DEBUG=1`` shows tracebacks.
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 # The CLI prints failures itself, on one line: keep Prefect's console handler for CRITICAL only
 # (runs still log to the Prefect API). PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them.
@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full ``carrot`` parser (sub-commands register themselves below)."""
+    """The full ``carrot`` parser: embed, store, train, predict, demo, bench."""
     parser = _Parser(prog="carrot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -50,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict(sub)
     add_demo(sub)
     add_bench(sub, _Parser)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
     return parser
 
 
@@ -289,7 +287,6 @@ def _run_store_ls(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- main
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
