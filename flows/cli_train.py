@@ -29,7 +29,7 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
         help="comma list of none|carrot|gaussian|isda|dc|mixup (default none,carrot: the validation split picks; the plain heads guard against harm)",
     )
     g.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1", metavar="LIST")
-    g.add_argument("--wds", default="0,1e-2,1e-1", metavar="LIST", help="weight decays")
+    g.add_argument("--wds", default="1e-2,1e-1,1,3", metavar="LIST", help="weight decays")
     g.add_argument("--epochs", type=positive_int, default=30, metavar="E")
     g.add_argument("--batch-size", type=positive_int, default=256, metavar="B")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")

@@ -25,7 +25,7 @@ from pipeline.heads import HeadGrid
 from pipeline.train import TrainConfig, TrainResult, train_head_bank
 
 DEFAULT_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
-DEFAULT_WDS = (0.0, 1e-2, 1e-1)
+DEFAULT_WDS = (1e-2, 1e-1, 1.0, 3.0)  # AdamW decoupled decay; strong decay matters in few-shot
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class QualityConfig:
     shots: tuple[int | None, ...] = (1, 2, 4, 8, 16, None)  # None = all training data
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # per-method grid (same for every method)
-    weight_decays: tuple[float, ...] = (0.0, 1e-2, 1e-1)
+    weight_decays: tuple[float, ...] = (1e-2, 1e-1, 1.0, 3.0)  # strong decay matters in few-shot
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=30, batch_size=256, min_steps=150)
     )  # small sets get more epochs: at least min_steps optimizer steps

@@ -82,8 +82,8 @@ def quality_config(s: SuiteSettings) -> QualityConfig:
         cfg = QualityConfig(
             shots=(1, 8, None),
             seeds=(0, 1, 2),
-            lrs=(1e-2, 3e-2),
-            weight_decays=(1e-2, 1e-1),
+            lrs=(3e-2,),
+            weight_decays=(1e-1, 1.0, 3.0),
             train=train,
         )
     else:

@@ -45,6 +45,7 @@ def plot_accuracy_vs_shots(
     The full-data point, if any, is given as ``shots = inf`` and drawn at the right edge.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[: max(1, len(curves))])
     finite = sorted({s for pts in curves.values() for s, *_ in pts if s != float("inf")})
     right = (max(finite) * 2) if finite else 1
     for method, pts in curves.items():
