@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 from flows.cli_args import positive_int
-
-
-def _home() -> Path:
-    return Path(os.environ.get("CARROT_HOME") or Path.home() / ".carrot").expanduser()
 
 
 def add_bench(sub: argparse._SubParsersAction, parser_class: type) -> None:
@@ -64,7 +59,9 @@ def run_quality_cmd(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         device=args.device,
     )
-    out = Path(args.out) if args.out else _home() / "bench" / "quality"
+    from pipeline.embed import carrot_home
+
+    out = Path(args.out) if args.out else carrot_home() / "bench" / "quality"
     t0 = time.perf_counter()
     result = run_suite(settings, out)
     if args.json:
@@ -79,7 +76,9 @@ def run_perf_cmd(args: argparse.Namespace) -> int:
     from benchmarks.perf import format_table, run, write_json
 
     result = run(quick=args.quick, device=args.device)
-    path = write_json(result, args.json or _home() / "bench" / "perf.json")
+    from pipeline.embed import carrot_home
+
+    path = write_json(result, args.json or carrot_home() / "bench" / "perf.json")
     print(format_table(result))
     print(f"wrote {path} ({result['seconds']:.0f} s)")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from flows.cli_args import fraction, nonneg_float, nonneg_int, positive_int
@@ -112,9 +111,10 @@ def probe_settings_from_args(args: argparse.Namespace):
 
 def default_out(store_url: str, tag: str) -> str:
     """``$CARROT_HOME/runs/<store name>-<tag>``."""
-    home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
+    from pipeline.embed import carrot_home
+
     name = Path(store_url.rstrip("/")).name.removesuffix(".zarr")
-    return str(Path(home).expanduser() / "runs" / f"{name}-{tag}")
+    return str(carrot_home() / "runs" / f"{name}-{tag}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -216,7 +216,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow, markdown_table
     from flows.runtime import flow_settings
     from pipeline.backbone import BackboneConfig, resolve_device
-    from pipeline.embed import EmbedSettings, check_settings, default_root
+    from pipeline.embed import EmbedSettings, carrot_home, check_settings, default_root
     from pipeline.extract import ExtractConfig
     from pipeline.probe import ProbeSettings
     from pipeline.train import TrainConfig
@@ -232,8 +232,7 @@ def run_demo(args: argparse.Namespace) -> int:
     probe = ProbeSettings(
         train=TrainConfig(epochs=args.epochs, device=device, min_steps=300), baseline=True
     )
-    home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
-    out = args.out or str(Path(home).expanduser() / "runs" / "demo")
+    out = args.out or str(carrot_home() / "runs" / "demo")
     with flow_settings():
         table = demo_flow(embed, probe, out)
     if args.json:

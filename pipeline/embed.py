@@ -36,10 +36,14 @@ ProgressFn = Callable[[int], None]
 """Called with the number of images just finished."""
 
 
+def carrot_home() -> Path:
+    """``$CARROT_HOME``, default ``~/.carrot``: stores, runs and benchmark reports live under it."""
+    return Path(os.environ.get("CARROT_HOME") or Path.home() / ".carrot").expanduser()
+
+
 def default_root() -> str:
-    """``$CARROT_HOME/stores``; ``CARROT_HOME`` defaults to ``~/.carrot``."""
-    home = os.environ.get("CARROT_HOME") or str(Path.home() / ".carrot")
-    return str(Path(home).expanduser() / "stores")
+    """``$CARROT_HOME/stores``."""
+    return str(carrot_home() / "stores")
 
 
 @dataclass(frozen=True)
