@@ -6,8 +6,6 @@ extract+write each pending chunk (retried on transient I/O) → finalize → sum
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -17,13 +15,12 @@ from pipeline.backbone import Backbone, create_backbone
 from pipeline.embed import (
     EmbedPlan,
     EmbedSettings,
+    EmbedSteps,
     EmbedSummary,
-    cached_dim,
-    open_plan_writer,
     plan_embedding,
     resolve_settings_source,
-    summarize,
-    write_chunks,
+    run_embedding,
+    write_chunk,
 )
 from pipeline.errors import InputError
 from pipeline.sources import ImageSource
@@ -82,8 +79,7 @@ def extract_write_chunk_task(
     chunk: int,
     settings: EmbedSettings,
 ) -> int:
-    images, _ = write_chunks(writer, backbone, source, [chunk], settings, progress=progress.advance)
-    return images
+    return write_chunk(writer, backbone, source, chunk, settings)
 
 
 @task(
@@ -108,34 +104,20 @@ def _summary_markdown(s: EmbedSummary) -> str:
     )
 
 
+_FLOW_STEPS = EmbedSteps(
+    resolve=resolve_source_task,
+    plan=plan_store_task,
+    build_backbone=build_backbone_task,
+    write_chunk=extract_write_chunk_task,
+    finalize=finalize_task,
+)
+
+
 @flow(name="embed", log_prints=False, validate_parameters=False)
 def embed_flow(settings: EmbedSettings) -> dict:
     """Stage 1: write (or reuse) the embedding store for ``settings``. Returns the summary dict."""
-    t0 = time.perf_counter()
-    source = resolve_source_task(settings)
-    plan = plan_store_task(settings, source)
-    backbone = None
-    dim = cached_dim(plan, settings)
-    if dim is None:
-        backbone = build_backbone_task(settings)
-        dim = backbone.dim
-    with open_plan_writer(plan, settings, dim) as writer:
-        cache_hit = writer.complete
-        rate = 0.0
-        if not cache_hit:
-            if backbone is None:
-                backbone = build_backbone_task(settings)
-            pending = writer.pending_chunks()
-            progress.start(sum(len(writer.chunk_rows_range(i)) for i in pending))
-            t_extract = time.perf_counter()
-            images = sum(
-                extract_write_chunk_task(writer, backbone, source, i, settings) for i in pending
-            )
-            extract_s = time.perf_counter() - t_extract
-            finalize_task(writer, {"extract_seconds": round(extract_s, 3), "images": images})
-            rate = images / extract_s if extract_s > 0 else 0.0
-    summary = summarize(
-        plan, settings, cache_hit=cache_hit, seconds=time.perf_counter() - t0, rate=rate
+    summary = run_embedding(
+        settings, progress=progress.advance, on_start=progress.start, steps=_FLOW_STEPS
     )
     create_markdown_artifact(
         key="embed-summary", markdown=_summary_markdown(summary), description="carrot embed"

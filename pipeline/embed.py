@@ -147,26 +147,18 @@ def open_plan_writer(plan: EmbedPlan, settings: EmbedSettings, dim: int) -> Stor
     )
 
 
-def write_chunks(
+def write_chunk(
     writer: StoreWriter,
     backbone: Backbone,
     source: ImageSource,
-    chunks: list[int],
+    chunk: int,
     settings: EmbedSettings,
-    *,
-    progress: ProgressFn | None = None,
-) -> tuple[int, float]:
-    """Extract and write ``chunks`` (chunk-aligned, idempotent). Returns (images, seconds)."""
-    images, seconds = 0, 0.0
-    for i in chunks:
-        rows = writer.chunk_rows_range(i)
-        result = extract_rows(backbone, source, rows, settings.extract)
-        writer.write_chunk(i, result.features, valid=result.valid, errors=result.errors)
-        images += len(rows)
-        seconds += result.seconds
-        if progress is not None:
-            progress(len(rows))
-    return images, seconds
+) -> int:
+    """Extract and write one chunk (chunk-aligned, idempotent). Returns its number of images."""
+    rows = writer.chunk_rows_range(chunk)
+    result = extract_rows(backbone, source, rows, settings.extract)
+    writer.write_chunk(chunk, result.features, valid=result.valid, errors=result.errors)
+    return len(rows)
 
 
 def summarize(
@@ -196,33 +188,64 @@ def summarize(
     )
 
 
-def run_embedding(settings: EmbedSettings, *, progress: ProgressFn | None = None) -> EmbedSummary:
-    """Stage 1 end to end, without Prefect: resolve, plan, extract pending chunks, finalize."""
+@dataclass(frozen=True)
+class EmbedSteps:
+    """The steps of stage 1, swappable so a Prefect flow can run each one as a task.
+
+    The defaults are the plain library functions; ``flows.embed`` passes task-wrapped ones.
+    """
+
+    resolve: Callable[[EmbedSettings], ImageSource] = resolve_settings_source
+    plan: Callable[[EmbedSettings, ImageSource], EmbedPlan] = plan_embedding
+    build_backbone: Callable[[EmbedSettings], Backbone] = lambda s: create_backbone(s.backbone)
+    write_chunk: Callable[[StoreWriter, Backbone, ImageSource, int, EmbedSettings], int] = (
+        write_chunk
+    )
+    finalize: Callable[[StoreWriter, dict], None] = lambda w, timings: w.finalize(timings=timings)
+
+
+def run_embedding(
+    settings: EmbedSettings,
+    *,
+    progress: ProgressFn | None = None,
+    on_start: ProgressFn | None = None,
+    steps: EmbedSteps | None = None,
+) -> EmbedSummary:
+    """Stage 1 end to end: resolve, plan, extract pending chunks, finalize.
+
+    ``on_start(total)`` is told how many images are pending; ``progress(n)`` after each chunk.
+    A cache hit (complete store with the same key) builds no backbone.
+    """
+    steps = steps or EmbedSteps()
     t0 = time.perf_counter()
-    source = resolve_settings_source(settings)
-    plan = plan_embedding(settings, source)
+    source = steps.resolve(settings)
+    plan = steps.plan(settings, source)
     backbone: Backbone | None = None
     dim = cached_dim(plan, settings)
     if dim is None:
-        backbone = create_backbone(settings.backbone)
+        backbone = steps.build_backbone(settings)
         dim = backbone.dim
     with open_plan_writer(plan, settings, dim) as writer:
-        if writer.complete:
-            return summarize(
-                plan, settings, cache_hit=True, seconds=time.perf_counter() - t0, rate=0.0
-            )
-        if backbone is None:
-            backbone = create_backbone(settings.backbone)
-        t_extract = time.perf_counter()
-        images, _ = write_chunks(
-            writer, backbone, source, writer.pending_chunks(), settings, progress=progress
-        )
-        extract_s = time.perf_counter() - t_extract
-        writer.finalize(timings={"extract_seconds": round(extract_s, 3), "images": images})
-        rate = images / extract_s if extract_s > 0 else 0.0
-        return summarize(
-            plan, settings, cache_hit=False, seconds=time.perf_counter() - t0, rate=rate
-        )
+        cache_hit, rate = writer.complete, 0.0
+        if not cache_hit:
+            if backbone is None:
+                backbone = steps.build_backbone(settings)
+            pending = writer.pending_chunks()
+            if on_start is not None:
+                on_start(sum(len(writer.chunk_rows_range(i)) for i in pending))
+            t_extract = time.perf_counter()
+            images = 0
+            for i in pending:
+                done = steps.write_chunk(writer, backbone, source, i, settings)
+                images += done
+                if progress is not None:
+                    progress(done)
+            extract_s = time.perf_counter() - t_extract
+            steps.finalize(writer, {"extract_seconds": round(extract_s, 3), "images": images})
+            rate = images / extract_s if extract_s > 0 else 0.0
+    return summarize(
+        plan, settings, cache_hit=cache_hit, seconds=time.perf_counter() - t0, rate=rate
+    )
 
 
 def cached_dim(plan: EmbedPlan, settings: EmbedSettings) -> int | None:
