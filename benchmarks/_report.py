@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe_machine", "median_time", "write_report"]
+__all__ = ["describe_machine", "format_table", "median_time", "write_report"]
 
 
 def describe_machine() -> dict[str, Any]:
@@ -62,10 +62,29 @@ def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any, *, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` significant digits, None as empty."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.{digits}g}"
     return "" if value is None else str(value)
+
+
+def format_table(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]], *, digits: int = 4, left: bool = False
+) -> list[str]:
+    """Plain-text table lines: header, rule, one line per row (cells right-aligned by default)."""
+    table = [
+        list(columns),
+        *[[format_cell(r.get(c), digits=digits) for c in columns] for r in rows],
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    out = []
+    for i, line in enumerate(table):
+        cells = zip(line, widths, strict=True)
+        out.append("  ".join(c.ljust(w) if left else c.rjust(w) for c, w in cells))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
 
 
 def write_report(
@@ -77,15 +96,10 @@ def write_report(
 ) -> None:
     """Print ``rows`` as a plain-text table, and write them with the machine to ``json_path``."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    table = [columns, *[[_cell(row.get(col)) for col in columns] for row in rows]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     machine = describe_machine()
     where = machine["gpu"] or machine["cpu"]
     print(f"{name} — {where} ({machine['torch_threads']} threads, torch {machine['torch']})")
-    for i, line in enumerate(table):
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * width for width in widths))
+    print("\n".join(format_table(columns, rows)))
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

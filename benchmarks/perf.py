@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks._report import describe_machine
+from benchmarks._report import format_table as report_table
 
 
 def _rows(section: str, where: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,25 +74,11 @@ def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     }
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table, one block per section."""
+    """Plain-text table of every figure, with the device and torch version on top."""
     cols = ("section", "metric", "value", "ratio", "target")
-    lines = [[*cols]] + [[_cell(r.get(c)) for c in cols] for r in result["rows"]]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    text = [f"carrot bench perf — {result['device']}, torch {result['machine']['torch']}"]
-    for i, line in enumerate(lines):
-        text.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
-        if i == 0:
-            text.append("  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    head = f"carrot bench perf — {result['device']}, torch {result['machine']['torch']}"
+    return "\n".join([head, *report_table(cols, result["rows"], digits=3, left=True)])
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
