@@ -47,16 +47,20 @@ def write_predictions_csv(
 ) -> Path:
     """Write one row per sample: ``id, label, pred, prob, top5, top5_probs``.
 
-    ``label``/``pred`` are class names; ``prob`` is the predicted class's probability;
-    ``top5`` lists the k most probable class names joined by ``|`` (``top5_probs`` likewise).
-    ``ids`` default to the row index; ``label`` is empty when ``labels`` is None.
+    ``probs (N, C)``; ``label``/``pred`` are class names; ``prob`` is the predicted class's
+    probability; ``top5`` lists the k most probable class names joined by ``|`` (``top5_probs``
+    likewise). ``ids`` default to the row index; ``label`` is empty when ``labels`` is None.
+    The file is replaced atomically: a failure midway leaves the previous file (or none).
     """
+    from pipeline.head_io import atomic_file
+
     path = Path(path)
     n, C = probs.shape
+    _check_rows(n, C, class_names=class_names, ids=ids, labels=labels)
     k = max(1, min(k, C))
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     pred = top[:, 0]
-    with path.open("w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "label", "pred", "prob", "top5", "top5_probs"])
         for i in range(n):
@@ -71,3 +75,24 @@ def write_predictions_csv(
                 ]
             )
     return path
+
+
+def _check_rows(
+    n: int,
+    C: int,
+    *,
+    class_names: Sequence[str],
+    ids: Sequence[str] | None,
+    labels: np.ndarray | None,
+) -> None:
+    """``C`` class names, ``n`` ids and ``n`` labels in ``[0, C)`` (else ValueError)."""
+    if len(class_names) != C:
+        raise ValueError(f"{len(class_names)} class names for probabilities of {C} classes")
+    if ids is not None and len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} rows")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(f"labels of shape {labels.shape} for {n} rows")
+        if n and (labels.min() < 0 or labels.max() >= C):
+            raise ValueError(f"labels outside 0..{C - 1} (the {C} class names)")
