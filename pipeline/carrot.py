@@ -35,6 +35,7 @@ from pipeline.nuisance import (
     outside_mask,
     project_out,
     project_out_explicit,
+    row_difference_sq,
     tail_quantile_sq,
     top_competitors,
 )
@@ -59,6 +60,7 @@ DEFAULT_RELATIVE_CAP = 1.0
 # Pre-LN injection is only first-order safe, so it is always capped (relative to ‖x − mean(x)‖);
 # this is the cap used when ``alpha_max`` is None.
 PRE_LN_DEFAULT_CAP = 0.1
+_EPS64 = torch.finfo(torch.float64).eps
 
 
 _CHOICES = {
@@ -192,39 +194,51 @@ def augment_with_geometry(
 ) -> CarrotOutput:
     """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
 
-    Margins use the current ``weight``; the noise is projected with ``geo`` (which may be a
-    cached class geometry from an earlier weight, see :class:`CarrotAugment`). ``workspace``:
-    a dict kept by the caller to reuse scratch buffers between calls.
+    Margins use the current ``weight``; the noise is projected with ``geo``, which may be a
+    cached class geometry built from an earlier weight (see :class:`CarrotAugment`). Such a
+    *stale* geometry (``geo.weight`` is not the centred current weight) keeps the guarantee for
+    the current weight: every class but y enters the union bound (see :func:`_stale_alpha`).
+    ``workspace``: a dict kept by the caller to reuse scratch buffers between calls.
     """
     _check_inputs(z, y, weight)
     b, d = z.shape
     k = geo.kset.shape[1]
     n_out = weight.shape[0] - 1 - k
-    # float32 noise when an orthonormal basis is available (accurate whatever the conditioning),
-    # else the float64 coefficient form
-    work = torch.float32 if geo.basis is not None and z.dtype != torch.float64 else torch.float64
+    # float32 noise when a float32 orthonormal basis is available (accurate whatever the
+    # conditioning), else float64 (the coefficient form, or a float64 basis when K ≥ D)
+    float32_basis = geo.basis is not None and geo.basis.dtype == torch.float32
+    work = torch.float32 if float32_basis and z.dtype != torch.float64 else torch.float64
     q2 = tail_quantile_sq(cfg.delta, n_out, cfg.quantile) if n_out else math.inf
     with torch.no_grad():
+        wc = centered_weight(weight)
+        if geo.weight.shape != wc.shape:
+            raise ValueError(
+                f"geometry built for a weight of shape {tuple(geo.weight.shape)}, "
+                f"weight has {tuple(wc.shape)}: rebuild it (competitor_geometry)"
+            )
+        stale = not torch.equal(wc, geo.weight)  # host sync
         slack = margin_slack(z, y, weight, cfg.gamma, z.dtype)  # (B, C), +inf at y
         eligible = (slack > 0).all(dim=1) & (geo.rank < d)
         shape = (cfg.aug_per_sample, b, d)
-        if cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: nothing to refine
-            alpha = chance_alpha(slack, geo.nuisance_var, geo.outside, n_out=n_out, q2=q2)
-            base = torch.randn(shape, generator=generator, device=z.device).to(work)
-        else:
+        factor_y = scale = None
+        if cfg.noise == "class_cov":
             factor, spectral_sq = factor_spectrum(class_factor, weight)
             factor_y = factor.index_select(0, y)  # (B, D, r)
-            wc = centered_weight(weight)
+            scale = spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
+        if stale:
+            alpha = _stale_alpha(slack, eligible, geo, wc, cfg, factor_y, scale, work)
+        elif cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: no refining
+            alpha = chance_alpha(slack, geo.nuisance_var, geo.outside, n_out=n_out, q2=q2)
+        else:
 
             def exact_var(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r) ‖L_yᵀ P_N d_c‖²
                 dirs = (wc[y][:, None, :] - wc[idx]).transpose(0, 1)  # (r, B, D)
                 proj = project_out(geo, dirs).to(torch.float64)
                 return torch.einsum("bdq,rbd->rbq", factor_y, proj).square().sum(-1).T
 
-            bound = geo.nuisance_var * spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
             alpha = chance_alpha(
                 slack,
-                bound,
+                geo.nuisance_var * scale,
                 geo.outside,
                 n_out=n_out,
                 q2=q2,
@@ -232,13 +246,71 @@ def augment_with_geometry(
                 exact_var=exact_var,
                 eta=ETA_PER_COMPETITOR * k,
             )
-            xi = torch.randn((*shape[:2], factor.shape[2]), generator=generator, device=z.device)
+        if factor_y is None:
+            base = torch.randn(shape, generator=generator, device=z.device).to(work)
+        else:
+            xi = torch.randn((*shape[:2], factor_y.shape[2]), generator=generator, device=z.device)
             base = torch.einsum("bdq,abq->abd", factor_y.to(work), xi.to(work))
         noise = project_out(geo, base, workspace=workspace)  # (a, B, D) unit-scale P_N ε
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
         alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)
     return _assemble(z, y, weight, cfg, alpha, noise, features=None)
+
+
+def _stale_alpha(
+    slack: Tensor,
+    eligible: Tensor,
+    geo: Competitors,
+    wc: Tensor,
+    cfg: CarrotConfig,
+    factor_y: Tensor | None,
+    scale: Tensor | None,
+    work: torch.dtype,
+) -> Tensor:
+    """(B,) float64 α when ``geo`` was built from another weight than the current ``wc``.
+
+    The noise is ``P_N ε`` with the OLD projector, so for the CURRENT differences
+    ``d_c = d_c⁰ + Δ_c`` every margin c ≠ y moves by ``√α·d_cᵀ P_N ε``, with variance
+    ``s_c = ‖P_N d_c‖²`` (``‖L_yᵀ P_N d_c‖²`` for class_cov noise). The union bound runs over all
+    C − 1 classes. Kset classes (``P_N d_k⁰ = 0``): ``s_k = ‖P_N Δ_k‖²`` exactly (K directions
+    per row). Others: ``s_c ≤ (√s_c⁰ + ‖Δ_c‖)²`` (triangle inequality, cached ``s_c⁰``), the
+    ``cfg.refine`` binding ones recomputed exactly. Only eligible rows are computed (others 0).
+    """
+    alpha = torch.zeros_like(slack[:, 0])
+    rows = torch.nonzero(eligible).squeeze(1)  # host sync
+    if rows.numel() == 0:
+        return alpha
+    geo, slack = geo.take(rows), slack.index_select(0, rows)
+    y, kset = geo.labels, geo.kset
+    c = wc.shape[0]
+    eta = ETA_PER_COMPETITOR * kset.shape[1]
+    scale = 1.0 if scale is None else scale.index_select(0, rows)
+    factor = None if factor_y is None else factor_y.index_select(0, rows)
+    use_basis = work == torch.float32  # the operator the noise is projected with
+
+    def variance(dirs: Tensor) -> Tensor:  # (R, r, D) float64 → (R, r) per unit α
+        proj = project_out(geo, dirs.transpose(0, 1), use_basis=use_basis).to(torch.float64)
+        if factor is None:
+            return proj.square().sum(-1).T
+        return torch.einsum("bdq,rbd->rbq", factor, proj).square().sum(-1).T
+
+    drift = wc - geo.weight  # (C, D) Δw
+    moved = row_difference_sq(drift, y)  # (R, C) ≥ ‖Δ_c‖²
+    length = row_difference_sq(wc, y)  # (R, C) ≥ ‖d_c‖²
+    bound = (geo.nuisance_var.sqrt() + moved.sqrt()).square() * (1 + 8 * _EPS64) * scale
+    kvar = variance(drift[y][:, None, :] - drift[kset]) + eta * scale * moved.gather(1, kset)
+    bound = bound.scatter(1, kset, kvar.minimum(bound.gather(1, kset)))
+    constrained = torch.ones_like(geo.outside).scatter_(1, y[:, None], False)
+
+    def exact_var(idx: Tensor) -> Tensor:  # (R, r) classes → (R, r) exact s_c, rounded up
+        return variance(wc[y][:, None, :] - wc[idx]) + eta * scale * length.gather(1, idx)
+
+    q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
+    found = chance_alpha(
+        slack, bound, constrained, n_out=c - 1, q2=q2, refine=cfg.refine, exact_var=exact_var
+    )
+    return alpha.index_copy(0, rows, found)
 
 
 def carrot_augment_pre_ln(
@@ -333,10 +405,11 @@ class CarrotAugment(nn.Module):
     when the weight's shape, dtype or device changes.
 
     Between refreshes the noise is orthogonal to the competitor differences of the cached
-    weight: Kset margins are exact for that weight and drift with the weight's updates
-    (``diagnostics["violation_rate"]`` measures the effect with the current weight);
-    ``refresh=1`` keeps every guarantee exact. "sample" mode and pre-LN injection are
-    stateless and call :func:`carrot_augment` / :func:`carrot_augment_pre_ln`.
+    weight: Kset margins are exact for that weight only. The chance constraint still holds for
+    the CURRENT weight: with a stale geometry the Kset classes join the union bound with their
+    exact variance ``‖P_N (d_k − d_k⁰)‖²`` (see :func:`augment_with_geometry`), so drift costs
+    some α, never safety; ``refresh=1`` also keeps the Kset margins exact. "sample" mode and
+    pre-LN injection are stateless and call :func:`carrot_augment` / :func:`carrot_augment_pre_ln`.
     """
 
     def __init__(self, cfg: CarrotConfig) -> None:

@@ -9,6 +9,12 @@ The geometry is computed in float64 on the weight's device and never builds a D�
 of the same eigen-directions, which projects in float32 without losing accuracy to the
 conditioning of ``A``. Gram entries come from the C×C class Gram of the centred weight
 (centring leaves every ``d_c`` unchanged and removes the cancellation of a shared offset).
+
+The span has rank ≤ min(K, D). When K ≥ D the K×K form is the wrong size (and K generic
+differences span the whole space): the geometry is then factored in D dimensions instead, from
+``AᵀA`` (D×D per row, built in row chunks): eigenvalues first (a row of rank D has no
+nuisance subspace, α = 0 at once), eigenvectors only for the rank-deficient rows, ``S``
+represented by its orthonormal basis alone (``pinv`` is None).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ RTOL = 1e-10
 # nuisance variances are rounded UP by ETA·‖d‖², so α errs on the safe side.
 _EPS64 = torch.finfo(torch.float64).eps
 ETA_PER_COMPETITOR = 4 * _EPS64 / RTOL
+# The feature-space (K ≥ D) form builds (rows, K, D) difference blocks of at most this many
+# float64 elements (32 MiB) at a time.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -34,18 +43,20 @@ class Competitors:
     """Geometry of N rows (samples, or classes in "class" mode), float64 on one device.
 
     Per row: ``labels`` (N,) int64 own class y; ``kset`` (N, K) int64 competitors; ``pinv``
-    (N, K, K) ``G⁺`` of ``A Aᵀ``; ``rank`` (N,) int64 numerical rank of ``A``;
+    (N, K, K) ``G⁺`` of ``A Aᵀ``, or None when K ≥ D (then ``basis`` alone represents S);
+    ``rank`` (N,) int64 numerical rank of ``A``;
     ``nuisance_var`` (N, C) ``s_c ≥ ‖P_N d_c‖²`` (rounded up; 0 where not outside);
     ``outside`` (N, C) bool, True for classes outside ``Kset ∪ {y}``.
-    Shared: ``weight`` (C, D) the centred weight that defines ``A``; ``basis`` (N₀, K, D)
-    float32 orthonormal rows spanning S (zero rows for dropped directions) or None, with
+    Shared: ``weight`` (C, D) the centred weight that defines ``A``; ``basis`` (N₀, R, D)
+    orthonormal rows spanning S (zero rows for dropped directions; R = K, or the largest rank
+    when K ≥ D), float32 (built with ``basis=True``) or float64 (K ≥ D without it), or None, with
     ``basis_rows`` (N,) the basis row of each row (None: row n is basis row n) — gathered
     only when projecting.
     """
 
     labels: Tensor
     kset: Tensor
-    pinv: Tensor
+    pinv: Tensor | None
     rank: Tensor
     nuisance_var: Tensor
     outside: Tensor
@@ -58,7 +69,10 @@ class Competitors:
         rows = (self.labels, self.kset, self.pinv, self.rank, self.nuisance_var, self.outside)
         basis_rows = index if self.basis_rows is None else self.basis_rows.index_select(0, index)
         return Competitors(
-            *(t.index_select(0, index) for t in rows), self.weight, self.basis, basis_rows
+            *(None if t is None else t.index_select(0, index) for t in rows),
+            self.weight,
+            self.basis,
+            basis_rows,
         )
 
 
@@ -89,10 +103,14 @@ def competitor_geometry(
     """Build :class:`Competitors` for rows with labels (N,) and competitor sets (N, K).
 
     ``wc`` comes from :func:`centered_weight`, ``gram`` = ``wc @ wc.T`` (C, C). Cost
-    O(N·K·C + N·K³), plus O(N·K²·D) with ``basis=True``; never a D×D matrix.
+    O(N·K·C + N·K³), plus O(N·K²·D) with ``basis=True``; never a D×D matrix. When K ≥ D,
+    :func:`_feature_space_geometry` instead (cost O(N·K·D² + N·D³), plus O(N·D²·C) for the
+    rank-deficient rows only).
     """
     n, k = kset.shape
     c, d = wc.shape
+    if k >= d:
+        return _feature_space_geometry(wc, gram, labels, kset, basis=basis)
     y = labels
     g_yy = gram[y, y]  # (N,)
     g_yc = gram[y]  # (N, C)
@@ -123,6 +141,72 @@ def competitor_geometry(
     return Competitors(y, kset, pinv, rank, nuisance, outside, wc, q)
 
 
+def _feature_space_geometry(
+    wc: Tensor, gram: Tensor, labels: Tensor, kset: Tensor, *, basis: bool
+) -> Competitors:
+    """:func:`competitor_geometry` for K ≥ D, factored in D dimensions (``pinv`` is None).
+
+    Per row ``AᵀA = Σ_k d_k d_kᵀ`` (D, D), built in chunks of rows; its eigen-directions above
+    ``RTOL·λ_max`` span S. Rows of rank D (K generic differences span everything) get the
+    identity basis (P_N = 0) without eigenvectors; ``‖P_S d_c‖²`` is computed only for the
+    rank-deficient rows. The basis is float32 with ``basis=True``, else float64.
+    """
+    n, k = kset.shape
+    c, d = wc.shape
+    y = labels
+    feature_gram = wc.new_empty(n, d, d)
+    step = max(1, _CHUNK_ELEMENTS // (k * d))
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        a = wc.index_select(0, y[rows]).unsqueeze(1) - wc[kset[rows]]  # (n_c, K, D)
+        torch.bmm(a.transpose(1, 2), a, out=feature_gram[rows])
+    q, rank = _span_of_feature_gram(feature_gram)
+    diff_sq = difference_sq(gram, y, d)
+    in_s = diff_sq.clone()  # rank-D rows: P_S = I
+    deficient = torch.nonzero(rank < d).squeeze(1)
+    step = max(1, _CHUNK_ELEMENTS // (q.shape[1] * c))
+    for start in range(0, deficient.numel(), step):
+        rows = deficient[start : start + step]
+        u = q.index_select(0, rows)  # (n_c, R, D)
+        coord = u @ wc.T  # (n_c, R, C): Q w_c
+        own = coord.gather(2, y[rows][:, None, None].expand(-1, u.shape[1], 1))  # Q w_y
+        in_s[rows] = (own - coord).square_().sum(dim=1)  # ‖Q d_c‖²
+    eta = ETA_PER_COMPETITOR * k
+    nuisance = ((diff_sq - in_s).clamp_min(0) + eta * diff_sq).minimum(diff_sq)
+    outside = outside_mask(y, kset, c)
+    nuisance = torch.where(outside, nuisance, 0.0)
+    q = q.float() if basis else q
+    return Competitors(y, kset, None, rank, nuisance, outside, wc, q)
+
+
+def _span_of_feature_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal rows (N, R, D) float64 spanning the range of PSD ``gram`` (N, D, D); rank (N,).
+
+    Eigenvalues above ``RTOL·λ_max`` count. R is the largest rank (at least 1); dropped
+    directions are zero rows. Rows of full rank get the identity: eigenvectors are computed
+    only for the rank-deficient rows (eigenvalues alone decide the rank of the others).
+    """
+    n, d, _ = gram.shape
+    gram = (0.5 * (gram + gram.transpose(1, 2))).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    lam = torch.linalg.eigvalsh(gram)
+    rank = (lam > RTOL * lam[:, -1:].clamp_min(0)).sum(dim=1)
+    full = rank == d
+    deficient = torch.nonzero(~full).squeeze(1)
+    vec = keep = None
+    if deficient.numel():
+        lam, vec = torch.linalg.eigh(gram.index_select(0, deficient))
+        keep = lam > RTOL * lam[:, -1:].clamp_min(0)
+        rank = rank.index_copy(0, deficient, keep.sum(dim=1))
+    width = max(1, int(rank.max()))  # host sync: the basis width is data-dependent
+    basis = gram.new_zeros(n, width, d)
+    if width == d:
+        basis[full] = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    if vec is not None:  # eigenvalues ascend: the kept directions are the last columns
+        rows = (vec * keep[:, None, :])[:, :, d - width :].transpose(1, 2)
+        basis.index_copy_(0, deficient, rows.contiguous())
+    return basis, rank
+
+
 def _reorthonormalize(q: Tensor) -> Tensor:
     """One more Gram pass over nearly orthonormal rows q (N, K, D) (zero rows stay zero)."""
     lam, vec = torch.linalg.eigh(q @ q.transpose(1, 2))  # eigenvalues ≈ 1 (kept) or 0 (dropped)
@@ -136,9 +220,22 @@ def difference_sq(gram: Tensor, labels: Tensor, dim: int) -> Tensor:
     Each Gram entry (a sum of ``dim`` products) is off by at most dim·eps·‖w_a‖‖w_b‖; the
     result is rounded up by 4× that, so it never underestimates.
     """
-    diag = gram.diagonal()
+    return _rounded_up_difference_sq(gram[labels], gram.diagonal(), labels, dim)
+
+
+def row_difference_sq(w: Tensor, labels: Tensor) -> Tensor:
+    """(N, C) float64 upper bound of ``‖w_y − w_c‖²`` for rows w (C, D) float64, labels (N,).
+
+    Like :func:`difference_sq` without the full class Gram: one (N, D) × (D, C) product.
+    """
+    rows = w.index_select(0, labels) @ w.T
+    return _rounded_up_difference_sq(rows, w.square().sum(dim=1), labels, w.shape[1])
+
+
+def _rounded_up_difference_sq(rows: Tensor, diag: Tensor, labels: Tensor, dim: int) -> Tensor:
+    """``g_yy − 2 g_yc + g_cc`` from Gram rows (N, C) and diagonal (C,), rounded up."""
     norms = diag.clamp_min(0).sqrt()
-    exact = gram[labels, labels][:, None] - 2 * gram[labels] + diag[None, :]
+    exact = diag[labels][:, None] - 2 * rows + diag[None, :]
     slack = 4 * dim * _EPS64 * (norms[labels][:, None] + norms[None, :]).square()
     return exact.clamp_min(0) + slack
 
@@ -150,20 +247,23 @@ def outside_mask(labels: Tensor, kset: Tensor, num_classes: int) -> Tensor:
     return outside.scatter_(1, labels[:, None], False)
 
 
-def project_out(geo: Competitors, v: Tensor, *, workspace: dict | None = None) -> Tensor:
+def project_out(
+    geo: Competitors, v: Tensor, *, workspace: dict | None = None, use_basis: bool = False
+) -> Tensor:
     """``P_N v`` for v (..., N, D), row n projected with geometry row n.
 
-    float32 ``v`` with a ``geo.basis``: ``v − Qᵀ Q v`` in float32 (``workspace``, a dict the
-    caller keeps, holds the gathered basis between calls). Otherwise float64:
-    ``A v`` is read off ``v Wᵀ`` and ``Aᵀ G⁺ A v`` is a class-coefficient matrix times ``W`` —
-    two (…·N, D) × (D, C) GEMMs, no (N, K, D) tensor.
+    With a ``geo.basis``, when v is float32, ``use_basis`` is set or there is no ``pinv``:
+    ``v − Qᵀ Q v`` in v's dtype (``workspace``, a dict the caller keeps, holds the gathered
+    basis between calls; ``use_basis`` applies to float64 v the very operator the float32
+    noise uses). Otherwise float64: ``A v`` is read off ``v Wᵀ`` and ``Aᵀ G⁺ A v`` is a
+    class-coefficient matrix times ``W`` — two (…·N, D) × (D, C) GEMMs, no (N, K, D) tensor.
     """
-    if geo.basis is not None and v.dtype == torch.float32:
+    if geo.basis is not None and (v.dtype == torch.float32 or use_basis or geo.pinv is None):
         basis = geo.basis
         if geo.basis_rows is not None:
             out = _buffer(workspace, "basis", (geo.basis_rows.shape[0], *basis.shape[1:]), basis)
             basis = torch.index_select(basis, 0, geo.basis_rows, out=out)
-        return project_out_explicit(basis, v)
+        return project_out_explicit(basis.to(v.dtype), v)
     v = v.to(torch.float64)
     shape = v.shape
     n, k = geo.kset.shape
@@ -199,11 +299,14 @@ def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Te
 
 
 def orthonormal_rows(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Orthonormal basis (N, K, D) of the row space of ``a`` (N, K, D) float64, and its rank (N,).
+    """Orthonormal basis (N, R, D) of the row space of ``a`` (N, K, D) float64, and its rank (N,).
 
-    Dropped (numerically dependent) directions become zero rows. Gram + eigh, then one more
-    pass on the result to restore orthonormality lost to conditioning.
+    Dropped (numerically dependent) directions become zero rows. K < D: R = K, Gram + eigh,
+    then one more pass on the result to restore orthonormality lost to conditioning. K ≥ D:
+    the D×D form ``aᵀa`` (:func:`_span_of_feature_gram`, R = the largest rank).
     """
+    if a.shape[1] >= a.shape[2]:
+        return _span_of_feature_gram(a.transpose(1, 2) @ a)
     basis, rank = a, None
     for _ in range(2):
         gram = basis @ basis.transpose(1, 2)

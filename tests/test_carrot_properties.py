@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.carrot import CarrotConfig, carrot_augment
+from pipeline.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
 from pipeline.nuisance import centered_weight, nearest_classes, top_competitors
 
 
@@ -174,3 +174,56 @@ def test_seed_bound_fails_the_same_safety_test(kind, b, d, c, topk, mode):
     z_aug, y_aug = seed(z, y, logits, w, generator=torch.Generator().manual_seed(1))
     assert z_aug is not None
     assert violation_rate(z_aug, y_aug, w, 0.0).mean() > 0.5
+
+
+# --- class mode with a cached (stale) geometry, while the head trains ------------------------
+
+
+@st.composite
+def trainings(draw):
+    return dict(
+        c=draw(st.integers(16, 24)),
+        d=draw(st.integers(12, 20)),  # D > K = 10 (the default topk): a nuisance subspace exists
+        lr=draw(st.sampled_from([1.0, 3.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(deadline=None, max_examples=4, derandomize=True)
+@given(trainings())
+def test_class_mode_keeps_the_guarantee_for_the_current_weight_while_training(p):
+    """A LayerNorm+Linear head trained by SGD (large lr: the weight moves every step) through
+    ``CarrotAugment`` in class mode at its defaults (refresh=50: the geometry is up to 49 steps
+    old). At every step the augmented rows must keep P(any margin of the CURRENT weight < γ)
+    ≤ δ: the violation count is below the binomial upper quantile (Bonferroni over steps)."""
+    from scipy.stats import binom
+
+    c, d, steps, draws, n = p["c"], p["d"], 60, 50, 64
+    g = torch.Generator().manual_seed(p["seed"])
+    means = torch.randn(c, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    x = 3.0 + means[y] + torch.randn(n, d, generator=g)
+    ln, head = torch.nn.LayerNorm(d), torch.nn.Linear(d, c, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(0.3 * torch.randn(c, d, generator=g))
+    cfg = CarrotConfig(mode="class", aug_per_sample=draws)
+    assert cfg.refresh == 50 and cfg.topk == 10
+    aug = CarrotAugment(cfg)
+    opt = torch.optim.SGD([*ln.parameters(), *head.parameters()], lr=p["lr"])
+    noise = torch.Generator().manual_seed(p["seed"] + 1)
+    augmented_steps = 0
+    for step in range(steps):
+        z = ln(x)
+        logits = head(z)
+        out = aug(z, y, logits.detach(), head.weight, generator=noise)
+        if out.z.shape[0]:
+            augmented_steps += 1
+            bad = violation_rate(out.z.detach(), out.y, head.weight.detach(), cfg.gamma)
+            limit = binom.ppf(1 - 1e-3 / steps, bad.numel(), cfg.delta)
+            assert int(bad.sum()) <= limit, (step, float(bad.mean()), limit / bad.numel())
+        loss = carrot_loss(head.weight, z, y, out, cfg.aug_weight, logits=logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert aug.refresh_count == 2  # one refresh at step 0, one at step 50
+    assert augmented_steps > steps // 2, "the case must exercise the stale geometry"
