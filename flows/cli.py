@@ -7,7 +7,6 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the input
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -255,12 +254,11 @@ def _run_store_info(args: argparse.Namespace) -> int:
 
 
 def _run_store_verify(args: argparse.Namespace) -> int:
-    from stores import open_store, verify_store
-    from stores.errors import StoreIncompleteError
+    from stores import verify_store
+    from stores.location import require_store, resolve
 
     # no store at all is a usage error (exit 2); a broken one is reported (exit 1)
-    with contextlib.suppress(StoreIncompleteError):
-        open_store(args.store, require_complete=False)
+    require_store(resolve(args.store))
     report = verify_store(args.store)
     if args.json:
         print(json.dumps({"store": args.store, "ok": report.ok, "problems": report.problems}))

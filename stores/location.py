@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from stores.errors import StoreInputError, StoreNotFoundError
+from stores.errors import StoreInputError, StoreNotFoundError, corrupt_error
 from stores.identity import StoreIdentity
 
 if TYPE_CHECKING:
@@ -131,14 +131,30 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> StoreLoc
     return StoreLocation(url.rstrip("/") or url, options)
 
 
-def open_group(location: StoreLocation, *, mode: str) -> zarr.Group:
-    """Open the store's root group: ``mode="r"`` (must exist) or ``"a"`` (created if missing)."""
-    import zarr
-
-    if mode == "r" and not location.exists():
+def require_store(location: StoreLocation) -> StoreLocation:
+    """``location``, or StoreNotFoundError when no store (no group ``zarr.json``) is there."""
+    if not location.exists():
         raise StoreNotFoundError(
             f"no embedding store at {location.url!r} (no zarr.json there); check the URL, or "
             f"write the store first (carrot embed)."
         )
-    store = location.zarr_store(read_only=mode == "r")
-    return zarr.open_group(store=store, mode=mode, zarr_format=3)
+    return location
+
+
+def open_group(location: StoreLocation, *, mode: str) -> zarr.Group:
+    """Open the store's root group: ``mode="r"`` (must exist) or ``"a"`` (created if missing).
+
+    ``mode="r"`` raises StoreNotFoundError when there is no store, StoreCorruptError (naming the
+    file) when its ``zarr.json`` cannot be parsed.
+    """
+    import zarr
+
+    if mode != "r":
+        return zarr.open_group(store=location.zarr_store(read_only=False), mode=mode, zarr_format=3)
+    store = require_store(location).zarr_store(read_only=True)
+    try:
+        return zarr.open_group(store=store, mode="r", zarr_format=3)
+    except (ValueError, TypeError, KeyError) as exc:  # torn or edited zarr.json
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        problem = f"{location.url}/zarr.json is unreadable ({detail})"
+        raise corrupt_error(location.url, [problem], resumable=False) from exc

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stores.errors import StoreError, StoreIncompleteError, StoreInputError
+from stores.errors import StoreIncompleteError, StoreInputError, corrupt_error
 from stores.identity import SCHEMA_VERSION, StoreIdentity
+from stores.integrity import chunk_file_exists, inspect_store
 from stores.location import StoreLocation, open_group, resolve
 from stores.prefetch import prefetch as run_ahead
 from stores.rowread import RowReader, gather_rows
-from stores.schema import SPLITS
+from stores.schema import EVERY_CHUNK_ATTR, SPLITS
 
 if TYPE_CHECKING:
     import dask.array
@@ -50,14 +51,33 @@ class EmbeddingStore:
         self.class_names: list[str] = list(attrs["class_names"])
         self.complete: bool = attrs["complete"] is True
         self.chunk_rows: int = attrs["chunk_rows"]
+        self._location = location
         self._group = group
-        self._features = RowReader(group["features"], local_root=location.local_path)
+        self._features = RowReader(
+            group["features"],
+            local_root=location.local_path,
+            absent_ok=self._chunk_may_be_absent,
+            url=location.url,
+        )
         self._cache: dict[str, np.ndarray] = {}
+
+    def _chunk_may_be_absent(self, c: int) -> bool:
+        """True when features chunk ``c`` may have no file: not written yet, or, in a store from
+        before every chunk was stored, all its rows skipped (no ``valid`` file either)."""
+        if not chunk_file_exists(self._location, self._group["progress"], c):
+            return True
+        if self.attrs.get(EVERY_CHUNK_ATTR) is True:
+            return False
+        return not chunk_file_exists(self._location, self._group["valid"], c)
 
     # -- per-row arrays (small; read once) ----------------------------------------------------
     def _row_array(self, name: str) -> np.ndarray:
         if name not in self._cache:
-            self._cache[name] = np.asarray(self._group[name][:])
+            try:
+                self._cache[name] = np.asarray(self._group[name][:])
+            except (RuntimeError, ValueError, OSError) as exc:  # e.g. garbled compressed chunk
+                problem = f"array {name} is unreadable ({type(exc).__name__}: {exc})"
+                raise corrupt_error(self.url, [problem], resumable=False) from exc
         return self._cache[name]
 
     def valid_mask(self) -> np.ndarray:
@@ -181,28 +201,52 @@ class EmbeddingStore:
 def open_store(
     url: str, *, storage_options: dict | None = None, require_complete: bool = True
 ) -> EmbeddingStore:
-    """Open the store at ``url`` for reading.
+    """Open the store at ``url`` for reading, after its cheap consistency checks.
 
-    Raises StoreNotFoundError when there is none, StoreIncompleteError when it is not complete
+    Raises StoreNotFoundError when there is none; StoreIncompleteError when it is not complete
     (unless ``require_complete=False``; a store whose preallocation was cut short always raises
-    it), StoreError when it is not a carrot store of this schema.
+    it); StoreCorruptError when its metadata is unreadable or inconsistent (shapes, dtypes,
+    arrays against the attributes) or, for a complete store, when a chunk marked written has no
+    file or a raw chunk file has the wrong size (:mod:`stores.integrity`; no chunk is read);
+    StoreInputError when it is not a carrot store of this schema.
     """
     location = resolve(url, storage_options)
     group = open_group(location, mode="r")
     attrs = group.attrs.asdict()
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(
+    if attrs.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise StoreInputError(
             f"{location.url} is not a carrot embedding store of schema {SCHEMA_VERSION} "
-            f"(schema_version={attrs.get('schema_version')!r}); write it again with this version"
+            f"(schema_version={attrs.get('schema_version')!r}); write it again with this version "
+            f"(carrot embed), or check it with `carrot store verify {location.url}`"
         )
     if attrs.get("initialized") is not True:
         raise StoreIncompleteError(
             f"store {location.url} was never fully created (its writer stopped while "
-            f"preallocating); run the embedding step again to rebuild it"
+            f"preallocating, or it is not a carrot store); re-run `carrot embed` to rebuild it, "
+            f"or check it with `carrot store verify {location.url}`"
         )
-    if require_complete and attrs.get("complete") is not True:
-        raise StoreIncompleteError(
-            f"store {location.url} is not complete (its writer was interrupted or is still "
-            f"running); run the embedding step again to resume it, or check it with verify_store"
-        )
+    inspection = inspect_store(group, location, chunks=False)
+    if inspection.problems:
+        raise corrupt_error(location.url, inspection.problems, resumable=False)
+    if require_complete:
+        if attrs.get("complete") is not True:
+            raise StoreIncompleteError(
+                f"store {location.url} is not complete (its writer was interrupted or is still "
+                f"running); re-run `carrot embed` to resume it, or check it with "
+                f"`carrot store verify {location.url}`"
+            )
+        _require_sound_chunks(group, location)
     return EmbeddingStore(location, group)
+
+
+def _require_sound_chunks(group: zarr.Group, location: StoreLocation) -> None:
+    """StoreCorruptError unless every chunk of a complete store is written and has its files."""
+    inspection = inspect_store(group, location, chunks=True)
+    problems = list(inspection.chunk_problems)
+    unset = np.flatnonzero(~inspection.written)
+    if unset.size:
+        problems.insert(
+            0, f"progress record unset for chunks {unset[:10].tolist()} of a complete store"
+        )
+    if problems:
+        raise corrupt_error(location.url, problems, resumable=True)

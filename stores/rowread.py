@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stores.errors import StoreError
+from stores.errors import StoreError, corrupt_error
 
 if TYPE_CHECKING:
     import zarr
@@ -25,7 +25,7 @@ BLOCK_BYTES = 64 * 2**20
 """Target size of one block read through Zarr (the fallback path)."""
 
 
-def _raw_layout(array: zarr.Array) -> bool:
+def raw_layout(array: zarr.Array) -> bool:
     """True when chunk files hold the array's raw native bytes, whole rows per chunk."""
     from zarr.codecs import BytesCodec
 
@@ -50,14 +50,29 @@ class RowReader:
         Shape ``(N, ...)``, chunked ``(chunk_rows, ...)``.
     local_root : str or None
         Local folder of the Zarr group holding ``array`` (enables the direct-file path).
+    absent_ok : callable or None
+        ``absent_ok(c)`` says whether chunk ``c`` may have no file (then it reads as the fill
+        value); when it says no, the direct path raises StoreCorruptError. None: any chunk may
+        be absent (plain Zarr semantics).
+    url : str or None
+        The store as the user named it, for error messages (default ``local_root``).
     """
 
-    def __init__(self, array: zarr.Array, *, local_root: str | None) -> None:
+    def __init__(
+        self,
+        array: zarr.Array,
+        *,
+        local_root: str | None,
+        absent_ok: Callable[[int], bool] | None = None,
+        url: str | None = None,
+    ) -> None:
         self.array = array
+        self._absent_ok = absent_ok
+        self._url = url or local_root or ""
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.chunk_rows: int = int(array.chunks[0])
         self.dtype = np.dtype(array.dtype) if array.dtype.kind in "fiub" else None
-        self.direct = local_root is not None and _raw_layout(array)
+        self.direct = local_root is not None and raw_layout(array)
         self._root = local_root
         if self.direct:
             self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
@@ -77,11 +92,20 @@ class RowReader:
                 with open(self._chunk_path(c), "rb", buffering=0) as f:
                     f.seek((a - c * cr) * rb)
                     got = f.readinto(part)
-            except FileNotFoundError:  # never written or equal to the fill value
+            except FileNotFoundError as exc:  # not written yet, or lost
+                if self._absent_ok is not None and not self._absent_ok(c):
+                    what = "is missing, but the progress record says it was written"
+                    raise self._damaged(c, what) from exc
                 out[a - lo : b - lo] = self._fill
                 continue
             if got != len(part):
-                raise StoreError(f"chunk {c} of {self.array.path} under {self._root} is truncated")
+                raise self._damaged(c, "is truncated")
+
+    def _damaged(self, c: int, what: str) -> StoreError:
+        key = self.array.metadata.encode_chunk_key((c,) + (0,) * (len(self.shape) - 1))
+        return corrupt_error(
+            self._url, [f"chunk file {self.array.path}/{key} {what}"], resumable=True
+        )
 
     def read(self, lo: int, hi: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``lo:hi`` as an array of shape ``(hi - lo, ...)`` (into ``out`` if given)."""

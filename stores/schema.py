@@ -8,7 +8,9 @@ Arrays (N rows, all chunked by ``chunk_rows`` along rows):
   :data:`SPLITS` · ``valid`` (N,) bool (False = image skipped) · ``errors`` (N,) str ("" if fine).
 - ``progress`` (n_chunks,) bool, chunk size 1: set once a chunk's rows are written.
 
-Group attributes: see :func:`initial_attrs`; ``complete`` turns True last, after every check.
+Every chunk of a row array is stored as a file, even one equal to the fill value (attribute
+``every_chunk_stored``). Group attributes: see :func:`initial_attrs`; ``complete`` turns True
+last, after every check.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ DEFAULT_CHUNK_ROWS = 1024
 COMPRESSORS = ("zstd", "lz4", "blosc-zstd", "gzip")
 ROW_ARRAYS = ("features", "labels", "ids", "split", "valid", "errors")
 ALL_ARRAYS = (*ROW_ARRAYS, "progress")
+EVERY_CHUNK_ATTR = "every_chunk_stored"
+"""Group attribute: True when every chunk of every row array has a file, even one equal to the
+fill value (Zarr leaves those out by default), so a lost chunk file is always detectable."""
+STORE_EVERY_CHUNK = {"write_empty_chunks": True}
+"""Zarr array config of the row arrays (see :data:`EVERY_CHUNK_ATTR`)."""
 
 
 def n_chunks_of(n: int, chunk_rows: int) -> int:
@@ -134,9 +141,15 @@ def initial_attrs(
         "library_versions": {"zarr": zarr.__version__, "numpy": np.__version__},
         "skipped": [],
         "timings": {},
+        EVERY_CHUNK_ATTR: True,
         "initialized": False,
         "complete": False,
     }
+
+
+def row_array(group: zarr.Group, name: str) -> zarr.Array:
+    """Row array ``name`` of ``group``, opened to store every chunk it writes."""
+    return group[name].with_config(STORE_EVERY_CHUNK)
 
 
 def create_arrays(
@@ -159,11 +172,13 @@ def create_arrays(
         fill_value=0,
         dimension_names=("row", "dim") if views == 0 else ("row", "view", "dim"),
         overwrite=True,
+        config=STORE_EVERY_CHUNK,
     )
     row_specs = {"labels": ("int64", -1), "ids": (str, ""), "split": (str, "")}
     row_specs |= {"valid": ("bool", False), "errors": (str, "")}
+    written = {}
     for name, (dtype, fill) in row_specs.items():
-        group.create_array(
+        written[name] = group.create_array(
             name,
             shape=(n,),
             chunks=(rows,),
@@ -171,6 +186,7 @@ def create_arrays(
             fill_value=fill,
             dimension_names=("row",),
             overwrite=True,
+            config=STORE_EVERY_CHUNK,
         )
     group.create_array(
         "progress",
@@ -182,6 +198,6 @@ def create_arrays(
         dimension_names=("chunk",),
         overwrite=True,
     )
-    group["ids"][:] = ids
-    group["labels"][:] = labels
-    group["split"][:] = split
+    written["ids"][:] = ids
+    written["labels"][:] = labels
+    written["split"][:] = split

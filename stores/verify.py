@@ -1,10 +1,11 @@
 """Integrity checks of a store: ``verify_store(url)`` → :class:`VerifyReport`.
 
-Checked: the schema version and attributes, every array present with consistent shapes and
-dtypes, all progress flags, the ``complete`` marker, the content key recomputed from the stored
-identity (against the ``key`` attribute and the folder name's key prefix), labels in range of
-``class_names``, split values, the ``skipped`` list against ``valid``, and finite features in valid
-rows (read block by block, never the whole array at once).
+Checked: the schema version and attributes, every array present and readable with consistent
+shapes and dtypes, all progress flags, the ``complete`` marker, a file of the right size for every
+written chunk of every row array (:mod:`stores.integrity`), the content key recomputed from the
+stored identity (against the ``key`` attribute and the folder name's key prefix), labels in range
+of ``class_names``, split values, the ``skipped`` list against ``valid``, and finite features in
+valid rows (read block by block, never the whole array at once).
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stores.errors import StoreError, StoreInputError
+from stores.errors import StoreCorruptError, StoreError, StoreInputError
 from stores.identity import SCHEMA_VERSION, StoreIdentity
+from stores.integrity import attr_problems, chunk_damage, layout_problems, open_arrays
 from stores.location import StoreLocation, key_prefix_of, open_group, resolve
 from stores.rowread import RowReader
-from stores.schema import ALL_ARRAYS, SPLITS, feature_shape, n_chunks_of
+from stores.schema import SPLITS
 
 if TYPE_CHECKING:
     import zarr
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_ATTRS = ("schema_version", "key", "identity", "n", "dim", "views", "dtype")
-REQUIRED_ATTRS += ("chunk_rows", "n_chunks", "class_names", "complete")
 MAX_NAMED = 10
 """At most this many ids are named in one problem."""
 
@@ -51,7 +51,8 @@ def name_ids(ids: np.ndarray | list[str]) -> str:
 def nonfinite_ids(
     features: zarr.Array, valid: np.ndarray, ids: np.ndarray, *, local_root: str | None
 ) -> list[str]:
-    """Ids of valid rows holding NaN or Inf, read block by block."""
+    """Ids of valid rows holding NaN or Inf, read block by block (lost chunks read as zeros:
+    :func:`stores.integrity.chunk_damage` reports them)."""
     reader = RowReader(features, local_root=local_root)
     bad: list[str] = []
     for start, block in reader.blocks(0, reader.shape[0]):
@@ -60,26 +61,6 @@ def nonfinite_ids(
         rows = np.flatnonzero(valid[start:stop] & ~finite) + start
         bad.extend(ids[rows].tolist())
     return bad
-
-
-def _check_layout(attrs: dict[str, Any], arrays: dict[str, zarr.Array]) -> list[str]:
-    problems = []
-    n, dim, views, chunk_rows = attrs["n"], attrs["dim"], attrs["views"], attrs["chunk_rows"]
-    if attrs["n_chunks"] != n_chunks_of(n, chunk_rows):
-        problems.append(f"n_chunks attribute {attrs['n_chunks']} != ceil({n} / {chunk_rows})")
-    expected = {name: (n,) for name in ("labels", "ids", "split", "valid", "errors")}
-    expected["features"] = feature_shape(n, dim=dim, views=views)
-    expected["progress"] = (n_chunks_of(n, chunk_rows),)
-    for name, shape in expected.items():
-        if tuple(arrays[name].shape) != shape:
-            problems.append(f"array {name} has shape {tuple(arrays[name].shape)}, expected {shape}")
-        elif name != "progress" and arrays[name].chunks[0] != chunk_rows:
-            problems.append(f"array {name} has row chunks {arrays[name].chunks[0]} != {chunk_rows}")
-    if str(arrays["features"].dtype) != attrs["dtype"]:
-        problems.append(
-            f"features dtype {arrays['features'].dtype} != dtype attribute {attrs['dtype']}"
-        )
-    return problems
 
 
 def _check_identity(attrs: dict[str, Any], url: str) -> list[str]:
@@ -104,39 +85,11 @@ def _check_identity(attrs: dict[str, Any], url: str) -> list[str]:
     return problems
 
 
-def collect_problems(
-    group: zarr.Group, location: StoreLocation, *, require_complete: bool = True
+def _row_problems(
+    attrs: dict[str, Any], arrays: dict[str, zarr.Array], location: StoreLocation, *, scan: bool
 ) -> tuple[list[str], dict[str, Any]]:
-    """All problems of an opened store group, and a summary. Reads features block by block."""
-    attrs = group.attrs.asdict()
-    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
-    if missing:
-        return [
-            f"attributes missing: {missing} (not a carrot store, or its creation was cut short)"
-        ], {}
-    summary = {k: attrs[k] for k in ("key", "n", "dim", "views", "dtype", "complete")}
+    """Labels, splits, the skipped list and (with ``scan``) finite features; and counts."""
     problems = []
-    if attrs["schema_version"] != SCHEMA_VERSION:
-        problems.append(f"schema_version {attrs['schema_version']} != supported {SCHEMA_VERSION}")
-    if require_complete and attrs["complete"] is not True:
-        problems.append("complete marker is not set (the writer did not finish)")
-    absent = [
-        a for a in ALL_ARRAYS if a not in group
-    ]  # no member listing: the lock file is no array
-    if absent:
-        return [*problems, f"arrays missing: {absent}"], summary
-    arrays = {name: group[name] for name in ALL_ARRAYS}
-    problems += _check_identity(attrs, location.url)
-    layout = _check_layout(attrs, arrays)
-    problems += layout
-    if layout:
-        return problems, summary
-
-    not_done = np.flatnonzero(~arrays["progress"][:].astype(bool))
-    if not_done.size:
-        problems.append(
-            f"{not_done.size} chunks not written (progress flags unset): {not_done[:MAX_NAMED].tolist()}"
-        )
     ids, labels, split = arrays["ids"][:], arrays["labels"][:], arrays["split"][:]
     valid = arrays["valid"][:].astype(bool)
     n_classes = len(attrs["class_names"])
@@ -149,24 +102,60 @@ def collect_problems(
     if bad_split.any():
         problems.append(f"split values {sorted(set(split[bad_split].tolist()))} not in {SPLITS}")
     if attrs["complete"] is True:
-        listed = [s.get("id") for s in attrs.get("skipped", [])]
-        if sorted(listed) != sorted(ids[~valid].tolist()):
+        listed = [s.get("id") if isinstance(s, dict) else s for s in attrs.get("skipped", [])]
+        if sorted(map(str, listed)) != sorted(ids[~valid].tolist()):
             problems.append("skipped attribute does not list exactly the rows with valid=False")
-    try:
-        bad = nonfinite_ids(arrays["features"], valid, ids, local_root=location.local_path)
-    except StoreError as exc:
-        problems.append(str(exc))
-    else:
-        if bad:
-            problems.append(
-                f"non-finite features (NaN/Inf) in {len(bad)} valid rows: ids {name_ids(bad)}"
-            )
-    summary |= {
+    if scan:
+        try:
+            bad = nonfinite_ids(arrays["features"], valid, ids, local_root=location.local_path)
+        except StoreError as exc:
+            problems.append(str(exc))
+        else:
+            if bad:
+                problems.append(
+                    f"non-finite features (NaN/Inf) in {len(bad)} valid rows: ids {name_ids(bad)}"
+                )
+    counts = {
         "n_valid": int(valid.sum()),
         "n_skipped": int((~valid).sum()),
-        "chunks_done": int(arrays["progress"].shape[0] - not_done.size),
         "split_counts": {s: int(((split == s) & valid).sum()) for s in SPLITS},
     }
+    return problems, counts
+
+
+def collect_problems(
+    group: zarr.Group, location: StoreLocation, *, require_complete: bool = True
+) -> tuple[list[str], dict[str, Any]]:
+    """All problems of an opened store group, and a summary. Reads features block by block."""
+    attrs = group.attrs.asdict()
+    bad_attrs = attr_problems(attrs)
+    if bad_attrs:
+        return bad_attrs, {}
+    summary = {k: attrs[k] for k in ("key", "n", "dim", "views", "dtype", "complete")}
+    problems = []
+    if attrs["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"schema_version {attrs['schema_version']} != supported {SCHEMA_VERSION}")
+    if require_complete and attrs["complete"] is not True:
+        problems.append("complete marker is not set (the writer did not finish)")
+    arrays, bad_arrays = open_arrays(group, location)
+    if bad_arrays:
+        return [*problems, *bad_arrays], summary
+    problems += _check_identity(attrs, location.url)
+    layout = layout_problems(attrs, arrays)
+    if layout:
+        return [*problems, *layout], summary
+
+    written = arrays["progress"][:].astype(bool)
+    not_done = np.flatnonzero(~written)
+    if not_done.size:
+        problems.append(
+            f"{not_done.size} chunks not written (progress flags unset): {not_done[:MAX_NAMED].tolist()}"
+        )
+    chunk_problems, damaged = chunk_damage(location, arrays, attrs, written)
+    problems += chunk_problems
+    rows, counts = _row_problems(attrs, arrays, location, scan="features" not in damaged)
+    problems += rows
+    summary |= counts | {"chunks_done": int(written.sum())}
     return problems, summary
 
 
@@ -176,10 +165,13 @@ def verify_store(url: str, *, storage_options: dict | None = None) -> VerifyRepo
     try:
         group = open_group(location, mode="r")
         problems, summary = collect_problems(group, location, require_complete=True)
+    except StoreCorruptError as exc:
+        problems, summary = list(exc.problems), {}
     except StoreInputError as exc:
         problems, summary = [str(exc)], {}
-    except Exception as exc:  # unreadable metadata or chunks
+    except Exception as exc:  # unreadable chunks (e.g. garbled compressed data)
         logger.debug("verify of %s failed", url, exc_info=True)
-        problems, summary = [f"store unreadable: {type(exc).__name__}: {exc}"], {}
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        problems, summary = [f"store unreadable: {detail}"], {}
     summary["url"] = location.url
     return VerifyReport(ok=not problems, problems=problems, summary=summary)

@@ -21,19 +21,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stores.errors import StoreError, StoreIncompleteError, StoreInputError, StoreNotFoundError
+from stores.errors import (
+    StoreError,
+    StoreIncompleteError,
+    StoreInputError,
+    StoreNotFoundError,
+    corrupt_error,
+)
 from stores.identity import StoreIdentity, jsonable
+from stores.integrity import REBUILT_BY_WRITER, inspect_store
 from stores.location import StoreLocation, open_group, resolve
 from stores.lock import DEFAULT_TTL_S, StoreLock
 from stores.schema import (
-    ALL_ARRAYS,
     DEFAULT_CHUNK_ROWS,
+    ROW_ARRAYS,
     check_rows,
     chunk_range,
     compressor_codecs,
     create_arrays,
     feature_shape,
     initial_attrs,
+    row_array,
 )
 from stores.verify import collect_problems, name_ids
 
@@ -74,7 +82,8 @@ class StoreWriter:
         self._group = group
         self._lock = lock
         self._can_finalize = can_finalize
-        self._arrays = {name: group[name] for name in ALL_ARRAYS}
+        self._arrays = {name: row_array(group, name) for name in ROW_ARRAYS}
+        self._arrays["progress"] = group["progress"]  # False is never stored: no file = unset
 
     # -- opening by URL (e.g. on a Dask worker) -----------------------------------------------
     @classmethod
@@ -264,8 +273,10 @@ def _check_same_store(
     ids: np.ndarray,
     labels: np.ndarray,
     split: np.ndarray,
+    rows: bool = True,
 ) -> None:
-    """StoreInputError unless the store at ``url`` was made for exactly these inputs."""
+    """StoreInputError unless the store at ``url`` was made for exactly these inputs (with
+    ``rows=False``, from its attributes only)."""
     attrs = group.attrs.asdict()
     fix = "write to store_url(root, identity), or delete the store to rebuild it"
     if attrs.get("key") != key:
@@ -278,6 +289,8 @@ def _check_same_store(
             f"store {url} has n={attrs['n']}, dim={attrs['dim']}, class_names={attrs['class_names'][:5]}…; "
             f"asked for n={len(ids)}, dim={dim}, class_names={list(class_names)[:5]}…; {fix}"
         )
+    if not rows:
+        return
     for name, given in (("ids", ids), ("labels", labels), ("split", split)):
         stored = group[name][:]
         if stored.shape != given.shape or not np.array_equal(stored, given):
@@ -285,6 +298,55 @@ def _check_same_store(
                 f"store {url} was written for other {name} under the same key (the identity's "
                 f"input_fingerprint must cover ids, labels and split); {fix}"
             )
+
+
+def _repair_lost_chunks(
+    group: zarr.Group, location: StoreLocation, damaged: dict[str, list[int]], rows: dict
+) -> None:
+    """Make a store whose chunk files were lost resumable, keeping every sound chunk.
+
+    ``damaged``: array → chunks marked written whose file is missing or of the wrong size;
+    ``rows``: the writer's ``ids``/``labels``/``split`` (same key, so the same values). The store
+    is marked incomplete first, lost ids/labels/split rows are rewritten from ``rows``, and the
+    progress flags of chunks that lost features/valid/errors files are unset (written again).
+    """
+    logger.warning(
+        "store %s lost chunk files (%s); marking it incomplete and rewriting them",
+        location.url,
+        ", ".join(f"{name} chunks {chunks[:10]}" for name, chunks in damaged.items()),
+    )
+    group.attrs["complete"] = False  # first: a crash during the repair leaves it incomplete
+    chunk_rows = group.attrs["chunk_rows"]
+    rewrite: set[int] = set()
+    for name, chunks in damaged.items():
+        if name not in REBUILT_BY_WRITER:
+            rewrite.update(chunks)
+            continue
+        array = row_array(group, name)
+        for c in chunks:
+            sl = slice(c * chunk_rows, (c + 1) * chunk_rows)
+            array[sl] = rows[name][sl]
+    progress = group["progress"]
+    for c in sorted(rewrite):
+        progress[c] = False
+
+
+def _open_for_resume(
+    group: zarr.Group, location: StoreLocation, key: str, same: dict[str, Any]
+) -> None:
+    """Check that an initialized store is sound and made for these inputs; repair lost chunks.
+
+    Raises StoreCorruptError (delete and rebuild) when its metadata is broken, StoreInputError
+    when it was made for other inputs.
+    """
+    inspection = inspect_store(group, location, chunks=True)
+    if inspection.problems:
+        raise corrupt_error(location.url, inspection.problems, resumable=False)
+    _check_same_store(group, location.url, key, **same, rows=False)
+    if inspection.damaged:
+        rows = {name: same[name] for name in REBUILT_BY_WRITER}
+        _repair_lost_chunks(group, location, inspection.damaged, rows)
+    _check_same_store(group, location.url, key, **same)
 
 
 def _open_for_write(location: StoreLocation) -> zarr.Group:
@@ -362,17 +424,18 @@ def open_writer(
             done = group.attrs.get("complete") is True
         except (ValueError, TypeError, KeyError):  # unreadable: rebuilt below, under the lock
             done = False
-        if done:
+        if done and inspect_store(group, location, chunks=True).ok:
             _check_same_store(group, location.url, key, **same)
             logger.info("store %s is complete: cache hit", location.url)
             return StoreWriter(location, group, lock=None, can_finalize=True)
+        # damaged: checked (and lost chunks repaired) below, under the lock
 
     held = StoreLock(location, ttl_s=lock_ttl_s).acquire() if lock else None
     try:
         group = _open_for_write(location)
-        attrs = group.attrs.asdict()
-        if attrs.get("initialized") is True:
-            _check_same_store(group, location.url, key, **same)
+        if group.attrs.get("initialized") is True:
+            _open_for_resume(group, location, key, same)
+            attrs = group.attrs.asdict()
             if (attrs["chunk_rows"], attrs["compressor"]) != (chunk_rows, compressor):
                 logger.info(
                     "resuming %s with its stored chunk_rows=%s, compressor=%s",
@@ -393,6 +456,7 @@ def open_writer(
                 writer.n_chunks,
             )
             return writer
+        attrs = group.attrs.asdict()
         if attrs.get("key") not in (None, key):
             _check_same_store(group, location.url, key, **same)  # raises: another store's leftovers
         fresh = initial_attrs(
