@@ -45,8 +45,9 @@ class Inspection:
     """Outcome of :func:`inspect_store`.
 
     ``problems``: damage to attributes or array metadata (a writer cannot resume such a store).
-    ``damaged``: array name → chunks marked written whose file is missing or has the wrong size;
-    ``chunk_problems`` says the same in words. ``written``: (n_chunks,) bool progress, or None
+    ``damaged``: array name → chunks marked written whose file is missing or has the wrong size
+    (``"progress"``: chunks of a complete store not marked written); ``chunk_problems`` says the
+    same in words. ``written``: (n_chunks,) bool progress, or None
     when chunks were not inspected (or metadata is broken).
     """
 
@@ -295,4 +296,8 @@ def inspect_store(
     if written is None:
         written = written_from_listing(location, arrays["progress"])
     chunk_problems, damaged = chunk_damage(location, arrays, attrs, written)
+    unset = np.flatnonzero(~written)
+    if attrs["complete"] is True and unset.size:  # a complete store has every chunk written
+        chunk_problems.insert(0, f"progress unset for chunks {_named(unset)} of a complete store")
+        damaged["progress"] = unset.tolist()
     return Inspection(attrs, arrays, [], chunk_problems, damaged, written)

@@ -38,7 +38,9 @@ class EmbeddingStore:
     group attributes), ``complete``, ``chunk_rows``.
     """
 
-    def __init__(self, location: StoreLocation, group: zarr.Group) -> None:
+    def __init__(
+        self, location: StoreLocation, group: zarr.Group, *, features: zarr.Array | None = None
+    ) -> None:
         attrs = group.attrs.asdict()
         self.attrs: dict[str, Any] = attrs
         self.url: str = location.url
@@ -54,7 +56,7 @@ class EmbeddingStore:
         self._location = location
         self._group = group
         self._features = RowReader(
-            group["features"],
+            group["features"] if features is None else features,
             local_root=location.local_path,
             absent_ok=self._chunk_may_be_absent,
             url=location.url,
@@ -225,28 +227,16 @@ def open_store(
             f"preallocating, or it is not a carrot store); re-run `carrot embed` to rebuild it, "
             f"or check it with `carrot store verify {location.url}`"
         )
-    inspection = inspect_store(group, location, chunks=False)
+    complete = attrs.get("complete") is True
+    inspection = inspect_store(group, location, chunks=require_complete and complete)
     if inspection.problems:
         raise corrupt_error(location.url, inspection.problems, resumable=False)
-    if require_complete:
-        if attrs.get("complete") is not True:
-            raise StoreIncompleteError(
-                f"store {location.url} is not complete (its writer was interrupted or is still "
-                f"running); re-run `carrot embed` to resume it, or check it with "
-                f"`carrot store verify {location.url}`"
-            )
-        _require_sound_chunks(group, location)
-    return EmbeddingStore(location, group)
-
-
-def _require_sound_chunks(group: zarr.Group, location: StoreLocation) -> None:
-    """StoreCorruptError unless every chunk of a complete store is written and has its files."""
-    inspection = inspect_store(group, location, chunks=True)
-    problems = list(inspection.chunk_problems)
-    unset = np.flatnonzero(~inspection.written)
-    if unset.size:
-        problems.insert(
-            0, f"progress record unset for chunks {unset[:10].tolist()} of a complete store"
+    if require_complete and not complete:
+        raise StoreIncompleteError(
+            f"store {location.url} is not complete (its writer was interrupted or is still "
+            f"running); re-run `carrot embed` to resume it, or check it with "
+            f"`carrot store verify {location.url}`"
         )
-    if problems:
-        raise corrupt_error(location.url, problems, resumable=True)
+    if require_complete and inspection.chunk_problems:
+        raise corrupt_error(location.url, inspection.chunk_problems, resumable=True)
+    return EmbeddingStore(location, group, features=inspection.arrays["features"])

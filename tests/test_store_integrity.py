@@ -149,6 +149,50 @@ def test_rewriting_repairs_missing_chunks_and_keeps_the_rest(store, good_store):
     )
 
 
+def test_complete_store_with_an_unset_progress_flag_is_refused_then_rewritten(store):
+    zarr.open_group(store, mode="a")["progress"][2] = False  # its file is removed (fill value)
+    assert_refused(store, "progress unset for chunks [2] of a complete store")
+    with open_synthetic_writer(store, DATA, IDENTITY, chunk_rows=64) as writer:
+        assert not writer.complete and writer.pending_chunks() == [2]
+        write_chunks(writer, DATA)
+        writer.finalize(timings={})
+    assert verify_store(store).ok
+
+
+def test_lost_ids_chunk_is_rewritten_from_the_writer_inputs(store):
+    (Path(store) / "ids" / "c" / "1").unlink()
+    with open_synthetic_writer(store, DATA, IDENTITY, chunk_rows=64) as writer:
+        assert not writer.complete and writer.pending_chunks() == []
+        writer.finalize(timings={})
+    assert verify_store(store).ok and open_store(store).ids(valid_only=False) == DATA.ids
+
+
+def test_rerunning_the_embedding_rewrites_a_lost_chunk(shapes_folder, tmp_path):
+    """What the error message advises: `carrot embed` again rewrites only the lost chunk."""
+    from pipeline.backbone import BackboneConfig
+    from pipeline.embed import EmbedSettings, run_embedding
+    from pipeline.extract import ExtractConfig
+
+    settings = EmbedSettings(
+        data=str(shapes_folder),
+        backbone=BackboneConfig(name="test_vit"),
+        extract=ExtractConfig(batch_size=8, num_workers=0),
+        root=str(tmp_path),
+        chunk_rows=8,
+    )
+    url = run_embedding(settings).store
+    before = open_store(url).features(valid_only=False)
+    kept = next(Path(url, "features", "c").glob("1/*")).stat().st_mtime_ns
+    shutil.rmtree(Path(url, "features", "c", "0"))
+    assert_refused(url, "features", "re-run `carrot embed`")
+    again = run_embedding(settings)
+    assert again.store == url and not again.cache_hit
+    assert verify_store(url).ok
+    np.testing.assert_array_equal(open_store(url).features(valid_only=False), before)
+    assert next(Path(url, "features", "c").glob("1/*")).stat().st_mtime_ns == kept
+    assert run_embedding(settings).cache_hit
+
+
 def test_every_chunk_file_is_stored_even_when_it_equals_the_fill_value(store):
     """errors "" everywhere in chunk 3 (no skipped rows there): still a file, so loss is visible."""
     assert DATA.valid[192:].all()
@@ -338,9 +382,8 @@ TRAIN = ["--aug", "none", "--epochs", "1", "--lrs", "1e-2", "--wds", "0"]
 
 
 @pytest.mark.parametrize("damage", CLI_DAMAGE)
-def test_train_on_a_damaged_store_exits_2_naming_store_and_verify(
-    prefect_harness, store, damage, tmp_path, capsys
-):
+def test_train_on_a_damaged_store_exits_2_naming_store_and_verify(store, damage, tmp_path, capsys):
+    """Refused before any flow runs (so no Prefect server is needed)."""
     damage(store)
     assert main(["train", store, *TRAIN, "--out", str(tmp_path / "run")]) == 2
     line = one_line_error(capsys)
