@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _number(text: str, kind: type, what: str):
@@ -27,9 +28,9 @@ def nonneg_int(text: str) -> int:
 
 
 def nonneg_float(text: str) -> float:
-    value = _number(text, float, "a number ≥ 0")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    value = _number(text, float, "a finite number ≥ 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
     return value
 
 
@@ -38,3 +39,28 @@ def fraction(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
     return value
+
+
+def _float_list(text: str, *, positive: bool) -> tuple[float, ...]:
+    bound = "> 0" if positive else "≥ 0"
+    expected = f"comma-separated finite numbers {bound}"
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r} (no values)")
+    for v in values:
+        if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {v:g} in {text!r}")
+    return values
+
+
+def positive_floats(text: str) -> tuple[float, ...]:
+    """``"1e-3,1e-2"`` → ``(0.001, 0.01)``; every value finite and > 0 (learning rates)."""
+    return _float_list(text, positive=True)
+
+
+def nonneg_floats(text: str) -> tuple[float, ...]:
+    """``"0,1e-2"`` → ``(0.0, 0.01)``; every value finite and ≥ 0 (weight decays)."""
+    return _float_list(text, positive=False)

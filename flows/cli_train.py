@@ -6,73 +6,172 @@ import argparse
 import json
 from pathlib import Path
 
-from flows.cli_args import fraction, nonneg_float, nonneg_int, positive_int
+from flows.cli_args import (
+    fraction,
+    nonneg_float,
+    nonneg_floats,
+    nonneg_int,
+    positive_floats,
+    positive_int,
+)
+
+_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="stage 2: train a bank of LayerNorm+Linear heads over STORE")
+    p = sub.add_parser(
+        "train",
+        help="stage 2: train a bank of LayerNorm+Linear heads over STORE",
+        description="Stage 2: train a bank of LayerNorm+Linear heads over STORE; the validation "
+        "split picks the best, which is tested and saved.",
+        formatter_class=_DEFAULTS,
+    )
     p.add_argument("store", metavar="STORE", help="store path or URL (see carrot store ls)")
     add_probe_options(p)
-    p.add_argument("--out", metavar="DIR", help="output folder (default $CARROT_HOME/runs/...)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder, replaced as a whole; not given: $CARROT_HOME/runs/<store>-<augs>",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=run_train)
 
 
 def add_probe_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``demo``: the head grid, CARROT, the loop."""
+    """Options of ``train``: the head grid, CARROT, the loop (each with a help text, so that
+    ``ArgumentDefaultsHelpFormatter`` shows its default)."""
     g = p.add_argument_group("heads")
     g.add_argument(
         "--aug",
         default="none,carrot",
         metavar="NAMES",
-        help="comma list of none|carrot|gaussian|isda|dc|mixup (default none,carrot: the validation split picks; the plain heads guard against harm)",
+        help="comma list of none|carrot|gaussian|isda|dc|mixup: the validation split picks; "
+        "the plain heads guard against harm",
     )
-    g.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1", metavar="LIST")
-    g.add_argument("--wds", default="1e-2,1e-1,1,3", metavar="LIST", help="weight decays")
-    g.add_argument("--epochs", type=positive_int, default=30, metavar="E")
-    g.add_argument("--batch-size", type=positive_int, default=256, metavar="B")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    g.add_argument("--label-smoothing", type=fraction, default=None, metavar="F")
-    g.add_argument("--patience", type=positive_int, default=10, metavar="E")
+    g.add_argument(
+        "--lrs",
+        type=positive_floats,
+        default="3e-3,1e-2,3e-2,1e-1",
+        metavar="LIST",
+        help="learning rates (comma list, each > 0)",
+    )
+    g.add_argument(
+        "--wds",
+        type=nonneg_floats,
+        default="1e-2,1e-1,1,3",
+        metavar="LIST",
+        help="weight decays (comma list, each ≥ 0)",
+    )
+    g.add_argument("--epochs", type=positive_int, default=30, metavar="E", help="epochs")
+    g.add_argument("--batch-size", type=positive_int, default=256, metavar="B", help="batch size")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer")
+    g.add_argument(
+        "--label-smoothing",
+        type=fraction,
+        default=None,
+        metavar="F",
+        help="label smoothing in (0, 1); None: no smoothing",
+    )
+    g.add_argument(
+        "--patience",
+        type=positive_int,
+        default=10,
+        metavar="E",
+        help="early stopping: epochs without a validation gain",
+    )
     g.add_argument(
         "--min-steps",
         type=nonneg_int,
         default=300,
         metavar="N",
-        help="small train sets get more epochs: at least N steps (default 300)",
+        help="small train sets get more epochs: at least N steps",
     )
-    g.add_argument("--seed", type=nonneg_int, default=0)
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    g.add_argument("--shots", type=positive_int, metavar="K", help="few-shot: K per class")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of heads and batches")
     g.add_argument(
-        "--seeds", type=positive_int, default=3, metavar="S", help="few-shot seeds (default 3)"
+        "--device",
+        default="auto",
+        help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N",
     )
+    g.add_argument(
+        "--shots",
+        type=positive_int,
+        metavar="K",
+        help="few-shot: K training rows per class; None: all training rows",
+    )
+    g.add_argument("--seeds", type=positive_int, default=3, metavar="S", help="few-shot seeds")
     g.add_argument("--baseline", action="store_true", help="also fit logistic regression")
     c = p.add_argument_group("CARROT")
-    c.add_argument("--mode", choices=("sample", "class"), default="sample")
-    c.add_argument("--topk", type=positive_int, default=10, metavar="K")
-    c.add_argument("--delta", type=fraction, default=0.05, metavar="D")
-    c.add_argument("--gamma", type=nonneg_float, default=0.0, metavar="G")
-    c.add_argument("--noise", choices=("isotropic", "class_cov"), default="isotropic")
-    c.add_argument("--injection", choices=("post_ln", "pre_ln"), default="post_ln")
-    c.add_argument("--aug-weight", type=nonneg_float, default=1.0, metavar="W")
+    c.add_argument("--mode", choices=("sample", "class"), default="sample", help="CARROT mode")
+    c.add_argument(
+        "--topk", type=positive_int, default=10, metavar="K", help="nearest directions used"
+    )
+    c.add_argument("--delta", type=fraction, default=0.05, metavar="D", help="CARROT delta")
+    c.add_argument("--gamma", type=nonneg_float, default=0.0, metavar="G", help="CARROT gamma")
+    c.add_argument(
+        "--noise", choices=("isotropic", "class_cov"), default="isotropic", help="noise shape"
+    )
+    c.add_argument(
+        "--injection",
+        choices=("post_ln", "pre_ln"),
+        default="post_ln",
+        help="where the noise is added",
+    )
+    c.add_argument(
+        "--aug-weight",
+        type=nonneg_float,
+        default=1.0,
+        metavar="W",
+        help="weight of the augmented loss",
+    )
     c.add_argument(
         "--alpha-max",
         type=nonneg_float,
         default=None,
         metavar="R",
-        help="cap the noise norm at R × the feature norm (default: no cap)",
+        help="cap the noise norm at R × the feature norm; None: no cap",
     )
-    c.add_argument("--aug-warmup-epochs", type=nonneg_int, default=0, metavar="E")
+    c.add_argument(
+        "--aug-warmup-epochs",
+        type=nonneg_int,
+        default=0,
+        metavar="E",
+        help="epochs without augmentation first",
+    )
+
+
+def resolve_device_option(name: str, *, option: str = "--device") -> str:
+    """``auto`` → ``cuda`` when available else ``cpu``; others checked (InputError naming the
+    option: unknown, ``cuda`` without CUDA, a GPU index that does not exist)."""
+    from pipeline.backbone import resolve_device
+    from pipeline.errors import InputError
+
+    try:
+        return str(resolve_device(name))
+    except InputError as e:
+        raise InputError(f"{option} {name}: {e}") from None
+
+
+def _floats(value: str | tuple[float, ...], *, option: str, positive: bool) -> tuple[float, ...]:
+    """Values of ``--lrs`` / ``--wds`` (already parsed by argparse; strings parsed here)."""
+    from pipeline.errors import InputError
+
+    if not isinstance(value, str):
+        return tuple(value)
+    try:
+        return positive_floats(value) if positive else nonneg_floats(value)
+    except argparse.ArgumentTypeError as e:
+        raise InputError(f"{option}: {e}") from None
 
 
 def probe_settings_from_args(args: argparse.Namespace):
-    """Resolve parsed options into :class:`pipeline.probe.ProbeSettings` (validated)."""
+    """Resolve parsed options into :class:`pipeline.probe.ProbeSettings` (validated, the device
+    resolved)."""
     from pipeline.carrot import CarrotConfig
     from pipeline.errors import InputError
-    from pipeline.probe import ProbeSettings, parse_floats, parse_names
+    from pipeline.probe import ProbeSettings, parse_names
     from pipeline.train import TrainConfig
 
+    device = resolve_device_option(args.device)
     try:
         carrot = CarrotConfig(
             topk=args.topk,
@@ -93,20 +192,42 @@ def probe_settings_from_args(args: argparse.Namespace):
         label_smoothing=args.label_smoothing or 0.0,
         patience=args.patience,
         seed=args.seed,
-        device=args.device,
+        device=device,
         aug_warmup_epochs=args.aug_warmup_epochs,
         min_steps=args.min_steps,
     )
     return ProbeSettings(
         augs=parse_names(args.aug),
         carrot=carrot,
-        lrs=parse_floats(args.lrs, option="--lrs"),
-        weight_decays=parse_floats(args.wds, option="--wds"),
+        lrs=_floats(args.lrs, option="--lrs", positive=True),
+        weight_decays=_floats(args.wds, option="--wds", positive=False),
         train=train,
         shots=args.shots,
         seeds=tuple(range(args.seeds)),
         baseline=args.baseline,
     )
+
+
+def check_shots(store, shots: int | None) -> None:
+    """``--shots K`` needs K training rows of every class in the store's train split."""
+    import numpy as np
+
+    from pipeline.errors import InputError
+
+    if shots is None:
+        return
+    if "train" not in store.splits():
+        raise InputError(f"--shots {shots}: {store.url} has no train split; embed it with one")
+    labels = store.labels("train")
+    counts = np.bincount(labels, minlength=len(store.class_names))
+    present = np.flatnonzero(counts)
+    smallest = present[np.argmin(counts[present])]
+    if counts[smallest] < shots:
+        raise InputError(
+            f"--shots {shots}: the smallest class in the train split of {store.url}, "
+            f"{store.class_names[smallest]!r}, has {counts[smallest]} rows; use --shots "
+            f"{counts[smallest]} or fewer"
+        )
 
 
 def default_out(store_url: str, tag: str) -> str:
@@ -118,13 +239,17 @@ def default_out(store_url: str, tag: str) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Check every input (options, device, store, ``--shots``, ``--out``), then run the flow."""
     from flows.runtime import flow_settings
     from flows.train import train_head_flow
+    from pipeline.head_io import check_out_dir
     from stores import open_store
 
     settings = probe_settings_from_args(args)
     store = open_store(args.store)  # fail fast (exit 2) on a missing or incomplete store
+    check_shots(store, settings.shots)
     out = args.out or default_out(store.url, "-".join(settings.augs))
+    check_out_dir(out)
     with flow_settings():
         summary = train_head_flow(store.url, settings, out)
     if args.json:
@@ -157,71 +282,96 @@ def print_train_summary(s: dict) -> None:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="predict a store's rows with a saved head")
-    p.add_argument("store", metavar="STORE")
+    p = sub.add_parser(
+        "predict",
+        help="predict a store's rows with a saved head",
+        description="Predict a store's rows with a head saved by carrot train; accuracy when "
+        "the store has the head's classes.",
+        formatter_class=_DEFAULTS,
+    )
+    p.add_argument("store", metavar="STORE", help="store path or URL")
     p.add_argument("--head", required=True, metavar="DIR", help="folder written by carrot train")
-    p.add_argument("--split", help="only this split (default: all rows)")
-    p.add_argument("--out", metavar="CSV", help="default DIR/predictions-<store>.csv")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--split", help="only this split; None: all rows")
+    p.add_argument(
+        "--out", metavar="CSV", help="predictions file; None: DIR/predictions-<store>.csv"
+    )
+    p.add_argument(
+        "--allow-other-classes",
+        action="store_true",
+        help="predict a store whose classes are not the head's (no labels, no accuracy)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """Check the store, the head (files, width, classes), the split and ``--out`` first."""
     from flows.runtime import flow_settings
     from flows.train import predict_flow
-    from pipeline.head_io import load_head
+    from pipeline.errors import InputError
+    from pipeline.head_io import check_out_file, load_head
+    from pipeline.predict import check_head_fits
     from stores import open_store
 
     store = open_store(args.store)
-    load_head(args.head)  # fail fast on a bad --head
+    _, config = load_head(args.head)  # fail fast on a bad --head
+    labelled = check_head_fits(
+        config, store, head_dir=args.head, allow_other_classes=args.allow_other_classes
+    )
     if args.split is not None and args.split not in store.splits():
-        from pipeline.errors import InputError
-
         raise InputError(f"--split {args.split}: the store has splits {store.splits()}")
     name = Path(store.url.rstrip("/")).name.removesuffix(".zarr")
     out = args.out or str(Path(args.head) / f"predictions-{name}.csv")
+    check_out_file(out)
     with flow_settings():
-        summary = predict_flow(store.url, args.head, out, args.split)
+        summary = predict_flow(store.url, args.head, out, args.split, args.allow_other_classes)
     if args.json:
         print(json.dumps(summary))
-    else:
+    elif labelled:
         print(f"wrote {summary['n']} predictions to {out} (top1 {_pct(summary['top1'])} %)")
+    else:
+        print(
+            f"wrote {summary['n']} predictions to {out} (no accuracy: the store's classes are "
+            "not the head's)"
+        )
     return 0
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="digits → embed → head banks with and without CARROT")
-    p.add_argument(
-        "--backbone",
-        default="resnet18",
-        metavar="NAME",
-        help="timm model, random init (default resnet18)",
+    p = sub.add_parser(
+        "demo",
+        help="digits → embed → head banks with and without CARROT",
+        description="Embed scikit-learn's digits with a random-init timm backbone, then train "
+        "head banks with and without CARROT (all data and 5 shots) and compare them.",
+        formatter_class=_DEFAULTS,
     )
+    p.add_argument("--backbone", default="resnet18", metavar="NAME", help="timm model, random init")
     p.add_argument(
         "--image-size",
         type=positive_int,
         default=64,
         metavar="N",
-        help="input size for the backbone (default 64: fast on a CPU)",
+        help="input size for the backbone (small: fast on a CPU)",
     )
-    p.add_argument("--root", metavar="DIR|URL", help="store root (default $CARROT_HOME/stores)")
-    p.add_argument("--out", metavar="DIR", help="default $CARROT_HOME/runs/demo")
-    p.add_argument("--epochs", type=positive_int, default=30, metavar="E")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--root", metavar="DIR|URL", help="store root; None: $CARROT_HOME/stores")
+    p.add_argument("--out", metavar="DIR", help="output folder; None: $CARROT_HOME/runs/demo")
+    p.add_argument("--epochs", type=positive_int, default=30, metavar="E", help="epochs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow, markdown_table
     from flows.runtime import flow_settings
-    from pipeline.backbone import BackboneConfig, resolve_device
+    from pipeline.backbone import BackboneConfig
     from pipeline.embed import EmbedSettings, carrot_home, check_settings, default_root
     from pipeline.extract import ExtractConfig
+    from pipeline.head_io import check_out_dir
     from pipeline.probe import ProbeSettings
     from pipeline.train import TrainConfig
 
-    device = str(resolve_device(args.device))
+    device = resolve_device_option(args.device)
     embed = EmbedSettings(
         data="sklearn:digits",
         backbone=BackboneConfig(name=args.backbone, image_size=args.image_size, device=device),
@@ -233,6 +383,7 @@ def run_demo(args: argparse.Namespace) -> int:
         train=TrainConfig(epochs=args.epochs, device=device, min_steps=300), baseline=True
     )
     out = args.out or str(carrot_home() / "runs" / "demo")
+    check_out_dir(out)
     with flow_settings():
         table = demo_flow(embed, probe, out)
     if args.json:

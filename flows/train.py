@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 from prefect import flow, task
@@ -11,8 +10,8 @@ from prefect.artifacts import create_image_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.features import FeatureSet
-from pipeline.head_io import load_head, write_outputs
-from pipeline.predict import predict, write_predictions_csv
+from pipeline.head_io import load_head, publish_run, write_json, write_outputs
+from pipeline.predict import check_head_fits, predict, write_predictions_csv
 from pipeline.probe import ProbeReport, ProbeSettings, run_probe, settings_dict
 from stores import EmbeddingStore, open_store
 
@@ -32,23 +31,21 @@ def train_task(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
 def write_outputs_task(
     report: ProbeReport, store: EmbeddingStore, out: str, settings: ProbeSettings
 ) -> dict[str, str]:
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, str] = {}
-    if report.result is not None:
-        written = write_outputs(
-            report.result,
-            out_dir,
-            class_names=store.class_names,
-            store_key=store.key,
-            store_url=store.url,
-        )
-        paths = {k: str(v) for k, v in written.items()}
-    summary = {**report.summary, "out": str(out_dir), "store": store.url}
+    """Replace the run folder ``out`` as a whole (head, metrics, plots, summary.json)."""
+    summary = {**report.summary, "out": str(out), "store": store.url}
     summary["settings"] = settings_dict(settings)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    paths["summary"] = str(out_dir / "summary.json")
-    return paths
+    if report.result is None:  # few-shot: the summary is the run
+        path = publish_run(out, lambda d: write_json(d / "summary.json", summary))
+        return {"summary": str(Path(out) / path.name)}
+    written = write_outputs(
+        report.result,
+        out,
+        class_names=store.class_names,
+        store_key=store.key,
+        store_url=store.url,
+        extra_json={"summary.json": summary},
+    )
+    return {k: str(v) for k, v in written.items()}
 
 
 def _png_data_url(path: str) -> str:
@@ -75,23 +72,35 @@ def train_head_flow(store_url: str, settings: ProbeSettings, out: str) -> dict:
 
 
 @flow(name="predict", log_prints=False, validate_parameters=False)
-def predict_flow(store_url: str, head_dir: str, out_csv: str, split: str | None = None) -> dict:
-    """Predict every (valid) row of ``split`` (all splits when None) with a saved head."""
-    from pipeline.errors import InputError
+def predict_flow(
+    store_url: str,
+    head_dir: str,
+    out_csv: str,
+    split: str | None = None,
+    allow_other_classes: bool = False,
+) -> dict:
+    """Predict every (valid) row of ``split`` (all splits when None) with a saved head.
 
+    The head must take the store's feature width; accuracy is computed (and the CSV's label
+    column filled) only when the store has the head's classes, same names in the same order;
+    other classes are refused unless ``allow_other_classes``."""
     store = open_store(store_url)
     head, config = load_head(head_dir)
-    if int(config["dim"]) != store.dim:
-        raise InputError(
-            f"--head {head_dir} expects D={config['dim']} features but {store_url} has "
-            f"D={store.dim}; use a head trained on a store of the same backbone"
-        )
-    X, labels, ids = store.features(split), store.labels(split), store.ids(split)
+    labelled = check_head_fits(
+        config, store, head_dir=head_dir, allow_other_classes=allow_other_classes
+    )
+    X, ids = store.features(split), store.ids(split)
+    labels = store.labels(split) if labelled else None
     _, probs = predict(head, X)
     write_predictions_csv(
         out_csv, probs=probs, class_names=config["class_names"], ids=ids, labels=labels
     )
-    from pipeline.metrics import classification_metrics
+    summary: dict = {"predictions": out_csv, "n": len(ids), "labelled": labelled}
+    if labelled:
+        from pipeline.metrics import classification_metrics
 
-    metrics = classification_metrics(labels, probs)
-    return {"predictions": out_csv, "n": len(ids), **{k: metrics[k] for k in ("top1", "top5")}}
+        metrics = classification_metrics(labels, probs)
+        summary.update({k: float(metrics[k]) for k in ("top1", "top5")})
+    else:
+        summary.update({"top1": None, "top5": None})
+    return summary

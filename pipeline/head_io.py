@@ -286,6 +286,18 @@ def check_out_dir(out_dir: str | Path, *, option: str = "--out") -> Path:
     return out
 
 
+def check_out_file(path: str | Path, *, option: str = "--out") -> Path:
+    """Check, before any work, that a file can be written at ``path``: not a folder, and its
+    folder exists and is writable. Returns the absolute path."""
+    out = _absolute(path)
+    if out.is_dir():
+        raise InputError(f"{option} {path}: is a folder; give a file path")
+    if not out.parent.is_dir():
+        raise InputError(f"{option} {path}: {out.parent} is not a folder; create it first")
+    _check_writable(out.parent, option=option, given=path)
+    return out
+
+
 def _check_writable(folder: Path, *, option: str, given: str | Path) -> None:
     probe = folder / f".carrot-write-check-{os.getpid()}-{secrets.token_hex(3)}"
     try:

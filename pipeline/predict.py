@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import InputError
+
 
 @torch.no_grad()
 def predict(
@@ -96,3 +98,38 @@ def _check_rows(
             raise ValueError(f"labels of shape {labels.shape} for {n} rows")
         if n and (labels.min() < 0 or labels.max() >= C):
             raise ValueError(f"labels outside 0..{C - 1} (the {C} class names)")
+
+
+def check_head_fits(
+    config: dict[str, Any], store: Any, *, head_dir: str | Path, allow_other_classes: bool = False
+) -> bool:
+    """Check a saved head (its ``config.json``) against a store (``.dim``, ``.class_names``,
+    ``.url``) before predicting. Returns True when the store has the head's classes (same names,
+    same order), so its labels can be scored; False for other classes when
+    ``allow_other_classes``. Raises InputError for another feature width, or other classes."""
+    if int(config["dim"]) != int(store.dim):
+        raise InputError(
+            f"--head {head_dir} expects D={config['dim']} features but {store.url} has "
+            f"D={store.dim}; use a head trained on a store of the same backbone and cache point"
+        )
+    head_names, store_names = list(config["class_names"]), list(store.class_names)
+    if head_names == store_names:
+        return True
+    if allow_other_classes:
+        return False
+    how = (
+        "the same names in another order"
+        if sorted(head_names) == sorted(store_names)
+        else f"{len(store_names)} classes ({_preview(store_names)})"
+    )
+    trained_on = (config.get("store") or {}).get("url") or "its training store"
+    raise InputError(
+        f"--head {head_dir} was trained on {trained_on} with {len(head_names)} classes "
+        f"({_preview(head_names)}) but {store.url} has {how}; predict on a store with the "
+        "head's classes, or pass --allow-other-classes to predict without labels or accuracy"
+    )
+
+
+def _preview(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", … {len(names) - n} more" if len(names) > n else "")
