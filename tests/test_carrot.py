@@ -351,6 +351,96 @@ def test_degenerate_inputs_never_produce_nan():
     assert out.z.shape[0] == 0
 
 
+# --- K ≥ D: the geometry in D dimensions -----------------------------------------------------
+
+
+def subspace_problem(*, b=24, d=32, c=60, sub=12, generic=8, seed=0):
+    """Rank-deficient K > D: c − generic class weights in a ``sub``-dim subspace of R^d, the last
+    ``generic`` classes far outside it; labels from the subspace classes. Their competitors
+    span less than R^d, and the generic classes bound α."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, sub, generator=g)).Q  # (D, sub)
+    w = torch.randn(c, sub, generator=g) @ basis.T
+    w[c - generic :] = 1.5 * torch.randn(generic, d, generator=g)
+    y = torch.randint(0, c - generic, (b,), generator=g)
+    z = 2.0 * w[y] + 0.3 * torch.randn(b, d, generator=g)
+    return z, y, w, z @ w.T
+
+
+def kset_of(mode, logits, y, w, k):
+    wc = centered_weight(w)
+    return top_competitors(logits, y, k) if mode == "sample" else nearest_classes(wc @ wc.T, k)[y]
+
+
+@pytest.mark.parametrize("mode", ["sample", "class"])
+def test_k_at_least_d_on_the_full_span_augments_nothing(mode):
+    z, y, w, logits = problem(b=16, d=32, c=60)
+    for topk in (32, 40, 59, 100):
+        out = carrot_augment(z, y, logits, w, CarrotConfig(topk=topk, mode=mode), generator=gen())
+        assert out.z.shape[0] == 0 and (out.alpha == 0).all()
+    wc = centered_weight(w)
+    geo = competitor_geometry(wc, wc @ wc.T, y, kset_of(mode, logits, y, w, 40), basis=True)
+    assert geo.pinv is None and (geo.rank == 32).all()  # D-dimensional form, full span
+    assert geo.basis.shape == (16, 32, 32) and torch.equal(geo.basis[0], torch.eye(32))
+
+
+@pytest.mark.parametrize("mode", ["sample", "class"])
+def test_k_above_d_rank_deficient_geometry_matches_an_explicit_projector(mode):
+    _, y, w, logits = subspace_problem()
+    wc = centered_weight(w)
+    kset = kset_of(mode, logits, y, w, 40)
+    geo = competitor_geometry(wc, wc @ wc.T, y, kset)
+    assert geo.pinv is None and geo.basis.dtype == torch.float64
+    eta = nuisance.ETA_PER_COMPETITOR * 40
+    for n in range(y.shape[0]):
+        a = wc[y[n]] - wc[kset[n]]  # (K, D), K = 40 > D = 32
+        # float32 weights lie in the subspace to ~1e-7: singular values below √RTOL·σ_max drop
+        p_n = torch.eye(32, dtype=torch.float64) - torch.linalg.pinv(a, rtol=1e-5) @ a
+        assert int(geo.rank[n]) == int(torch.linalg.matrix_rank(a, rtol=1e-5)) < 32
+        diffs = wc[y[n]] - wc  # (C, D)
+        exact = (diffs @ p_n).square().sum(1)
+        length = diffs.square().sum(1)
+        out = geo.outside[n]
+        got = geo.nuisance_var[n][out]
+        assert (got >= exact[out] - 1e-9).all()  # never underestimated
+        assert torch.allclose(got, exact[out], rtol=0, atol=1e-9 + 2 * eta * length.max())
+        q = geo.basis[n]  # orthonormal rows (zero rows for dropped directions) spanning S
+        assert torch.allclose(q @ q.T, torch.diag((q.norm(dim=1) > 0.5).double()), atol=1e-10)
+        assert (a - a @ q.T @ q).norm() <= 1e-6 * a.norm()  # Kset differences lie in S (to ~u32)
+
+
+@pytest.mark.parametrize(("mode", "topk"), [("sample", 40), ("class", 40), ("sample", 59)])
+def test_k_above_d_rank_deficient_is_exact_and_safe(mode, topk):
+    """K > D with rank < D: rows are augmented, Kset margins stay exact, and the violation
+    rate of every row is within the binomial bound of δ — fresh, and through a stale cached
+    class geometry (float32 basis) for a moved weight."""
+    from scipy.stats import binom
+
+    z, y, w, logits = subspace_problem()
+    draws, b = 2000, y.shape[0]
+    cfg = CarrotConfig(topk=topk, mode=mode, aug_per_sample=draws)
+    limit = binom.ppf(1 - 1e-3 / b, draws, cfg.delta)  # per row, Bonferroni over rows
+    out = carrot_augment(z, y, logits, w, cfg, generator=gen())
+    assert out.z.shape[0] >= draws * b // 2
+    m = margins64(z, y, w)
+    kset = kset_of(mode, logits, y, w, min(topk, 59))[out.source]
+    before = m[out.source].gather(1, kset)
+    after = margins64(out.z, out.y, w).gather(1, kset)
+    assert ((after - before).abs() <= 1e-4 * (1 + before.abs())).all()
+    checks = [(out, w)]
+    if mode == "class":
+        aug = CarrotAugment(cfg)
+        aug(z, y, logits, w, generator=gen())  # geometry cached from w
+        w1 = w + 0.05 * torch.randn(w.shape, generator=gen(5))
+        checks.append((aug(z, y, z @ w1.T, w1, generator=gen(2)), w1))
+        assert aug.refresh_count == 1 and checks[-1][0].z.shape[0] > 0
+    for res, weight in checks:
+        after = margins64(res.z, res.y, weight)
+        after.scatter_(1, res.y[:, None], float("inf"))
+        bad = (after < cfg.gamma).any(dim=1).double().view(draws, -1).sum(dim=0)
+        assert (bad <= limit).all(), bad
+
+
 # --- class-covariance noise -----------------------------------------------------------------
 
 
@@ -518,3 +608,21 @@ def test_step_benchmark_and_report_on_a_tiny_problem(tmp_path, monkeypatch, caps
     assert {"cpu", "torch_threads", "torch", "gpu"} <= set(record["machine"])
     assert "carrot_class" in capsys.readouterr().out
     assert _report.median_time(lambda: sum(range(100)), repeats=3, warmup=1) > 0
+
+
+def test_wide_k_benchmark_rows_on_a_tiny_problem(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import carrot_step
+
+    sizes = {"B": 8, "D": 6, "C": 12}
+    result = carrot_step.run_wide_k("cpu", sizes=sizes, repeats=1, isolate=False)
+    rows = result["rows"]
+    assert [(r["variant"], r["K"]) for r in rows] == [
+        ("wide_k_sample", 6),
+        ("wide_k_sample", 11),
+        ("wide_k_class", 6),
+        ("wide_k_class", 11),
+    ]
+    assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 for r in rows)
+    assert rows[0]["time_ratio"] == 1.0 and rows[1]["target"] == carrot_step.WIDE_K_TARGET
+    assert carrot_step._rss_bytes() > 0
