@@ -420,3 +420,23 @@ def test_zarr_reads_of_a_good_store_match(good_store):
     """The store written with every chunk stored still reads back exactly through Zarr."""
     group = zarr.open_group(good_store, mode="r")
     np.testing.assert_array_equal(group["errors"][:], np.asarray(DATA.errors))
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [None, {"name": "v2", "separator": "."}, {"name": "default", "separator": "."}],
+)
+def test_chunk_keys_follow_the_array_encoding(tmp_path, encoding):
+    from stores.integrity import chunk_key, chunk_keys
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    extra = {} if encoding is None else {"chunk_key_encoding": encoding}
+    array = group.create_array("a", shape=(50, 3), chunks=(4, 3), dtype="f4", **extra)
+    assert chunk_keys(array, 13) == [chunk_key(array, c) for c in range(13)]
+    array[:] = 1.0
+    stored = {
+        p.relative_to(tmp_path / "g.zarr" / "a").as_posix()
+        for p in (tmp_path / "g.zarr" / "a").rglob("*")
+        if p.is_file()
+    }
+    assert set(chunk_keys(array, 13)) == stored - {"zarr.json"}
