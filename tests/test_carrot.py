@@ -273,6 +273,34 @@ def test_module_class_mode_caches_and_refreshes_geometry():
     assert aug.refresh_count == 3
 
 
+@pytest.mark.parametrize("noise", ["isotropic", "class_cov"])
+def test_stale_class_geometry_is_safe_for_the_moved_weight(noise):
+    """The geometry cached from w0 serves a weight w1 that moved: every row's violation rate
+    against w1 stays within the binomial bound of δ (Kset classes are now in the union
+    bound), and the Kset margins of w0 (the cached geometry's own weight) stay exact."""
+    from scipy.stats import binom
+
+    b, d, c, draws = 16, 16, 30, 2000
+    z, y, w0, _ = problem(b=b, d=d, c=c, seed=3)
+    feats = torch.randn(600, d, generator=gen(2)) * torch.linspace(0.1, 2.0, d)
+    factor = class_factor_from_features(
+        feats, torch.randint(0, c, (600,), generator=gen(3)), num_classes=c, rank=4
+    )
+    cfg = CarrotConfig(topk=6, mode="class", noise=noise, aug_per_sample=draws)
+    aug = CarrotAugment(cfg)
+    aug(z, y, z @ w0.T, w0, generator=gen(), class_factor=factor)  # geometry from w0
+    w1 = w0 + 0.3 * torch.randn(w0.shape, generator=gen(9))
+    out = aug(z, y, z @ w1.T, w1, generator=gen(4), class_factor=factor)
+    assert aug.refresh_count == 1 and out.z.shape[0] > 0
+    margins = margins64(out.z, out.y, w1).scatter(1, out.y[:, None], float("inf"))
+    bad = (margins < 0).any(dim=1).double().view(draws, -1).sum(dim=0)
+    assert (bad <= binom.ppf(1 - 1e-3 / b, draws, cfg.delta)).all(), bad
+    kset = aug.class_geometry(w1).kset[out.y]  # still the w0 geometry (third call of 50)
+    before = margins64(z, y, w0)[out.source].gather(1, kset)
+    after = margins64(out.z, out.y, w0).gather(1, kset)
+    assert ((after - before).abs() <= 1e-4 * (1 + before.abs())).all()
+
+
 def test_module_class_mode_reuses_workspace_across_batch_shapes():
     z, y, w, logits = problem(b=24, c=10)
     cfg = CarrotConfig(topk=3, mode="class", aug_per_sample=2)
