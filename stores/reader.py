@@ -19,7 +19,7 @@ from stores.identity import SCHEMA_VERSION, StoreIdentity
 from stores.integrity import chunk_file_exists, inspect_store
 from stores.location import StoreLocation, open_group, resolve
 from stores.prefetch import prefetch as run_ahead
-from stores.rowread import RowReader, gather_rows
+from stores.rowread import RowReader, gather_rows, read_all
 from stores.schema import EVERY_CHUNK_ATTR, SPLITS
 
 if TYPE_CHECKING:
@@ -75,11 +75,7 @@ class EmbeddingStore:
     # -- per-row arrays (small; read once) ----------------------------------------------------
     def _row_array(self, name: str) -> np.ndarray:
         if name not in self._cache:
-            try:
-                self._cache[name] = np.asarray(self._group[name][:])
-            except (RuntimeError, ValueError, OSError) as exc:  # e.g. garbled compressed chunk
-                problem = f"array {name} is unreadable ({type(exc).__name__}: {exc})"
-                raise corrupt_error(self.url, [problem], resumable=False) from exc
+            self._cache[name] = read_all(self._group[name], url=self.url)
         return self._cache[name]
 
     def valid_mask(self) -> np.ndarray:

@@ -21,6 +21,8 @@ from stores.errors import StoreError, corrupt_error
 if TYPE_CHECKING:
     import zarr
 
+CHUNK_READ_ERRORS = (RuntimeError, ValueError, OSError)
+"""What Zarr and its codecs raise for a garbled or truncated chunk (e.g. zstd RuntimeError)."""
 BLOCK_BYTES = 64 * 2**20
 """Target size of one block read through Zarr (the fallback path)."""
 
@@ -112,15 +114,22 @@ class RowReader:
         lo, hi = max(0, lo), min(hi, self.shape[0])
         if out is None:
             if not self.direct:
-                return np.asarray(self.array[lo:hi])
+                return self._read_zarr(lo, hi)
             out = np.empty((max(0, hi - lo), *self.shape[1:]), self.dtype)
         if hi <= lo:
             return out
         if self.direct and out.dtype == self.dtype and out.flags.c_contiguous:
             self._read_direct(lo, hi, out)
         else:
-            out[...] = self.array[lo:hi]
+            out[...] = self._read_zarr(lo, hi)
         return out
+
+    def _read_zarr(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` through Zarr; StoreCorruptError when a chunk cannot be decoded."""
+        try:
+            return np.asarray(self.array[lo:hi])
+        except CHUNK_READ_ERRORS as exc:
+            raise unreadable_rows(self._url, self.array.path, lo, hi, exc) from exc
 
     def blocks(
         self, lo: int, hi: int, *, rows: int | None = None
@@ -149,6 +158,21 @@ class RowReader:
             else:
                 yield start, self.read(start, stop)
             start = stop
+
+
+def unreadable_rows(url: str, name: str, lo: int, hi: int, exc: BaseException) -> StoreError:
+    """StoreCorruptError: rows ``lo:hi`` of array ``name`` of store ``url`` cannot be read."""
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+    problem = f"array {name}: rows {lo}..{hi - 1} are unreadable ({detail})"
+    return corrupt_error(url, [problem], resumable=False)
+
+
+def read_all(array: zarr.Array, *, url: str) -> np.ndarray:
+    """The whole (small, per-row) ``array`` as NumPy; StoreCorruptError naming it if unreadable."""
+    try:
+        return np.asarray(array[:])
+    except CHUNK_READ_ERRORS as exc:
+        raise unreadable_rows(url, array.path, 0, array.shape[0], exc) from exc
 
 
 def gather_rows(

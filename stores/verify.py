@@ -20,7 +20,7 @@ from stores.errors import StoreCorruptError, StoreError, StoreInputError
 from stores.identity import SCHEMA_VERSION, StoreIdentity
 from stores.integrity import attr_problems, chunk_damage, layout_problems, open_arrays
 from stores.location import StoreLocation, key_prefix_of, open_group, resolve
-from stores.rowread import RowReader
+from stores.rowread import RowReader, read_all
 from stores.schema import SPLITS
 
 if TYPE_CHECKING:
@@ -90,8 +90,10 @@ def _row_problems(
 ) -> tuple[list[str], dict[str, Any]]:
     """Labels, splits, the skipped list and (with ``scan``) finite features; and counts."""
     problems = []
-    ids, labels, split = arrays["ids"][:], arrays["labels"][:], arrays["split"][:]
-    valid = arrays["valid"][:].astype(bool)
+    ids, labels, split, valid = (
+        read_all(arrays[name], url=location.url) for name in ("ids", "labels", "split", "valid")
+    )
+    valid = valid.astype(bool)
     n_classes = len(attrs["class_names"])
     out_of_range = (labels < 0) | (labels >= n_classes)
     if out_of_range.any():
@@ -145,7 +147,7 @@ def collect_problems(
     if layout:
         return [*problems, *layout], summary
 
-    written = arrays["progress"][:].astype(bool)
+    written = read_all(arrays["progress"], url=location.url).astype(bool)
     not_done = np.flatnonzero(~written)
     if not_done.size:
         problems.append(

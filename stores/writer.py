@@ -215,7 +215,8 @@ class StoreWriter:
         if pending:
             raise StoreIncompleteError(
                 f"cannot finalize {self.url}: {len(pending)} chunks not written yet "
-                f"({pending[:10]}); write them (see pending_chunks()) and finalize again"
+                f"({pending[:10]}); re-run `carrot embed` to write them (library callers: write "
+                f"pending_chunks(), then finalize again)"
             )
         if self._lock is not None:
             self._lock.refresh()
@@ -278,7 +279,10 @@ def _check_same_store(
     """StoreInputError unless the store at ``url`` was made for exactly these inputs (with
     ``rows=False``, from its attributes only)."""
     attrs = group.attrs.asdict()
-    fix = "write to store_url(root, identity), or delete the store to rebuild it"
+    fix = (
+        "delete the store folder and re-run `carrot embed` to rebuild it (library callers: "
+        "write to store_url(root, identity))"
+    )
     if attrs.get("key") != key:
         raise StoreInputError(
             f"store {url} holds content key {str(attrs.get('key'))[:12]}…, but this identity gives "

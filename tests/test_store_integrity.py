@@ -149,6 +149,33 @@ def test_rewriting_repairs_missing_chunks_and_keeps_the_rest(store, good_store):
     )
 
 
+def garble_labels_chunk(url: str) -> None:
+    chunk = Path(url) / "labels" / "c" / "1"  # zstd-compressed: its size says nothing
+    chunk.write_bytes(chunk.read_bytes()[:10])
+
+
+def test_a_garbled_compressed_chunk_is_named_not_a_raw_codec_error(store, capsys):
+    garble_labels_chunk(store)
+    opened = open_store(store)  # the open-time checks read no chunk
+    with pytest.raises(StoreCorruptError, match=r"array labels: rows 0\.\.199 are unreadable"):
+        opened.labels()
+    assert_verify_fails(store, "array labels: rows 0..199 are unreadable")
+    assert main(["store", "info", store]) == 2
+    assert "labels" in one_line_error(capsys)
+    assert main(["store", "verify", store]) == 1
+
+
+def test_a_garbled_compressed_features_chunk_is_named(tmp_path):
+    url = write_synthetic_store(
+        str(tmp_path / "z.zarr"), DATA, IDENTITY, chunk_rows=64, compressor="zstd"
+    )
+    chunk = Path(url) / "features" / "c" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(StoreCorruptError, match=r"array features: rows \d+\.\.\d+ are unreadable"):
+        open_store(url).features()
+    assert_verify_fails(url, "array features")
+
+
 def test_complete_store_with_an_unset_progress_flag_is_refused_then_rewritten(store):
     zarr.open_group(store, mode="a")["progress"][2] = False  # its file is removed (fill value)
     assert_refused(store, "progress unset for chunks [2] of a complete store")
