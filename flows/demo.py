@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.embed import embed_flow
 from flows.train import train_head_flow
 from pipeline.embed import EmbedSettings
+from pipeline.head_io import atomic_file, write_json
 from pipeline.probe import ProbeSettings
 from pipeline.report_plots import plot_method_comparison
 
@@ -45,8 +46,9 @@ def demo_flow(embed: EmbedSettings, probe: ProbeSettings, out: str) -> dict:
             rows.append(_row("logistic regression (sklearn)", regime, s["baseline"]))
     table = {"store": stage1["store"], "embed": stage1, "rows": rows, "out": out}
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "demo.json").write_text(json.dumps(table, indent=2, default=str))
-    plot_method_comparison(rows, Path(out) / "comparison.png")
+    write_json(Path(out) / "demo.json", json.loads(json.dumps(table, default=str)))
+    with atomic_file(Path(out) / "comparison.png") as tmp:  # replaced whole, never half-written
+        plot_method_comparison(rows, tmp)
     create_markdown_artifact(key="demo-comparison", markdown=markdown_table(rows))
     return table
 
