@@ -4,6 +4,7 @@ Knows nothing of timm or Prefect. See :mod:`stores.schema` for the layout.
 """
 
 from stores.errors import (
+    StoreCorruptError,
     StoreError,
     StoreIncompleteError,
     StoreInputError,
@@ -22,6 +23,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SPLITS",
     "EmbeddingStore",
+    "StoreCorruptError",
     "StoreError",
     "StoreIdentity",
     "StoreIncompleteError",
