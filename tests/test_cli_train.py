@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flows.cli import main
 from pipeline.backbone import BackboneConfig
@@ -407,3 +410,43 @@ def test_train_help_shows_every_default(capsys):
     for shown in ("(default: auto)", "(default: 3e-3,1e-2,3e-2,1e-1)", "(default: 30)"):
         assert shown in text
     assert train.parse_args(["s"]).device == "auto"
+
+
+_any_float = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@given(st.lists(_any_float, min_size=1, max_size=5))
+def test_float_list_options_accept_exactly_the_finite_values_in_range(values):
+    """``--lrs`` takes finite values > 0, ``--wds`` finite values ≥ 0; nothing else passes."""
+    import argparse
+
+    from flows.cli_args import nonneg_floats, positive_floats
+
+    text = ",".join(repr(v) for v in values)
+    for parse, ok in (
+        (positive_floats, all(math.isfinite(v) and v > 0 for v in values)),
+        (nonneg_floats, all(math.isfinite(v) and v >= 0 for v in values)),
+    ):
+        if ok:
+            assert parse(text) == tuple(values)
+        else:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
+
+
+@given(
+    st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4, unique=True),
+    st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4, unique=True),
+)
+def test_a_head_scores_a_store_only_with_the_same_classes_in_the_same_order(head, store):
+    from types import SimpleNamespace
+
+    from pipeline.errors import InputError
+    from pipeline.predict import check_head_fits
+
+    config = {"dim": 8, "class_names": head, "store": {"url": "train.zarr"}}
+    s = SimpleNamespace(dim=8, class_names=store, url="other.zarr")
+    assert check_head_fits(config, s, head_dir="h", allow_other_classes=True) == (head == store)
+    if head != store:
+        with pytest.raises(InputError, match="--allow-other-classes"):
+            check_head_fits(config, s, head_dir="h")
