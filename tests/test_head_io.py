@@ -87,7 +87,7 @@ _HOST = textwrap.dedent(
     from pipeline.features import FeatureSet
     from pipeline.head_io import write_outputs
     from pipeline.heads import HeadSpec
-    from pipeline.train import TrainConfig, train_head_bank
+    from pipeline.grid_search import TrainConfig, train_head_bank
 
     work, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = np.random.default_rng(seed)
@@ -215,3 +215,47 @@ def test_predictions_csv_refuses_labels_outside_the_classes(tmp_path):
             tmp_path / "p.csv", probs=probs, class_names=["a", "b"], labels=np.array([0, 1, 5, 0])
         )
     assert not list(tmp_path.iterdir())
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_two_rename_switch_where_no_exchange_exists(tmp_path, monkeypatch):
+    """Without renameat2 (not Linux) the switch is two renames; the result is the same."""
+    import pipeline.head_io as head_io
+
+    monkeypatch.setattr(head_io, "_exchange", lambda a, b: False)
+    out = tmp_path / "run"
+    head_io.publish_run(out, lambda d: (d / "summary.json").write_text("1"))
+    (out / "mine.txt").write_text("mine")
+    head_io.publish_run(out, lambda d: (d / "summary.json").write_text("2"))
+    assert (out / "summary.json").read_text() == "2" and (out / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_switch_killed_between_two_renames_is_repaired(tmp_path):
+    """``<out>.old-<dead pid>`` and no ``<out>``: the old run (and the user's files in it) is put
+    back before the next run is published over it; the half-switched new run is dropped."""
+    from pipeline.head_io import publish_run
+
+    out = tmp_path / "run"
+    pid = _dead_pid()
+    old = tmp_path / f"run.old-{pid}"
+    old.mkdir()
+    (old / "summary.json").write_text("old")
+    (old / "mine.txt").write_text("mine")
+    (tmp_path / f"run.tmp-{pid}").mkdir()
+    (tmp_path / f"run.tmp-{pid}" / "summary.json").write_text("half")
+
+    def failing(d: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publish_run(out, failing)
+    assert (out / "summary.json").read_text() == "old"  # the old run is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    publish_run(out, lambda d: (d / "summary.json").write_text("new"))
+    assert (out / "summary.json").read_text() == "new" and (out / "mine.txt").read_text() == "mine"
