@@ -1,4 +1,4 @@
-"""Head-bank throughput and accuracy parity.
+"""Head-bank throughput (the minibatch path; the probe's accuracy is `benchmarks.probe_parity`).
 
 Measured in one run, on one device (timings are medians over interleaved repeats):
 
@@ -8,12 +8,8 @@ Measured in one run, on one device (timings are medians over interleaved repeats
    gradient) over torch's rate for the same (B×D)·(D×H·C) matmul measured now. Target ≥ 0.5.
 3. ``bank16_vs_one`` — one epoch of 16 heads over one epoch of 1 head. Target ≤ 2 on CUDA
    (on a CPU the bank is compute-bound and the ratio is reported without a target).
-4. ``parity`` — test top-1 of the default grid's best head minus scikit-learn's best-C logistic
-   regression on the same splits (digits pixels, or the store given with ``--store``).
-   Target ≥ -0.5 points.
 
     python -m benchmarks.heads_bank [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
-                                    [--store URL]
 """
 
 from __future__ import annotations
@@ -28,17 +24,15 @@ import numpy as np
 import torch
 
 from benchmarks._report import median_time, write_report
-from pipeline.baseline import BaselineConfig, fit_logistic_baseline
 from pipeline.features import FeatureSet
 from pipeline.heads import HeadGrid
-from pipeline.train import TrainConfig, fit_bank, train_head_bank
+from pipeline.train import TrainConfig, fit_bank
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "heads_bank.json"
 TARGETS = {
     "bank_vs_sequential": ("<=", 0.7),
     "flop_fraction": (">=", 0.5),
     "bank16_vs_one": ("<=", 2.0),  # CUDA only
-    "parity_points": (">=", -0.5),
 }
 N, D, C, H = 6000, 768, 200, 16
 
@@ -59,7 +53,9 @@ def _timings(device: str, repeats: int, batch_size: int) -> dict[str, float]:
     """Median seconds per epoch: bank of 16, 16 sequential singles, one single; matmul rate."""
     fs = _random_features(device)
     specs = _grid16().specs
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, patience=None, device=device)
+    cfg = TrainConfig(  # one minibatch epoch, never stopped early
+        solver="minibatch", epochs=1, min_steps=0, tol=0.0, batch_size=batch_size, device=device
+    )
 
     def bank() -> None:
         fit_bank(fs, specs, cfg, val_split=None)
@@ -88,40 +84,6 @@ def _timings(device: str, repeats: int, batch_size: int) -> dict[str, float]:
     return out
 
 
-def _parity(device: str, store_url: str | None, epochs: int) -> dict[str, Any]:
-    if store_url is not None:
-        from stores import open_store
-
-        fs = FeatureSet.from_store(open_store(store_url), device=device)
-        source = store_url
-    else:
-        from sklearn.datasets import load_digits
-
-        X, y = load_digits(return_X_y=True)
-        p = np.random.default_rng(0).permutation(len(y))
-        X, y = X[p].astype(np.float32), y[p]
-        a, b = int(0.6 * len(y)), int(0.8 * len(y))
-        fs = FeatureSet.from_arrays(
-            {"train": (X[:a], y[:a]), "val": (X[a:b], y[a:b]), "test": (X[b:], y[b:])},
-            device=device,
-        )
-        source = "sklearn digits pixels (60/20/20 split, seed 0)"
-    bank = train_head_bank(
-        fs, HeadGrid.default(), TrainConfig(epochs=epochs, batch_size=64, device=device)
-    )
-    lr = fit_logistic_baseline(fs, BaselineConfig())
-    if bank.test is None or lr.test is None:
-        raise SystemExit("parity needs a test split")
-    return {
-        "source": source,
-        "bank_top1": bank.test["top1"],
-        "sklearn_top1": lr.test["top1"],
-        "points": 100 * (bank.test["top1"] - lr.test["top1"]),
-        "bank_best": bank.best_spec.name,
-        "sklearn_C": lr.best_C,
-    }
-
-
 def _row(metric: str, value: float, *, applies: bool = True, unit: str = "") -> dict[str, Any]:
     op, target = TARGETS[metric]
     met = (value <= target if op == "<=" else value >= target) if applies else None
@@ -138,19 +100,16 @@ def run(
     quick: bool = False,
     device: str = "cpu",
     *,
-    store: str | None = None,
     json_path: str | Path | None = DEFAULT_JSON,
 ) -> dict[str, Any]:
     """Run all measurements; print the table, write JSON; returns the rows and raw numbers."""
     repeats = 3 if quick else 7
     t = _timings(device, repeats, batch_size=256)
-    p = _parity(device, store, epochs=30 if quick else 60)
     cuda = device.startswith("cuda")
     rows = [
         _row("bank_vs_sequential", t["bank"] / t["sequential"], unit="time ratio"),
         _row("flop_fraction", t["bank_flops_per_s"] / t["matmul_flops_per_s"], unit="of matmul"),
         _row("bank16_vs_one", t["bank"] / t["one"], applies=cuda, unit="time ratio"),
-        _row("parity_points", p["points"], unit="top-1 points"),
     ]
     raw = {
         "sizes": {"N": N, "D": D, "C": C, "H": H, "batch_size": 256},
@@ -159,7 +118,6 @@ def run(
             "bank": t["bank_flops_per_s"] / 1e9,
             "matmul": t["matmul_flops_per_s"] / 1e9,
         },
-        "parity": p,
         "quick": quick,
         "device": device,
         # other processes on the machine skew CPU timings (2 OpenMP threads on 2 busy cores
@@ -176,13 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument(
-        "--store", default=None, help="store URL for the parity check (default: digits)"
-    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args.quick, args.device, store=args.store, json_path=args.json)
+    run(args.quick, args.device, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,16 @@ from flows.cli_args import (
     positive_floats,
     positive_int,
 )
+from pipeline.defaults import (
+    DEFAULT_AUGS,
+    DEFAULT_LRS,
+    DEFAULT_WEIGHT_DECAYS,
+    OPTIMIZERS,
+    TrainConfig,
+)
 
 _DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+_TRAIN = TrainConfig()  # the training defaults the options show
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +51,7 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("heads")
     g.add_argument(
         "--aug",
-        default="none,carrot",
+        default=",".join(DEFAULT_AUGS),
         metavar="NAMES",
         help="comma list of none|carrot|gaussian|isda|dc|mixup: the validation split picks; "
         "the plain heads guard against harm",
@@ -51,20 +59,35 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lrs",
         type=positive_floats,
-        default="3e-3,1e-2,3e-2,1e-1",
+        default=",".join(f"{v:g}" for v in DEFAULT_LRS),
         metavar="LIST",
-        help="learning rates (comma list, each > 0)",
+        help="learning rates of minibatch heads (augmented, or all when streamed; plain heads "
+        "are solved by L-BFGS); comma list, each > 0",
     )
     g.add_argument(
         "--wds",
         type=nonneg_floats,
-        default="1e-2,1e-1,1,3",
+        default=",".join(f"{v:g}" for v in DEFAULT_WEIGHT_DECAYS),
         metavar="LIST",
-        help="weight decays (comma list, each ≥ 0)",
+        help="weight decays λ: the L2 term λ/2·‖W‖² of every head's objective (scikit-learn's "
+        "C = 1/(λ·N)); comma list, each ≥ 0",
     )
-    g.add_argument("--epochs", type=positive_int, default=30, metavar="E", help="epochs")
-    g.add_argument("--batch-size", type=positive_int, default=256, metavar="B", help="batch size")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer")
+    g.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=_TRAIN.epochs,
+        metavar="E",
+        help="most epochs of a minibatch head (it stops once its objective settles)",
+    )
+    g.add_argument(
+        "--batch-size", type=positive_int, default=_TRAIN.batch_size, metavar="B", help="batch size"
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=_TRAIN.optimizer,
+        help="optimizer of minibatch heads",
+    )
     g.add_argument(
         "--label-smoothing",
         type=fraction,
@@ -73,16 +96,9 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
         help="label smoothing in (0, 1); None: no smoothing",
     )
     g.add_argument(
-        "--patience",
-        type=positive_int,
-        default=10,
-        metavar="E",
-        help="early stopping: epochs without a validation gain",
-    )
-    g.add_argument(
         "--min-steps",
         type=nonneg_int,
-        default=300,
+        default=_TRAIN.min_steps,
         metavar="N",
         help="small train sets get more epochs: at least N steps",
     )
@@ -190,7 +206,6 @@ def probe_settings_from_args(args: argparse.Namespace):
         epochs=args.epochs,
         batch_size=args.batch_size,
         label_smoothing=args.label_smoothing or 0.0,
-        patience=args.patience,
         seed=args.seed,
         device=device,
         aug_warmup_epochs=args.aug_warmup_epochs,
@@ -379,9 +394,7 @@ def run_demo(args: argparse.Namespace) -> int:
         root=args.root or default_root(),
     )
     check_settings(embed)
-    probe = ProbeSettings(
-        train=TrainConfig(epochs=args.epochs, device=device, min_steps=300), baseline=True
-    )
+    probe = ProbeSettings(train=TrainConfig(epochs=args.epochs, device=device), baseline=True)
     out = args.out or str(carrot_home() / "runs" / "demo")
     check_out_dir(out)
     with flow_settings():

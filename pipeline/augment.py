@@ -9,17 +9,17 @@ to the loss with weight ``aug_weight``:
 Two kinds:
 
 * ``per_head = False`` (none, gaussian, isda, dc, mixup): the result does not depend on the head.
-  The bank calls it ONCE per augmentation group on the head-independent normalized batch
-  ``x̂ = LN(x)`` (LayerNorm without affine) with ``logits = weight = None``; each head then maps
-  the rows through its own affine, ``z̃_h = γ_h ⊙ x̃ + β_h``. For additive noise this is noise
-  ``γ_h ⊙ ε`` in head h's z-space — exactly the class covariance ``diag(γ) Σ diag(γ)`` of z
-  when ``Σ`` is estimated on x̂ (what `fit` does); for mixup it is exactly mixup of the ``z_h``.
+  The bank calls it ONCE per augmentation group on the batch in the shared post-LN space
+  ``z = γ₀ ⊙ x̂ + β₀`` (the preconditioning affine every head starts from; with the LayerNorm
+  affine frozen, the default, it is every head's z) with ``logits = weight = None``, and feeds
+  the rows to the heads.
 * ``per_head = True`` (carrot): needs the head's own ``z``, logits and weight; called once per
   head with that head's tensors.
 
-``fit(X, y)`` takes RAW training features ``X (N, D)`` and estimates what an augmentation needs
-on ``x̂ = LN(X)`` (no affine). Random draws use ``generator`` (a torch.Generator on z's device)
-only, so results are reproducible.
+``fit(Z, y)`` takes post-LayerNorm training features ``Z (N, D)`` (the bank's shared,
+preconditioned space ``z = γ ⊙ LN(x) + β``, see `pipeline.precondition`) and estimates what an
+augmentation needs there. Random draws use ``generator`` (a torch.Generator on z's device) only,
+so results are reproducible.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class GaussianAugmentation:
 
 class _ClassStatsAugmentation:
     """Shared by augmentations that sample from per-class statistics of the training features
-    (fitted once on LayerNorm-normalized rows; ``settings.rank`` factors per class)."""
+    (fitted once on post-LN rows; ``settings.rank`` factors per class)."""
 
     name = ""
     per_head = False
@@ -226,9 +226,7 @@ class _ClassStatsAugmentation:
         self.stats: ClassStats | None = None
 
     def fit(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        self.stats = ClassStats.fit(
-            normalize(X), y, num_classes=self.num_classes, rank=self.settings.rank
-        )
+        self.stats = ClassStats.fit(X, y, num_classes=self.num_classes, rank=self.settings.rank)
 
 
 class IsdaAugmentation(_ClassStatsAugmentation):
@@ -326,7 +324,7 @@ class CarrotAugmentation:
     """``carrot``: wraps `pipeline.carrot.CarrotAugment` (per head: its own z, logits, W).
 
     ``noise="class_cov"`` uses class-covariance factors (rank `CLASS_COV_RANK`) fitted on the
-    normalized training features. ``injection="pre_ln"`` (``pre_ln`` is True) takes the RAW
+    post-LN training features. ``injection="pre_ln"`` (``pre_ln`` is True) takes the RAW
     batch ``x`` as ``z`` plus the head's LayerNorm ``ln`` and returns raw rows ``x̃``; the
     trainer then normalizes them through the head.
     """
@@ -350,7 +348,7 @@ class CarrotAugmentation:
 
         if self.needs_fit:
             self.class_factor = class_factor_from_features(
-                normalize(X), y, num_classes=self.num_classes, rank=CLASS_COV_RANK
+                X, y, num_classes=self.num_classes, rank=CLASS_COV_RANK
             )
 
     def __call__(self, z, y, logits, weight, *, generator, ln=None) -> AugmentedBatch:

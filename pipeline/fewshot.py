@@ -11,9 +11,11 @@ The rule (no sample outside the k shots is ever used for training or selection; 
 * ``k == 1`` — no row can be held out without emptying a class: heads are ranked on the
   shots themselves (resubstitution) — a weak signal, logged as a warning.
 
-The chosen spec is then retrained on all k shots for the median best epoch count of the
-selection runs (+1), without early stopping, and evaluated on test. Several seeds draw
-different shots; results are reported per seed and as mean ± std.
+The grid is searched by `pipeline.grid_search.search_grid` over those folds (plain heads by
+L-BFGS, augmented heads near the best plain λ). The chosen spec is then refitted on all k shots
+by exactly the procedure that scored it (`fit_bank` with the same `TrainConfig`: to convergence,
+no epoch count carried over), and evaluated on test. Several seeds draw different shots; results
+are reported per seed and as mean ± std, and the head chosen most often is the summary's.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.features import FeatureSet, Split
+from pipeline.grid_search import search_grid
 from pipeline.heads import Head, HeadGrid, HeadSpec
 from pipeline.metrics import classification_metrics
-from pipeline.train import TrainConfig, fit_bank, select_best
+from pipeline.train import TrainConfig, fit_bank
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,11 @@ class FewShotRun:
 
     seed: int
     shot_indices: np.ndarray  # rows of the original train split
-    selection: list[dict[str, float]]  # per head: mean val balanced accuracy / loss over folds
+    specs: tuple[HeadSpec, ...]  # the heads searched (see grid_search)
+    selection: list[dict[str, Any]]  # per head: mean val balanced accuracy / loss over folds
     best_index: int
     best_spec: HeadSpec
-    epochs: int  # epochs of the final refit
+    refit: dict[str, Any]  # the final refit's solver, converged, steps, objective
     head: Head
     test: dict[str, float] | None
 
@@ -100,16 +104,22 @@ class FewShotResult:
     mean: dict[str, float]
     std: dict[str, float]
 
+    def best_spec(self) -> HeadSpec:
+        """The spec chosen by the most seeds (ties: the earliest seed's)."""
+        chosen = [r.best_spec for r in self.runs]
+        return max(chosen, key=lambda s: (chosen.count(s), -chosen.index(s)))
+
     def summary(self) -> dict[str, Any]:
         return {
             "shots": self.shots,
             "mean": self.mean,
             "std": self.std,
+            "best_spec": self.best_spec().to_dict(),
             "runs": [
                 {
                     "seed": r.seed,
                     "best_spec": r.best_spec.to_dict(),
-                    "epochs": r.epochs,
+                    "refit": r.refit,
                     "selection": r.selection[r.best_index],
                     "test": r.test,
                 }
@@ -136,39 +146,21 @@ def run_fewshot_seed(
     folds = validation_folds(shot_set.y.cpu().numpy(), shots, seed=seed)
     if shots == 1:
         logger.warning("1 shot per class: heads are selected on the training shots themselves")
-    specs = grid.specs
-    bal = np.zeros((len(folds), len(specs)))
-    loss = np.zeros_like(bal)
-    best_epochs = np.zeros_like(bal)
-    for f, (tr, va) in enumerate(folds):
-        fold = FeatureSet(
+    fold_sets = [
+        FeatureSet(
             splits={"train": _split(shot_set, tr), "val": _split(shot_set, va)},
             class_names=features.class_names,
             device=features.device,
         )
-        out = fit_bank(fold, specs, replace(cfg, seed=cfg.seed + f), val_split="val")
-        for h, v in enumerate(out.val):
-            bal[f, h], loss[f, h], best_epochs[f, h] = (
-                v["balanced_accuracy"],
-                v["loss"],
-                v["best_epoch"],
-            )
-    selection = [
-        {
-            "balanced_accuracy": float(bal[:, h].mean()),
-            "loss": float(loss[:, h].mean()),
-            "best_epoch": float(np.median(best_epochs[:, h])),
-        }
-        for h in range(len(specs))
+        for tr, va in folds
     ]
-    best = select_best(selection)
-    epochs = int(np.median(best_epochs[:, best])) + 1
+    search = search_grid(fold_sets, grid.specs, cfg)
+    best = search.best()
+    spec = search.specs[best]
     full = FeatureSet(
         splits={"train": shot_set}, class_names=features.class_names, device=features.device
     )
-    refit = fit_bank(
-        full, [specs[best]], replace(cfg, epochs=epochs, patience=None, min_steps=0), val_split=None
-    )
+    refit = fit_bank(full, [spec], cfg, val_split=None)  # the procedure that was scored
     head = refit.bank.head(0)
     test = None
     if features.has("test"):
@@ -177,15 +169,10 @@ def run_fewshot_seed(
         te = features.get("test")
         _, probs = predict(head, te.X, batch_size=cfg.eval_batch_size)
         test = classification_metrics(te.y.cpu().numpy(), probs)
-    logger.info(
-        "%d-shot seed %d: chose %s (%d epochs), test %s",
-        shots,
-        seed,
-        specs[best].name,
-        epochs,
-        test,
+    logger.info("%d-shot seed %d: chose %s, test %s", shots, seed, spec.name, test)
+    return FewShotRun(
+        seed, shot_idx, search.specs, search.scores, best, spec, refit.status[0], head, test
     )
-    return FewShotRun(seed, shot_idx, selection, best, specs[best], epochs, head, test)
 
 
 def run_fewshot(

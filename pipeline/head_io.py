@@ -33,7 +33,7 @@ from pipeline.errors import InputError
 from pipeline.heads import LN_EPS, Head, HeadSpec
 
 if TYPE_CHECKING:
-    from pipeline.train import TrainResult
+    from pipeline.grid_search import TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -29,15 +29,17 @@ INIT_STD = 0.01  # std of the linear weight at init (DINOv2's linear heads use 0
 
 
 class Head(nn.Module):
-    """One head: ``LayerNorm(D, affine) → Linear(D, C, bias=False)``.
+    """One head: ``LayerNorm(D, affine) → Linear(D, C)`` (with bias).
 
     ``forward(x (B, D) float32) -> logits (B, C)``; ``features(x) -> z (B, D)`` (post-LN).
+    Trained heads carry their input preconditioning in the LayerNorm affine (γ = 1/σ, β = −μ/σ
+    of the train split's normalized features), so a head file is self-contained.
     """
 
     def __init__(self, dim: int, num_classes: int, *, eps: float = LN_EPS) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.fc = nn.Linear(dim, num_classes, bias=False)
+        self.fc = nn.Linear(dim, num_classes)
 
     @property
     def dim(self) -> int:
@@ -137,11 +139,11 @@ class HeadGrid:
 
     @classmethod
     def default(cls, *, augmentations: Sequence[tuple[str, Any]] = (("none", None),)) -> HeadGrid:
-        """The default AdamW sweep (tuned on digits to match a best-C logistic regression)."""
+        """The default grid (`pipeline.defaults`): every lr × λ per augmentation."""
+        from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
+
         return cls.from_lists(
-            lrs=(1e-3, 3e-3, 1e-2, 3e-2),
-            weight_decays=(0.0, 1e-2, 1e-1),
-            augmentations=augmentations,
+            lrs=DEFAULT_LRS, weight_decays=DEFAULT_WEIGHT_DECAYS, augmentations=augmentations
         )
 
     def __len__(self) -> int:
@@ -182,17 +184,18 @@ class _BankLogits(torch.autograd.Function):
     """All heads' logits in one matmul, with a hand-written backward that touches the
     ``(H, C, D)`` weights as few times as possible.
 
-    ``x̂ (B, D)``, ``W (H, C, D)``, ``γ (H, D)``, ``β (H, D)`` → logits ``(B, H·C)`` with
-    ``logits[:, h·C + c] = Σ_d W[h, c, d] (γ[h, d] x̂[b, d] + β[h, d])``.
+    ``x̂ (B, D)``, ``W (H, C, D)``, ``γ (H, D)``, ``β (H, D)``, bias ``c (H, C)`` → logits
+    ``(B, H·C)`` with ``logits[:, h·C + k] = Σ_d W[h, k, d] (γ[h, d] x̂[b, d] + β[h, d]) + c[h, k]``.
     Under autocast the two big matmuls run in the autocast dtype; everything else in float32.
     """
 
     @staticmethod
-    def forward(ctx, xhat, W, g, b, ws):  # type: ignore[override]
+    def forward(ctx, xhat, W, g, b, c, ws):  # type: ignore[override]
         H, C, D = W.shape
         keep_wp = ctx.needs_input_grad[0]  # backward needs W' only for the gradient of x̂
         tmp = ws.get(W) if ws is not None else torch.empty_like(W)
         bias = torch.mul(W, b[:, None, :], out=tmp).sum(-1).view(H * C)  # (H*C,): W_h β_h
+        bias = bias + c.reshape(H * C)
         Wp = W * g[:, None, :] if keep_wp else torch.mul(W, g[:, None, :], out=tmp)  # W ⊙ γ
         dt = _autocast_dtype(xhat)
         if dt is not None:
@@ -209,8 +212,10 @@ class _BankLogits(torch.autograd.Function):
         xhat, W, g, b, Wp = ctx.saved_tensors
         H, C, D = W.shape
         dt = ctx.mm_dtype
-        gx = gW = gg = gb = None
+        gx = gW = gg = gb = gc = None
         gbias = G.sum(0).view(H, C)  # (H, C)
+        if ctx.needs_input_grad[4]:
+            gc = gbias
         if ctx.needs_input_grad[0]:
             gx = (G.to(dt) @ Wp.view(H * C, D).to(dt)).float() if dt else G @ Wp.view(H * C, D)
         if any(ctx.needs_input_grad[1:4]):
@@ -225,7 +230,7 @@ class _BankLogits(torch.autograd.Function):
                 gb = torch.bmm(gbias[:, None, :], W).view(H, D)  # (H, D): Σ_c gbias·W
             if ctx.needs_input_grad[1]:
                 gW = gWp.mul_(g[:, None, :]).addcmul_(gbias[:, :, None], b[:, None, :])
-        return gx, gW, gg, gb, None
+        return gx, gW, gg, gb, gc, None
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -239,7 +244,8 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 class HeadBank(nn.Module):
     """H heads ``LayerNorm(D) + Linear(D, C)`` trained at once over shared feature batches.
 
-    Parameters are stacked: ``weight (H, C, D)``, ``ln_weight (H, D)``, ``ln_bias (H, D)``; the
+    Parameters are stacked: ``weight (H, C, D)``, ``bias (H, C)``, ``ln_weight (H, D)``,
+    ``ln_bias (H, D)``; the
     fused forward uses them directly. For per-head optimizer parameter groups,
     `head_parameters(h)` returns per-head *aliases* (leaf tensors sharing the stacked storage);
     after each backward a hook hands each alias its slice of the stacked gradient (a view, no
@@ -280,10 +286,11 @@ class HeadBank(nn.Module):
         self.weight = nn.Parameter(W.to(dev))  # (H, C, D)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, dim, device=dev))  # (H, D)
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, dim, device=dev))  # (H, D)
+        self.bias = nn.Parameter(torch.zeros(num_heads, num_classes, device=dev))  # (H, C)
         self._install()
 
     # ---------------------------------------------------------------- aliases and hooks
-    _STACKED = ("weight", "ln_weight", "ln_bias")
+    _STACKED = ("weight", "bias", "ln_weight", "ln_bias")
     _TRANSIENT = ("_aliases", "_workspace", "_hooked")
 
     def _install(self) -> None:
@@ -332,9 +339,75 @@ class HeadBank(nn.Module):
         return hook
 
     def head_parameters(self, h: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Head ``h``'s per-head aliases: ``([linear weight (C, D)], [LN weight, LN bias])``."""
+        """Head ``h``'s trainable per-head aliases: ``([linear weight (C, D)], [linear bias (C,),
+        LN weight, LN bias])`` — the first list is the one weight decay applies to; the LN
+        affine is left out while frozen (see `freeze_layer_norm`)."""
         a = self._aliases
-        return [a["weight"][h]], [a["ln_weight"][h], a["ln_bias"][h]]
+        rest = [a["bias"][h]]
+        if self.ln_weight.requires_grad:
+            rest += [a["ln_weight"][h], a["ln_bias"][h]]
+        return [a["weight"][h]], rest
+
+    def freeze_layer_norm(self, frozen: bool = True) -> None:
+        """Keep every head's LayerNorm affine fixed (no gradient) or let it train."""
+        for name in ("ln_weight", "ln_bias"):
+            getattr(self, name).requires_grad_(not frozen)
+            for alias in self._aliases[name]:
+                alias.requires_grad_(not frozen)
+
+    @torch.no_grad()
+    def set_layer_norm(self, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+        """Set every head's LayerNorm affine to ``gamma``/``beta`` ``(D,)`` (or ``(H, D)``)."""
+        self.ln_weight.copy_(gamma.expand_as(self.ln_weight))
+        self.ln_bias.copy_(beta.expand_as(self.ln_bias))
+
+    @torch.no_grad()
+    def subset(self, heads: Sequence[int]) -> HeadBank:
+        """A new bank holding copies of ``heads`` (same device, LayerNorm frozen or not)."""
+        idx = torch.as_tensor(list(heads), dtype=torch.int64, device=self.weight.device)
+        out = HeadBank(
+            len(idx),
+            self.dim,
+            self.num_classes,
+            seeds=[0] * len(idx),
+            eps=self.eps,
+            device=self.weight.device,
+        )
+        for name in self._STACKED:
+            getattr(out, name).copy_(getattr(self, name).index_select(0, idx))
+        out.freeze_layer_norm(not self.ln_weight.requires_grad)
+        return out
+
+    @classmethod
+    @torch.no_grad()
+    def cat(cls, banks: Sequence[HeadBank]) -> HeadBank:
+        """One bank holding the heads of ``banks`` in order (same D, C, device)."""
+        first = banks[0]
+        out = cls(
+            sum(b.num_heads for b in banks),
+            first.dim,
+            first.num_classes,
+            seeds=[0] * sum(b.num_heads for b in banks),
+            eps=first.eps,
+            device=first.weight.device,
+        )
+        for name in cls._STACKED:
+            getattr(out, name).copy_(torch.cat([getattr(b, name) for b in banks]))
+        out.freeze_layer_norm(not first.ln_weight.requires_grad)
+        return out
+
+    @torch.no_grad()
+    def assign(self, heads: Sequence[int], other: HeadBank) -> None:
+        """Copy ``other``'s heads (in order) into this bank's ``heads``."""
+        for j, h in enumerate(heads):
+            for name in self._STACKED:
+                getattr(self, name)[h].copy_(getattr(other, name)[j])
+
+    @torch.no_grad()
+    def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set every head's linear layer: ``weight (H, C, D)``, ``bias (H, C)``."""
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
 
     # ---------------------------------------------------------------- forward
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,10 +418,11 @@ class HeadBank(nn.Module):
         """``x̂ (B, D)`` → logits ``(B, h, C)`` (batch-major, contiguous) of the heads in
         ``heads`` (a slice; all by default), from one matmul."""
         if heads is None or heads == slice(None):  # no slicing: no SliceBackward copies
-            W, g, b = self.weight, self.ln_weight, self.ln_bias
+            W, g, b, c = self.weight, self.ln_weight, self.ln_bias, self.bias
         else:
             W, g, b = self.weight[heads], self.ln_weight[heads], self.ln_bias[heads]
-        out = _BankLogits.apply(xhat, W, g, b, self._workspace)  # (B, h*C)
+            c = self.bias[heads]
+        out = _BankLogits.apply(xhat, W, g, b, c, self._workspace)  # (B, h*C)
         return out.view(xhat.shape[0], -1, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,6 +439,10 @@ class HeadBank(nn.Module):
         """Head ``h``'s linear weight ``(C, D)`` for use in a graph: its gradient goes straight to
         the head's alias (no ``(H, C, D)`` gradient is formed)."""
         return self._aliases["weight"][h]
+
+    def head_bias(self, h: int) -> torch.Tensor:
+        """Head ``h``'s linear bias ``(C,)`` for use in a graph (like `head_weight`)."""
+        return self._aliases["bias"][h]
 
     # ---------------------------------------------------------------- single heads
     @torch.no_grad()
@@ -387,6 +465,7 @@ class HeadBank(nn.Module):
             "norm.weight": self.ln_weight[h].detach().clone(),
             "norm.bias": self.ln_bias[h].detach().clone(),
             "fc.weight": self.weight[h].detach().clone(),
+            "fc.bias": self.bias[h].detach().clone(),
         }
 
     @torch.no_grad()
@@ -395,3 +474,4 @@ class HeadBank(nn.Module):
         self.ln_weight[h].copy_(state["norm.weight"])
         self.ln_bias[h].copy_(state["norm.bias"])
         self.weight[h].copy_(state["fc.weight"])
+        self.bias[h].copy_(state["fc.bias"])

@@ -8,6 +8,7 @@ and returns a JSON-ready report. ``flows.train`` runs it as a Prefect flow.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,30 +19,36 @@ import numpy as np
 from pipeline.augment import augmentation_names, default_settings
 from pipeline.baseline import BaselineConfig, fit_logistic_baseline
 from pipeline.carrot import CarrotConfig
+from pipeline.defaults import DEFAULT_AUGS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 from pipeline.errors import InputError
 from pipeline.features import FeatureSet
 from pipeline.fewshot import FewShotResult, run_fewshot
-from pipeline.heads import HeadGrid
-from pipeline.train import TrainConfig, TrainResult, train_head_bank
-
-DEFAULT_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
-DEFAULT_WDS = (1e-2, 1e-1, 1.0, 3.0)  # AdamW decoupled decay; strong decay matters in few-shot
+from pipeline.grid_search import TrainResult, train_head_bank
+from pipeline.heads import HeadGrid, HeadSpec
+from pipeline.train import TrainConfig
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     """One probe experiment (everything the ``carrot train`` options resolve into)."""
 
-    augs: tuple[str, ...] = ("none", "carrot")  # augmentations in the bank; val picks the best
+    augs: tuple[str, ...] = DEFAULT_AUGS  # augmentations in the bank; val picks the best
     carrot: CarrotConfig = field(default_factory=CarrotConfig)  # settings of "carrot" heads
-    lrs: tuple[float, ...] = DEFAULT_LRS  # learning-rate grid (per augmentation)
-    weight_decays: tuple[float, ...] = DEFAULT_WDS  # weight-decay grid
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(min_steps=300))  # shared loop
+    lrs: tuple[float, ...] = DEFAULT_LRS  # learning rates of minibatch heads
+    weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS  # λ grid (L2 of the objective)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
     shots: int | None = None  # k shots per class (few-shot mode); None = all training data
     seeds: tuple[int, ...] = (0,)  # few-shot seeds (mean ± std over them)
     baseline: bool = False  # also fit scikit-learn's logistic regression (C searched on val)
 
     def __post_init__(self) -> None:
+        for option, values, ok, rule in (
+            ("--lrs", self.lrs, lambda v: v > 0, "positive"),
+            ("--wds", self.weight_decays, lambda v: v >= 0, "non-negative"),
+        ):
+            bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+            if bad or not values:
+                raise InputError(f"{option} {list(bad or values)}: give {rule}, finite numbers")
         known = augmentation_names()
         for name in self.augs:
             if name not in known:
@@ -52,12 +59,19 @@ class ProbeSettings:
             raise InputError(f"--shots {self.shots}: must be ≥ 1")
 
 
-def build_grid(settings: ProbeSettings) -> HeadGrid:
-    """Heads: every augmentation × lr × weight decay (CARROT heads carry ``settings.carrot``)."""
-    augs = [(a, settings.carrot if a == "carrot" else default_settings(a)) for a in settings.augs]
-    return HeadGrid.from_lists(
-        lrs=settings.lrs, weight_decays=settings.weight_decays, augmentations=augs
-    )
+def build_grid(settings: ProbeSettings, *, plain_by_lbfgs: bool = True) -> HeadGrid:
+    """Heads: every augmentation × lr × weight decay (CARROT heads carry ``settings.carrot``).
+
+    With ``plain_by_lbfgs`` (the train split in memory, solver not "minibatch") the plain heads
+    take one lr: L-BFGS does not use it, so more would be copies of one head."""
+    specs: list[HeadSpec] = []
+    for aug in settings.augs:
+        lrs = settings.lrs[:1] if aug == "none" and plain_by_lbfgs else settings.lrs
+        st = settings.carrot if aug == "carrot" else default_settings(aug)
+        specs += HeadGrid.from_lists(
+            lrs=lrs, weight_decays=settings.weight_decays, augmentations=[(aug, st)]
+        ).specs
+    return HeadGrid(tuple(specs))
 
 
 @dataclass
@@ -72,7 +86,8 @@ class ProbeReport:
 def run_probe(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
     """Train the grid over ``features`` and evaluate the validation-selected head on test."""
     t0 = time.perf_counter()
-    grid = build_grid(settings)
+    by_lbfgs = settings.train.solver != "minibatch" and "train" not in features.streams
+    grid = build_grid(settings, plain_by_lbfgs=by_lbfgs)
     summary: dict[str, Any] = {"heads": len(grid), "augs": list(settings.augs)}
     report = ProbeReport(summary=summary)
     if settings.shots is None:
@@ -82,6 +97,8 @@ def run_probe(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
         summary.update(_test_fields(test))
         summary["best_head"] = result.best_spec.to_dict()
         summary["val"] = result.val[result.best_index]
+        summary["heads_trained"] = len(result.specs)
+        summary["converged"] = sum(bool(v["converged"]) for v in result.val)
         summary["carrot_diagnostics"] = _last_diagnostics(result)
     else:
         few = run_fewshot(
@@ -91,13 +108,22 @@ def run_probe(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
         summary.update(_test_fields(few.mean))
         summary["std"] = {k: few.std[k] for k in few.std}
         summary["shots"], summary["seeds"] = settings.shots, list(settings.seeds)
-        summary["best_head"] = few.runs[0].best_spec.to_dict()
+        summary["best_head"] = few.best_spec().to_dict()
         summary["runs"] = few.summary()["runs"]
     if settings.baseline:
         base = fit_logistic_baseline(
-            features, BaselineConfig(val_fraction=settings.train.val_fraction)
+            features,
+            BaselineConfig(
+                lambdas=tuple(w for w in settings.weight_decays if w > 0) or DEFAULT_WEIGHT_DECAYS,
+                val_fraction=settings.train.val_fraction,
+                seed=settings.train.seed,
+            ),
         )
-        summary["baseline"] = {"C": base.best_C, **_test_fields(base.test or {})}
+        summary["baseline"] = {
+            "C": base.best_C,
+            "seconds": round(base.seconds, 2),
+            **_test_fields(base.test or {}),
+        }
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 

@@ -3,44 +3,45 @@
 For every regime (k shots per class, or all training data) and seed:
 
 1. the training rows are drawn with the seed (k per class; sampled subsets differ by seed);
-2. **one head bank** holds every method's heads (method × lr × weight decay) and is fitted on
-   the selection split(s) — in few-shot mode carved from the k shots only
-   (`pipeline.fewshot.validation_folds`), with all data the class-balanced validation split;
+2. every method's heads (method × lr × λ) are searched together by
+   `pipeline.grid_search.search_grid` on the selection split(s) — in few-shot mode carved from
+   the k shots only (`pipeline.fewshot.validation_folds`), with all data the class-balanced
+   validation split: plain heads by L-BFGS to their optimum, augmented heads from the plain
+   solution of their λ, near the best plain λ;
 3. each method's hyperparameters are chosen by the same rule (best mean validation balanced
    accuracy, ties by loss) among its own heads — test data is never looked at;
-4. few-shot: each method's chosen head is refitted on all k shots for its median best epoch
-   count; all data: the chosen head's best validation state is used as is;
+4. few-shot: each method's chosen head is refitted on all k shots by the same procedure; all
+   data: the chosen head is used as fitted;
 5. test top-1 and mean per-class accuracy are recorded, and the **paired** difference to the
-   plain head of the same seed (same shots, same initial weights).
+   plain head of the same seed (same shots, same starting point).
 
-The scikit-learn logistic regression is run on the same rows with its C chosen the same way.
+The logistic baseline (`pipeline.baseline`, the one every command uses) runs on the same rows
+with its C chosen on the same splits over the same λ grid.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
 from pipeline.augment import default_settings
-from pipeline.baseline import layernorm_rows
+from pipeline.baseline import BaselineConfig, select_logistic
 from pipeline.carrot import CarrotConfig
+from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 from pipeline.errors import InputError
 from pipeline.features import FeatureSet, Split
 from pipeline.fewshot import sample_shots, validation_folds
+from pipeline.grid_search import search_grid
 from pipeline.heads import HeadSpec
 from pipeline.metrics import mean_per_class_accuracy
 from pipeline.predict import predict
-from pipeline.train import TrainConfig, fit_bank, select_best
+from pipeline.train import TrainConfig, fit_bank
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ METHODS: dict[str, tuple[str, Any]] = {
     "logreg": ("logreg", None),
 }
 BASELINE = "plain"
-LOGREG_CS = tuple(float(c) for c in np.logspace(-2, 4, 7))
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,9 @@ class QualityConfig:
     methods: tuple[str, ...] = tuple(METHODS)  # "plain" is always included (the pairing)
     shots: tuple[int | None, ...] = (1, 2, 4, 8, 16, None)  # None = all training data
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # per-method grid (same for every method)
-    weight_decays: tuple[float, ...] = (1e-2, 1e-1, 1.0, 3.0)  # strong decay matters in few-shot
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=30, batch_size=256, min_steps=150)
-    )  # small sets get more epochs: at least min_steps optimizer steps
+    lrs: tuple[float, ...] = DEFAULT_LRS  # minibatch heads' grid (the same for every method)
+    weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS  # λ grid (also the logreg's C grid)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the probe's training defaults
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -103,21 +101,21 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
     return Split(X=split.X[t], y=split.y[t])
 
 
-def _grid(cfg: QualityConfig, seed: int) -> tuple[list[HeadSpec], dict[str, list[int]]]:
-    """All heads of all torch methods, and which heads belong to which method."""
+def _grid(cfg: QualityConfig, seed: int) -> tuple[list[HeadSpec], dict[str, list[HeadSpec]]]:
+    """All heads of all torch methods, and which specs belong to which method (plain heads take
+    one lr: L-BFGS does not use it)."""
     specs: list[HeadSpec] = []
-    owner: dict[str, list[int]] = {}
+    owner: dict[str, list[HeadSpec]] = {}
     for method in cfg.methods:
         aug, settings = METHODS[method]
         if aug == "logreg":
             continue
         settings = settings if settings is not None else default_settings(aug)
-        for lr in cfg.lrs:
+        for lr in cfg.lrs[:1] if aug == "none" else cfg.lrs:
             for wd in cfg.weight_decays:
-                owner.setdefault(method, []).append(len(specs))
-                specs.append(
-                    HeadSpec(lr=lr, weight_decay=wd, aug=aug, aug_settings=settings, seed=seed)
-                )
+                spec = HeadSpec(lr=lr, weight_decay=wd, aug=aug, aug_settings=settings, seed=seed)
+                owner.setdefault(method, []).append(spec)
+                specs.append(spec)
     return specs, owner
 
 
@@ -145,44 +143,30 @@ def run_regime_seed(
     test = features.get("test")
     specs, owner = _grid(cfg, seed)
     splits = _selection_splits(train, val, shots, seed)
-    scores = np.zeros((len(splits), len(specs), 3))  # balanced acc, loss, best epoch
-    fitted = None
-    for f, (tr, va) in enumerate(splits):
-        fold = FeatureSet(
+    folds = [
+        FeatureSet(
             splits={"train": tr, "val": va},
             class_names=features.class_names,
             device=features.device,
         )
-        tcfg = replace(cfg.train, seed=cfg.train.seed + seed * 101 + f)
-        fitted = fit_bank(fold, specs, tcfg, val_split="val")
-        for h, v in enumerate(fitted.val):
-            scores[f, h] = (v["balanced_accuracy"], v["loss"], v["best_epoch"])
+        for tr, va in splits
+    ]
+    tcfg = replace(cfg.train, seed=cfg.train.seed + seed * 101)
+    search = search_grid(folds, specs, tcfg)
     records = []
     y_test = test.y.cpu().numpy()
-    for method, heads in owner.items():
-        sel = [
-            {
-                "balanced_accuracy": float(scores[:, h, 0].mean()),
-                "loss": float(scores[:, h, 1].mean()),
-            }
-            for h in heads
-        ]
-        h = heads[select_best(sel)]
+    for method, method_specs in owner.items():
+        heads = [h for h, s in enumerate(search.specs) if s in method_specs]
+        if not heads:
+            continue  # every head of this method was left out by the two-stage rule
+        h = search.best(among=heads)
         if shots is None:
-            head = fitted.bank.head(h)  # best validation state
-        else:
-            epochs = int(np.median(scores[:, h, 2])) + 1
+            head = search.folds[0].bank.head(h)  # fitted on the whole training split already
+        else:  # refit on all k shots by the procedure that was scored
             one = FeatureSet(
                 splits={"train": train}, class_names=features.class_names, device=features.device
             )
-            tcfg = replace(
-                cfg.train,
-                epochs=epochs,
-                patience=None,
-                min_steps=0,
-                seed=cfg.train.seed + seed * 101,
-            )
-            head = fit_bank(one, [specs[h]], tcfg, val_split=None).bank.head(0)
+            head = fit_bank(one, [search.specs[h]], tcfg, val_split=None).bank.head(0)
         pred, _ = predict(head, test.X)
         records.append(
             Record(
@@ -192,38 +176,43 @@ def run_regime_seed(
                 seed,
                 float((pred == y_test).mean()),
                 mean_per_class_accuracy(y_test, pred),
-                {"lr": specs[h].lr, "weight_decay": specs[h].weight_decay},
+                {"lr": search.specs[h].lr, "weight_decay": search.specs[h].weight_decay},
             )
         )
     if "logreg" in cfg.methods:
-        records.append(_logreg(splits, train, test, dataset=dataset, shots=shots, seed=seed))
+        records.append(
+            _logreg(splits, train, test, cfg, features.num_classes, dataset, shots, seed)
+        )
     return records
 
 
 def _logreg(
-    splits, train: Split, test: Split, *, dataset: str, shots: int | None, seed: int
+    splits: list[tuple[Split, Split]],
+    train: Split,
+    test: Split,
+    cfg: QualityConfig,
+    num_classes: int,
+    dataset: str,
+    shots: int | None,
+    seed: int,
 ) -> Record:
-    """scikit-learn logistic regression on LayerNorm'd rows, C chosen on the same splits."""
+    """The logistic baseline (`pipeline.baseline`), C chosen on the same selection splits."""
 
-    def fit(split: Split, C: float) -> LogisticRegression:
-        X = layernorm_rows(split.X.cpu().numpy())
-        with (
-            warnings.catch_warnings()
-        ):  # large C on separable few-shot data: lbfgs stops at max_iter
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return LogisticRegression(C=C, max_iter=1000).fit(X, split.y.cpu().numpy())
+    def arrays(s: Split) -> tuple[np.ndarray, np.ndarray]:
+        return s.X.cpu().numpy(), s.y.cpu().numpy()
 
-    def bal(model, split: Split) -> float:
-        pred = model.predict(layernorm_rows(split.X.cpu().numpy()))
-        return mean_per_class_accuracy(split.y.cpu().numpy(), pred)
-
-    # one BLAS thread: these fits are tiny, and threads only add waits (20× slower measured here)
-    with threadpool_limits(limits=1):
-        score = {C: np.mean([bal(fit(tr, C), va) for tr, va in splits]) for C in LOGREG_CS}
-        best = max(LOGREG_CS, key=lambda C: (score[C], -C))
-        model = fit(train, best)
-    pred = model.predict(layernorm_rows(test.X.cpu().numpy()))
+    folds = [(*arrays(tr), *arrays(va)) for tr, va in splits]
+    final = (folds[0][0], folds[0][1]) if shots is None else arrays(train)
+    result = select_logistic(
+        folds,
+        final,
+        arrays(test),
+        num_classes=num_classes,
+        cfg=BaselineConfig(lambdas=tuple(w for w in cfg.weight_decays if w > 0)),
+    )
+    probs = result.test_probs
     y = test.y.cpu().numpy()
+    pred = probs.argmax(1)
     return Record(
         dataset,
         "logreg",
@@ -231,7 +220,7 @@ def _logreg(
         seed,
         float((pred == y).mean()),
         mean_per_class_accuracy(y, pred),
-        {"C": best},
+        {"C": result.best_C},
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 from pipeline.features import FeatureSet
 from pipeline.quality import METHODS, QualityConfig, Record, run_quality, summarize
 from pipeline.quality_report import markdown, write_quality_report
@@ -75,15 +76,13 @@ class SuiteSettings:
 
 def quality_config(s: SuiteSettings) -> QualityConfig:
     """The protocol's settings; quick mode trims regimes, seeds and the grid, not the methods."""
-    train = TrainConfig(
-        epochs=30, batch_size=256, device=s.device, min_steps=100 if s.quick else 150
-    )
+    train = TrainConfig(device=s.device)
     if s.quick:
         cfg = QualityConfig(
             shots=(1, 8, None),
             seeds=(0, 1, 2),
-            lrs=(3e-2,),
-            weight_decays=(1e-1, 1.0, 3.0),
+            lrs=DEFAULT_LRS[:1],
+            weight_decays=DEFAULT_WEIGHT_DECAYS[::2],
             train=train,
         )
     else:

@@ -40,7 +40,7 @@ def _make(name, settings=None):
     aug = create_augmentation(name, settings, num_classes=C, dim=D)
     X, y = _data()
     if aug.needs_fit:
-        aug.fit(X, y)
+        aug.fit(normalize(X), y)
     return aug, X, y
 
 
@@ -124,7 +124,7 @@ def test_isda_noise_has_the_class_covariance():
     aug = create_augmentation(
         "isda", IsdaSettings(strength=1.0, rank=D, copies=1), num_classes=C, dim=D
     )
-    aug.fit(X, y)
+    aug.fit(normalize(X), y)
     cls = 1
     Z = normalize(X[y == cls])
     target = torch.cov(Z.T)
@@ -151,7 +151,7 @@ def test_dc_samples_centre_on_the_calibrated_mean():
     aug = create_augmentation(
         "dc", DCSettings(k=1, include_own=True, alpha=0.0, rank=D), num_classes=C, dim=D
     )
-    aug.fit(X, y)
+    aug.fit(normalize(X), y)
     Z = normalize(X)
     row = Z[y == 2][:1]
     z0 = row.repeat(3000, 1)
@@ -168,7 +168,7 @@ def test_dc_excluding_own_class_uses_other_means():
     aug = create_augmentation(
         "dc", DCSettings(k=1, include_own=False, alpha=0.0, rank=D), num_classes=C, dim=D
     )
-    aug.fit(X, y)
+    aug.fit(normalize(X), y)
     Z = normalize(X)
     z0 = Z[y == 0][:1]
     out = aug(
@@ -220,7 +220,7 @@ def test_carrot_class_cov_is_fitted_from_training_features():
     )
     assert aug.needs_fit
     X, y = _data()
-    aug.fit(X, y)
+    aug.fit(normalize(X), y)
     assert aug.class_factor is not None and aug.class_factor.shape[:2] == (C, D)
     W = torch.randn(C, D, generator=torch.Generator().manual_seed(1))
     out = _call(aug, normalize(X[:32]), y[:32], seed=0, weight=W)

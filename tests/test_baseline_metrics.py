@@ -92,17 +92,35 @@ def _digits(seed=0):
     )
 
 
-FAST = BaselineConfig(Cs=(0.01, 0.1, 1.0, 10.0), max_iter=500, tol=1e-4)
+FAST = BaselineConfig(lambdas=(1e-4, 1e-3, 1e-2, 1e-1), max_iter=500, tol=1e-4)
 
 
-@pytest.mark.parametrize("preprocess", ["layernorm", "standardize"])
+@pytest.mark.parametrize("preprocess", ["layernorm", "standardize", "none"])
 def test_baseline_c_search_on_digits(preprocess):
-    r = fit_logistic_baseline(_digits(), dataclasses.replace(FAST, preprocess=preprocess))
+    fs = _digits()
+    r = fit_logistic_baseline(fs, dataclasses.replace(FAST, preprocess=preprocess))
     assert r.test["top1"] > 0.9
-    assert r.best_C in FAST.Cs
+    assert r.best_lambda in FAST.lambdas
+    assert r.best_C == pytest.approx(1 / (r.best_lambda * fs.num_rows("train")))
     best = max(s["balanced_accuracy"] for s in r.val_scores)
     assert r.val["mean_per_class"] == pytest.approx(best)
-    assert [s["C"] for s in r.val_scores] == sorted(FAST.Cs)
+    assert [s["lambda"] for s in r.val_scores] == sorted(FAST.lambdas, reverse=True)
+    assert r.seconds > 0
+
+
+def test_baseline_over_folds_chooses_on_the_fold_means_and_refits_on_the_final_rows():
+    from pipeline.baseline import select_logistic
+
+    fs = _digits()
+    X, y = fs.get("train").X.numpy(), fs.get("train").y.numpy()
+    half = len(y) // 2
+    folds = [(X[:half], y[:half], X[half:], y[half:]), (X[half:], y[half:], X[:half], y[:half])]
+    r = select_logistic(folds, (X, y), None, num_classes=10, cfg=FAST)
+    assert r.test is None and r.best_C == pytest.approx(1 / (r.best_lambda * len(y)))
+    one = [select_logistic([f], (f[0], f[1]), None, num_classes=10, cfg=FAST) for f in folds]
+    for i, s in enumerate(r.val_scores):
+        mean = np.mean([o.val_scores[i]["balanced_accuracy"] for o in one])
+        assert s["balanced_accuracy"] == pytest.approx(mean)
 
 
 def test_baseline_chooses_on_validation_not_test():
@@ -126,7 +144,7 @@ def test_bad_baseline_config_is_an_input_error():
     with pytest.raises(InputError):
         BaselineConfig(preprocess="pca")
     with pytest.raises(InputError):
-        BaselineConfig(Cs=(0.0,))
+        BaselineConfig(lambdas=(0.0,))
 
 
 def test_plots_write_pngs(tmp_path):

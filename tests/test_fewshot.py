@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.augment import GaussianSettings
 from pipeline.errors import InputError
 from pipeline.features import FeatureSet
 from pipeline.fewshot import run_fewshot, run_fewshot_seed, sample_shots, validation_folds
@@ -28,8 +29,12 @@ def _features(seed=0):
     return FeatureSet.from_arrays({"train": draw(200), "val": draw(80), "test": draw(80)})
 
 
-GRID = HeadGrid.from_lists(lrs=[3e-3, 3e-2], weight_decays=[0.0, 0.5])
-CFG = TrainConfig(epochs=25, batch_size=8, patience=5)
+GRID = HeadGrid.from_lists(
+    lrs=[3e-2],
+    weight_decays=[1e-3, 1e-1, 1.0],
+    augmentations=[("none", None), ("gaussian", GaussianSettings())],
+)
+CFG = TrainConfig(epochs=10, batch_size=8, min_steps=0)
 
 
 def test_sample_shots_is_seeded_and_per_class():
@@ -88,7 +93,7 @@ def test_no_sample_outside_the_shots_is_used(shots):
     dirty = run_fewshot_seed(poisoned, GRID, CFG, shots=shots, seed=4)
     assert np.array_equal(dirty.shot_indices, clean.shot_indices)
     assert dirty.selection == clean.selection
-    assert dirty.best_index == clean.best_index and dirty.epochs == clean.epochs
+    assert dirty.best_index == clean.best_index and dirty.refit == clean.refit
     assert dirty.test == clean.test
     assert clean.test["top1"] > 0.6  # a real run: well above chance (0.25)
     for k, v in clean.head.state_dict().items():
@@ -106,8 +111,20 @@ def test_several_seeds_give_mean_and_std():
     assert r.mean["top1"] > 0.5  # well-separated classes: even 2 shots beat chance (0.25)
     summary = r.summary()
     assert summary["shots"] == 2 and len(summary["runs"]) == 3
+    chosen = [run.best_spec for run in r.runs]
+    assert chosen.count(r.best_spec()) == max(chosen.count(s) for s in chosen)
+    assert summary["best_spec"] == r.best_spec().to_dict()
 
 
 def test_one_shot_runs_with_resubstitution():
     r = run_fewshot(_features(), GRID, CFG, shots=1, seeds=[0])
-    assert r.runs[0].test is not None and r.runs[0].epochs >= 1
+    assert r.runs[0].test is not None and r.runs[0].refit["steps"] >= 1
+
+
+def test_the_refit_is_the_procedure_that_was_scored():
+    """The chosen head is refitted on all shots with the same settings that scored it: the
+    same solver, to convergence, no epoch count carried over from the selection runs."""
+    fs = _features()
+    run = run_fewshot_seed(fs, GRID, CFG, shots=5, seed=0)
+    assert run.refit["solver"] == run.selection[run.best_index]["solver"]
+    assert run.refit["converged"] or run.refit["solver"] == "minibatch"

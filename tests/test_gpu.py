@@ -70,7 +70,7 @@ def test_head_bank_trains_on_cuda():
 
     from pipeline.features import FeatureSet
     from pipeline.heads import HeadGrid
-    from pipeline.train import TrainConfig, train_head_bank
+    from pipeline.grid_search import TrainConfig, train_head_bank
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(

@@ -19,6 +19,7 @@ def _perturbed_bank(H: int, D: int, C: int, seed: int = 0) -> HeadBank:
     with torch.no_grad():  # move LN affine away from (1, 0) so it matters
         bank.ln_weight.add_(0.3 * torch.randn(bank.ln_weight.shape, generator=g))
         bank.ln_bias.add_(0.3 * torch.randn(bank.ln_bias.shape, generator=g))
+        bank.bias.add_(0.3 * torch.randn(bank.bias.shape, generator=g))
     return bank
 
 
@@ -47,6 +48,7 @@ def test_fused_backward_matches_numerical_gradient():
         torch.randn(H, C, D, generator=g, dtype=torch.float64, requires_grad=True),
         torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True),
         torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(H, C, generator=g, dtype=torch.float64, requires_grad=True),
     ]
     assert torch.autograd.gradcheck(lambda *a: _BankLogits.apply(*a, None), args)
     ws = _Workspace()  # with the reusable scratch buffers
@@ -62,8 +64,9 @@ def test_fused_backward_matches_plain_autograd():
     for h in range(H):
         head = bank.head(h)
         head(x).log_softmax(-1).gather(-1, y[:, None]).sum().backward()
-        lin, (gw, gb) = bank.head_parameters(h)
+        lin, (gc, gw, gb) = bank.head_parameters(h)
         torch.testing.assert_close(lin[0].grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gc.grad, head.fc.bias.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
 
@@ -111,6 +114,20 @@ def test_head_state_roundtrip_and_extraction():
     bank.load_head_state(2, state)
     torch.testing.assert_close(bank.weight[2], state["fc.weight"])
     assert float(bank.weight[0].detach().abs().sum()) == 0.0
+
+
+def test_freezing_the_layer_norm_leaves_it_out_of_the_parameters_and_the_gradient():
+    bank = _perturbed_bank(2, 4, 3)
+    bank.freeze_layer_norm()
+    lin, rest = bank.head_parameters(1)
+    assert len(lin) == 1 and len(rest) == 1  # weight; bias only
+    gamma = bank.ln_weight.detach().clone()
+    z = bank.head_features(bank.normalize(torch.randn(5, 4)), 1)
+    (bank(torch.randn(5, 4)).sum() + z.sum()).backward()
+    assert bank.ln_weight.grad is None and all(a.grad is None for a in bank._aliases["ln_weight"])
+    torch.testing.assert_close(bank.ln_weight.detach(), gamma)
+    bank.freeze_layer_norm(False)
+    assert len(bank.head_parameters(1)[1]) == 3
 
 
 def test_init_is_seeded_per_head():
@@ -173,12 +190,13 @@ def test_alias_path_and_stacked_path_gradients_add_up(alias_first):
     h = 1
     fused = F.cross_entropy(bank(x)[h], y)
     z = bank.head_features(bank.normalize(x2), h)
-    extra = F.cross_entropy(z @ bank.head_weight(h).t(), y2)
+    extra = F.cross_entropy(z @ bank.head_weight(h).t() + bank.head_bias(h), y2)
     (extra + fused if alias_first else fused + extra).backward()
     head = bank.head(h)
     (F.cross_entropy(head(x), y) + F.cross_entropy(head(x2), y2)).backward()
-    (lin,), (gw, gb) = bank.head_parameters(h)
+    (lin,), (gc, gw, gb) = bank.head_parameters(h)
     torch.testing.assert_close(lin.grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gc.grad, head.fc.bias.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
     other = bank.head_parameters(0)[0][0].grad

@@ -1,0 +1,105 @@
+"""Stage 2's defaults, defined once: the head grid and the training settings (`TrainConfig`,
+`LbfgsSettings`). The CLI, `run_probe`, the demo, the quality bench, the logistic baseline and the
+benchmarks read them here. No torch import: ``carrot --help`` stays fast.
+
+``λ`` is the L2 coefficient of every head's objective ``mean CE + λ/2 · ‖W‖²`` —
+scikit-learn's ``C = 1 / (λ · n)`` on ``n`` training rows. Half-decades from 1e-6 (almost no
+regularization: ``C`` ≈ 1e3 on 1 000 rows) to 1 (strong: few-shot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = tuple(float(f"{v:.3g}") for v in np.logspace(-6, 0, 13))
+"""λ grid (13 values, log-spaced)."""
+DEFAULT_LRS: tuple[float, ...] = (1e-3, 1e-2)
+"""Peak learning rates of minibatch heads (augmented heads, or every head of a streamed split)."""
+DEFAULT_AUGS: tuple[str, ...] = ("none", "carrot")
+"""Augmentations in the bank; the plain heads guard against harm, validation picks."""
+
+SOLVERS = ("auto", "lbfgs", "minibatch")
+OPTIMIZERS = ("adam", "sgd")
+OPTIMIZER_IMPLS = ("auto", "torch", "multi_tensor")
+DTYPES = ("float32", "bfloat16", "float16")
+GTOL = 1e-4  # stop when max |gradient| ≤ GTOL (the objective is a mean over rows)
+FTOL = 1e-9  # ... or when one step lowers f by ≤ FTOL · max(|f|, 1)
+MAX_ITER = 1000
+HISTORY = 20
+HISTORY_BYTES = 256 * 2**20  # the (s, y) history of all heads is kept under this
+
+
+@dataclass(frozen=True)
+class LbfgsSettings:
+    """Stopping rule and memory of the solver."""
+
+    max_iter: int = MAX_ITER  # iterations per head (each = one pass over the rows, or more)
+    gtol: float = GTOL  # max-abs gradient tolerance
+    ftol: float = FTOL  # relative decrease tolerance
+    history: int = HISTORY  # (s, y) pairs kept per head (fewer when HISTORY_BYTES is exceeded)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the head-bank training (per-head settings live in `HeadSpec`). The one source
+    of the training defaults: the CLI, `run_probe`, the demo and the benchmarks read them here."""
+
+    solver: str = "auto"  # auto: L-BFGS for plain heads when train is in memory | lbfgs | minibatch
+    precondition: bool = True  # standardize LN(x) by train statistics (in the LayerNorm affine)
+    train_layer_norm: bool = False  # let the minibatch path train the LN affine (non-convex)
+    lbfgs: LbfgsSettings = field(default_factory=LbfgsSettings)  # plain heads' solver
+    optimizer: str = "adam"  # minibatch path: "adam" | "sgd" (weight decay = L2 for both)
+    optimizer_impl: str = "auto"  # "auto" | "torch" | "multi_tensor" (see create_optimizer)
+    epochs: int = 100  # minibatch path: maximum epochs
+    batch_size: int = 256  # rows per minibatch step (shared by all heads)
+    warmup_epochs: float = 1.0  # linear lr warm-up, then cosine decay to min_lr_ratio·lr
+    min_lr_ratio: float = 0.0  # final lr as a fraction of each head's peak lr
+    momentum: float = 0.9  # SGD momentum
+    label_smoothing: float = 0.0  # used by heads whose spec leaves it None
+    aug_warmup_epochs: int = 0  # no augmentation during the first minibatch epochs
+    min_steps: int = 300  # small train sets: raise epochs to reach this many minibatch steps
+    aug_near_best: int | None = 1  # augmented heads only at the best plain λ ± this many grid steps
+    tol: float = 1e-3  # minibatch convergence: relative change of the windowed epoch objective
+    window: int = 5  # epochs per window of that test
+    seed: int = 0  # batch order and augmentation noise
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"...
+    dtype: str = "float32"  # autocast dtype of the minibatch matmuls: float32 | bfloat16 | float16
+    eval_batch_size: int = 8192  # rows per evaluation chunk
+    val_fraction: float = 0.1  # class-balanced validation carved from train when there is none
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}"),
+            (
+                self.optimizer in OPTIMIZERS,
+                f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+            ),
+            (
+                self.optimizer_impl in OPTIMIZER_IMPLS,
+                f"optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}",
+            ),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (
+                self.epochs >= 1 and self.batch_size >= 1,
+                f"epochs and batch_size must be >= 1 ({self.epochs}, {self.batch_size})",
+            ),
+            (self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}"),
+            (self.window >= 1, f"window must be >= 1, got {self.window}"),
+            (
+                self.aug_near_best is None or self.aug_near_best >= 0,
+                f"aug_near_best must be >= 0 or None, got {self.aug_near_best}",
+            ),
+            (self.tol >= 0 and math.isfinite(self.tol), f"tol must be >= 0, got {self.tol}"),
+            (
+                0.0 < self.val_fraction < 1.0,
+                f"val_fraction must be in (0, 1), got {self.val_fraction}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)

@@ -1,0 +1,219 @@
+"""Full-batch L-BFGS for H independent L2-regularized softmax regressions, batched over heads.
+
+Each head h minimizes its own convex objective over the same rows ``x̂ (N, D)``::
+
+    f_h(W_h, b_h) = mean_i CE_s(W_h x̂_i + b_h, y_i) + λ_h / 2 · ‖W_h‖²
+
+(``CE_s``: cross-entropy with label smoothing ``s_h``; the bias is not penalized) — exactly
+scikit-learn's multinomial ``LogisticRegression`` objective with ``C = 1 / (λ N)``. The heads are
+separable, so every head runs its own L-BFGS (own history, own backtracking line search, own
+stopping test) while one batched evaluation computes all active heads' losses and gradients:
+one ``(n, D) @ (D, h·C)`` matmul per block of rows, gradients in closed form (no autograd).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.defaults import HISTORY_BYTES, LbfgsSettings
+
+ARMIJO_C1 = 1e-4
+MAX_BACKTRACKS = 30
+BLOCK_ELEMENTS = 1 << 22  # rows per block × H × C kept under this (logits memory)
+
+
+@dataclass
+class LbfgsResult:
+    """Per-head solution and how the solve ended. ``W (H, C, D)``, ``b (H, C)``; the rest ``(H,)``."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+    objective: torch.Tensor  # float64 final f_h
+    grad_max: torch.Tensor  # float64 final max |∇f_h|
+    iterations: torch.Tensor  # int64
+    converged: torch.Tensor  # bool: gradient or decrease test met (not the iteration cap)
+    trace: torch.Tensor  # (iterations + 1, H) float64 objective per iteration, NaN once stopped
+
+
+def softmax_objective(
+    xhat: torch.Tensor,
+    y: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    lam: torch.Tensor,
+    smoothing: torch.Tensor,
+    *,
+    with_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``f (h,) float64`` and, with ``with_grad``, ``∇W (h, C, D)``, ``∇b (h, C)``.
+
+    ``xhat (N, D)``, ``y (N,) int64``, ``W (h, C, D)``, ``b (h, C)``, ``lam``/``smoothing (h,)``.
+    Rows are processed in blocks so the ``(n, h, C)`` logits stay small.
+    """
+    n_rows, dim = xhat.shape
+    h, C, _ = W.shape
+    Wf = W.reshape(h * C, dim)
+    bf = b.reshape(h * C)
+    s = smoothing.to(W.dtype)[None, :, None]  # (1, h, 1)
+    block = max(1, BLOCK_ELEMENTS // max(1, h * C))
+    loss = torch.zeros(h, dtype=torch.float64, device=W.device)
+    gW = torch.zeros_like(Wf) if with_grad else None
+    gb = torch.zeros_like(bf) if with_grad else None
+    for start in range(0, n_rows, block):
+        xb, yb = xhat[start : start + block], y[start : start + block]
+        logits = torch.addmm(bf, xb, Wf.t()).view(-1, h, C)  # (n, h, C)
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -logp.gather(-1, yb.view(-1, 1, 1).expand(-1, h, 1)).squeeze(-1)  # (n, h)
+        rows = (1 - s[..., 0]) * nll - s[..., 0] * logp.mean(-1)
+        loss += rows.sum(0, dtype=torch.float64)
+        if with_grad:
+            G = logp.exp_()  # softmax, in place of logp: (n, h, C)
+            G.sub_(s / C)
+            G.scatter_add_(
+                -1,
+                yb.view(-1, 1, 1).expand(-1, h, 1),
+                (s[..., 0] - 1).expand(len(yb), h)[..., None],
+            )
+            G = G.view(-1, h * C)
+            gW.addmm_(G.t(), xb)
+            gb.add_(G.sum(0))
+    f = loss / n_rows + 0.5 * lam.double() * W.double().square().sum((1, 2))
+    if not with_grad:
+        return f, None, None
+    gW = gW.view(h, C, dim).div_(n_rows).add_(W * lam.to(W.dtype)[:, None, None])
+    return f, gW, gb.view(h, C).div_(n_rows)
+
+
+def _flat(W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([W.flatten(1), b], dim=1)  # (h, C·D + C)
+
+
+def _unflat(theta: torch.Tensor, C: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h = theta.shape[0]
+    return theta[:, : C * D].reshape(h, C, D), theta[:, C * D :]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() * b.double()).sum(1)  # (h,) float64
+
+
+def solve_softmax_lbfgs(
+    xhat: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lam: torch.Tensor,
+    smoothing: torch.Tensor | None = None,
+    *,
+    settings: LbfgsSettings | None = None,
+    W0: torch.Tensor | None = None,
+    b0: torch.Tensor | None = None,
+) -> LbfgsResult:
+    """Minimize every head's ``f_h`` (module docstring) from ``W0``/``b0`` (default zeros).
+
+    ``xhat (N, D)`` float32 or float64 on the solve's device, ``y (N,)``, ``lam (H,)`` ≥ 0,
+    ``smoothing (H,)`` in [0, 1). Heads stop independently; a head whose line search cannot
+    decrease ``f`` any more (float precision reached) stops and is reported converged only if
+    its gradient test holds within 10×.
+    """
+    cfg = settings if settings is not None else LbfgsSettings()
+    dev, dt = xhat.device, xhat.dtype
+    H, C, D = int(lam.shape[0]), int(num_classes), int(xhat.shape[1])
+    lam = lam.to(dev, dt)
+    smoothing = torch.zeros(H, device=dev, dtype=dt) if smoothing is None else smoothing.to(dev, dt)
+    W = torch.zeros(H, C, D, device=dev, dtype=dt) if W0 is None else W0.to(dev, dt).clone()
+    b = torch.zeros(H, C, device=dev, dtype=dt) if b0 is None else b0.to(dev, dt).clone()
+    y = y.to(dev)
+    P = C * D + C
+    per_pair = 2 * H * P * xhat.element_size()
+    m = max(3, min(cfg.history, HISTORY_BYTES // max(1, per_pair)))
+    theta = _flat(W, b)
+    S = torch.zeros(m, H, P, device=dev, dtype=dt)
+    Y = torch.zeros_like(S)
+    rho = torch.zeros(m, H, dtype=torch.float64, device=dev)
+    gamma = torch.ones(H, dtype=torch.float64, device=dev)
+    f, gW, gb = softmax_objective(xhat, y, W, b, lam, smoothing)
+    g = _flat(gW, gb)
+    iters = torch.zeros(H, dtype=torch.int64, device=dev)
+    done = g.abs().amax(1).double() <= cfg.gtol
+    converged = done.clone()
+    trace = [f.clone()]
+    for it in range(cfg.max_iter):
+        active = torch.nonzero(~done).squeeze(1)
+        if active.numel() == 0:
+            break
+        ga, ta, fa = g[active], theta[active], f[active]
+        # two-loop recursion over the ring buffer (entries with ρ = 0 are no-ops)
+        q = ga.clone()
+        order = [(it - 1 - j) % m for j in range(min(it, m))]
+        alphas = []
+        for i in order:
+            a = rho[i, active] * _dot(S[i, active], q)
+            q.sub_(a.to(dt)[:, None] * Y[i, active])
+            alphas.append(a)
+        r = q.mul_(gamma[active].to(dt)[:, None])
+        for i, a in zip(reversed(order), reversed(alphas), strict=True):
+            beta = rho[i, active] * _dot(Y[i, active], r)
+            r.add_((a - beta).to(dt)[:, None] * S[i, active])
+        d = -r
+        slope = _dot(ga, d)
+        bad = ~(slope < 0) | ~torch.isfinite(slope)
+        if bad.any():  # not a descent direction: fall back to steepest descent
+            d[bad] = -ga[bad]
+            slope = torch.where(bad, -_dot(ga, ga), slope)
+        step = torch.ones(len(active), dtype=torch.float64, device=dev)
+        if it == 0:
+            step = (1.0 / ga.norm(dim=1).double().clamp_min(1e-12)).clamp_max(1.0)
+        accepted = torch.zeros(len(active), dtype=torch.bool, device=dev)
+        lam_a, s_a = lam[active], smoothing[active]
+        new_theta, fn, gn = ta.clone(), fa.clone(), ga.clone()
+        for _ in range(MAX_BACKTRACKS):
+            todo = torch.nonzero(~accepted).squeeze(1)
+            trial = ta[todo] + step[todo].to(dt)[:, None] * d[todo]
+            Wt, bt = _unflat(trial, C, D)
+            ft, gWt, gbt = softmax_objective(xhat, y, Wt, bt, lam_a[todo], s_a[todo])
+            ok = torch.isfinite(ft) & (ft <= fa[todo] + ARMIJO_C1 * step[todo] * slope[todo])
+            hit = todo[ok]
+            new_theta[hit], fn[hit], gn[hit] = trial[ok], ft[ok], _flat(gWt, gbt)[ok]
+            accepted[hit] = True
+            if accepted.all():
+                break
+            step = torch.where(accepted, step, step * 0.5)
+        stalled = ~accepted
+        s_vec, y_vec = new_theta - ta, gn - ga
+        sy = _dot(s_vec, y_vec)
+        good = sy > 1e-12 * _dot(y_vec, y_vec).clamp_min(1e-300)
+        slot = it % m
+        S[slot, active] = torch.where(good[:, None], s_vec, torch.zeros_like(s_vec))
+        Y[slot, active] = torch.where(good[:, None], y_vec, torch.zeros_like(y_vec))
+        rho[slot, active] = torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+        yy = _dot(y_vec, y_vec)
+        gamma[active] = torch.where(good, sy / yy.clamp_min(1e-300), gamma[active])
+        theta[active], g[active], f[active] = new_theta, gn, fn
+        iters[active] += 1
+        gmax = gn.abs().amax(1).double()
+        small_g = gmax <= cfg.gtol
+        small_f = (fa - fn) <= cfg.ftol * torch.maximum(fn.abs(), torch.ones_like(fn))
+        stop = small_g | (small_f & accepted) | stalled
+        converged[active] = small_g | (small_f & accepted) | (stalled & (gmax <= 10 * cfg.gtol))
+        done[active] = stop
+        trace.append(torch.where(iters == it + 1, f, torch.full_like(f, math.nan)))
+    W, b = _unflat(theta, C, D)
+    return LbfgsResult(
+        W=W.contiguous(),
+        b=b.contiguous(),
+        objective=f,
+        grad_max=g.abs().amax(1).double(),
+        iterations=iters,
+        converged=converged,
+        trace=torch.stack(trace),
+    )
+
+
+def lambda_from_C(C: float, n_rows: int) -> float:
+    """The λ of :func:`softmax_objective` equal to scikit-learn's ``C`` on ``n_rows`` rows."""
+    if not (C > 0 and math.isfinite(C)):
+        raise ValueError(f"C must be positive and finite, got {C}")
+    return 1.0 / (C * n_rows)
