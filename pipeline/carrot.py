@@ -28,9 +28,12 @@ from pipeline.nuisance import (
     class_factor_from_features,
     competitor_geometry,
     difference_sq,
+    distinct_rows,
     factor_spectrum,
+    kset_drift_sq,
     margin_slack,
     nearest_classes,
+    nuisance_sq,
     orthonormal_rows,
     outside_mask,
     project_out,
@@ -274,39 +277,55 @@ def _stale_alpha(
     ``d_c = d_c⁰ + Δ_c`` every margin c ≠ y moves by ``√α·d_cᵀ P_N ε``, with variance
     ``s_c = ‖P_N d_c‖²`` (``‖L_yᵀ P_N d_c‖²`` for class_cov noise). The union bound runs over all
     C − 1 classes. Kset classes (``P_N d_k⁰ = 0``): ``s_k = ‖P_N Δ_k‖²`` exactly (K directions
-    per row). Others: ``s_c ≤ (√s_c⁰ + ‖Δ_c‖)²`` (triangle inequality, cached ``s_c⁰``), the
-    ``cfg.refine`` binding ones recomputed exactly. Only eligible rows are computed (others 0).
+    per distinct geometry row, i.e. per class in "class" mode). Others:
+    ``s_c ≤ (√s_c⁰ + ‖Δ_c‖)²`` (triangle inequality, cached ``s_c⁰``); for class_cov noise
+    (whose bound uses σ_max(L_y)) the ``cfg.refine`` binding ones are recomputed exactly.
+    Only eligible rows are computed (the others get 0).
     """
     alpha = torch.zeros_like(slack[:, 0])
     rows = torch.nonzero(eligible).squeeze(1)  # host sync
     if rows.numel() == 0:
         return alpha
     geo, slack = geo.take(rows), slack.index_select(0, rows)
-    y, kset = geo.labels, geo.kset
+    first, inverse = distinct_rows(geo)  # per-class quantities once per class
+    uniq = geo.take(first)
+    y, kset = uniq.labels, uniq.kset
     c = wc.shape[0]
     eta = ETA_PER_COMPETITOR * kset.shape[1]
-    scale = 1.0 if scale is None else scale.index_select(0, rows)
-    factor = None if factor_y is None else factor_y.index_select(0, rows)
     use_basis = work == torch.float32  # the operator the noise is projected with
+    scale = 1.0 if scale is None else scale.index_select(0, rows)  # (R, 1), per class
+    factor = None if factor_y is None else factor_y.index_select(0, rows)
 
-    def variance(dirs: Tensor) -> Tensor:  # (R, r, D) float64 → (R, r) per unit α
-        proj = project_out(geo, dirs.transpose(0, 1), use_basis=use_basis).to(torch.float64)
+    def variance(where: Competitors, dirs: Tensor, at: Tensor) -> Tensor:
+        """(N, r) per unit α of directions dirs (N, r, D) float64 for rows ``at`` of R."""
         if factor is None:
-            return proj.square().sum(-1).T
-        return torch.einsum("bdq,rbd->rbq", factor, proj).square().sum(-1).T
+            return nuisance_sq(where, dirs, use_basis=use_basis)
+        proj = project_out(where, dirs.transpose(0, 1), use_basis=use_basis).to(torch.float64)
+        return torch.einsum("bdq,rbd->rbq", factor[at], proj).square().sum(-1).T
 
     drift = wc - geo.weight  # (C, D) Δw
-    moved = row_difference_sq(drift, y)  # (R, C) ≥ ‖Δ_c‖²
-    length = row_difference_sq(wc, y)  # (R, C) ≥ ‖d_c‖²
-    bound = (geo.nuisance_var.sqrt() + moved.sqrt()).square() * (1 + 8 * _EPS64) * scale
-    kvar = variance(drift[y][:, None, :] - drift[kset]) + eta * scale * moved.gather(1, kset)
-    bound = bound.scatter(1, kset, kvar.minimum(bound.gather(1, kset)))
-    constrained = torch.ones_like(geo.outside).scatter_(1, y[:, None], False)
+    moved = row_difference_sq(drift, y)  # (U, C) ≥ ‖Δ_c‖²
+    scale_u = scale if isinstance(scale, float) else scale[first]
+    bound = (uniq.nuisance_var.sqrt() + moved.sqrt()).square() * (1 + 8 * _EPS64) * scale_u
+    moved_k = moved.gather(1, kset)
+    if factor is None and use_basis and uniq.basis is not None:  # float32 basis: cheap, rigorous
+        kvar = kset_drift_sq(uniq, drift, moved_k)
+    else:
+        kvar = variance(uniq, drift[y][:, None, :] - drift[kset], first) + eta * scale_u * moved_k
+    bound = bound.scatter(1, kset, kvar.minimum(bound.gather(1, kset))).index_select(0, inverse)
+    labels = geo.labels
+    constrained = torch.ones_like(geo.outside).scatter_(1, labels[:, None], False)
+    q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
+    if factor is None:  # isotropic: the triangle bound is within a few % of exact (measured)
+        found = chance_alpha(slack, bound, constrained, n_out=c - 1, q2=q2)
+        return alpha.index_copy(0, rows, found)
+    length = row_difference_sq(wc, y).index_select(0, inverse)  # (R, C) ≥ ‖d_c‖²
+    everyone = torch.arange(labels.shape[0], device=labels.device)
 
     def exact_var(idx: Tensor) -> Tensor:  # (R, r) classes → (R, r) exact s_c, rounded up
-        return variance(wc[y][:, None, :] - wc[idx]) + eta * scale * length.gather(1, idx)
+        dirs = wc[labels][:, None, :] - wc[idx]
+        return variance(geo, dirs, everyone) + eta * scale * length.gather(1, idx)
 
-    q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
     found = chance_alpha(
         slack, bound, constrained, n_out=c - 1, q2=q2, refine=cfg.refine, exact_var=exact_var
     )

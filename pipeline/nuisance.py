@@ -277,6 +277,61 @@ def project_out(
     return torch.addmm(flat, coef.view(-1, coef.shape[-1]), geo.weight, alpha=-1).view(shape)
 
 
+def nuisance_sq(geo: Competitors, v: Tensor, *, use_basis: bool = False) -> Tensor:
+    """``‖P_N v_j‖²`` (N, r) float64 for r vectors per row, v (N, r, D) float64.
+
+    Same operator choice as :func:`project_out` (``use_basis``: the basis even for float64);
+    the basis path is two batched products per row with no transposed copies.
+    """
+    if geo.basis is not None and (use_basis or geo.pinv is None):
+        basis = geo.basis if geo.basis_rows is None else geo.basis.index_select(0, geo.basis_rows)
+        basis = basis.to(torch.float64)
+        coef = torch.bmm(v, basis.transpose(1, 2))  # (N, r, R) = Q v
+        return torch.baddbmm(v, coef, basis, alpha=-1).square_().sum(dim=-1)
+    return project_out(geo, v.transpose(0, 1)).square().sum(dim=-1).T
+
+
+def kset_drift_sq(geo: Competitors, drift: Tensor, drift_sq: Tensor) -> Tensor:
+    """(N, K) upper bound of ``‖P_N (Δ_y − Δ_k)‖²`` for each row's Kset, ``P_N`` the operator
+    of ``geo``'s float32 basis (the one float32 noise is projected with).
+
+    ``drift`` (C, D) float64 weight change Δ; ``drift_sq`` (N, K) ≥ ‖Δ_y − Δ_k‖². Computed in
+    float32 as ``‖v‖² − ‖Q v̂‖²`` (Q R near-orthonormal rows, v̂ the float32 difference), plus
+    a rounding allowance: ``|‖Q v̂‖² − ‖Q v‖²|`` and the non-orthogonality of Q are below
+    ``4·(√R·(D + 4) + R)·u·(‖Δ_y‖ + ‖Δ_k‖)²`` (u = 2⁻²⁴). Two small batched products per row,
+    no float64 (N, K, D) tensor. Requires a float32 ``geo.basis``.
+    """
+    basis = geo.basis if geo.basis_rows is None else geo.basis.index_select(0, geo.basis_rows)
+    y, kset = geo.labels, geo.kset
+    d32 = drift.float()
+    n, k = kset.shape
+    v = d32.index_select(0, kset.reshape(-1)).view(n, k, -1)  # (N, K, D) float32 Δ_k
+    v.sub_(d32.index_select(0, y).unsqueeze(1))  # Δ_k − Δ_y (the sign does not matter)
+    in_s = torch.bmm(v, basis.transpose(1, 2)).double().square().sum(dim=-1)  # (N, K) ‖Q v̂‖²
+    r, d = basis.shape[1:]
+    unit = torch.finfo(torch.float32).eps / 2
+    norms = drift.norm(dim=1)
+    scale = (norms[y][:, None] + norms[kset]).square()
+    allowance = 4 * (math.sqrt(r) * (d + 4) + r) * unit * scale
+    return (drift_sq - in_s + allowance).clamp_min(0).minimum(drift_sq)
+
+
+def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:
+    """Rows of ``geo`` that are copies of one row (e.g. a class geometry taken per sample).
+
+    Returns ``first`` (U,) one row per distinct source and ``inverse`` (N,) the position in
+    ``first`` of each row's source. Rows are distinct unless ``geo.basis_rows`` says they share
+    a source row (:meth:`Competitors.take` gathers every field with the same index).
+    """
+    n = geo.labels.shape[0]
+    rows = torch.arange(n, device=geo.labels.device)
+    if geo.basis_rows is None:
+        return rows, rows
+    _, inverse = torch.unique(geo.basis_rows, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), n, device=rows.device, dtype=rows.dtype)
+    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+
+
 def project_out_explicit(basis: Tensor, v: Tensor) -> Tensor:
     """``v − Qᵀ Q v`` for orthonormal rows Q (N, K, D) and v (..., N, D), in v's dtype.
 
