@@ -10,7 +10,7 @@ from prefect.artifacts import create_image_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.features import FeatureSet
-from pipeline.head_io import load_head, publish_run, write_json, write_outputs
+from pipeline.head_io import load_head, write_fewshot_run, write_outputs
 from pipeline.predict import check_head_fits, predict, write_predictions_csv
 from pipeline.probe import ProbeReport, ProbeSettings, run_probe, settings_dict
 from stores import EmbeddingStore, open_store
@@ -34,9 +34,16 @@ def write_outputs_task(
     """Replace the run folder ``out`` as a whole (head, metrics, plots, summary.json)."""
     summary = {**report.summary, "out": str(out), "store": store.url}
     summary["settings"] = settings_dict(settings)
-    if report.result is None:  # few-shot: the summary is the run
-        path = publish_run(out, lambda d: write_json(d / "summary.json", summary))
-        return {"summary": str(Path(out) / path.name)}
+    if report.fewshot is not None:  # few-shot: one head per seed, the most chosen on top
+        write_fewshot_run(
+            report.fewshot,
+            out,
+            class_names=store.class_names,
+            store_key=store.key,
+            store_url=store.url,
+            summary=summary,
+        )
+        return {"summary": str(Path(out) / "summary.json"), "head": str(Path(out))}
     written = write_outputs(
         report.result,
         out,

@@ -18,8 +18,11 @@ from pipeline.errors import InputError
 
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = tuple(float(f"{v:.3g}") for v in np.logspace(-6, 0, 13))
 """λ grid (13 values, log-spaced)."""
-DEFAULT_LRS: tuple[float, ...] = (1e-3, 1e-2)
-"""Peak learning rates of minibatch heads (augmented heads, or every head of a streamed split)."""
+DEFAULT_LRS: tuple[float, ...] = (1e-3,)
+"""Peak learning rates of minibatch heads (augmented heads, or every head of a streamed split).
+Augmented heads start at their plain optimum: a small step suffices (measured on digits pixels
+and the synthetic set: 1e-3 settles in the fewest steps and is never worse on validation than
+3e-3 or 1e-2)."""
 DEFAULT_AUGS: tuple[str, ...] = ("none", "carrot")
 """Augmentations in the bank; the plain heads guard against harm, validation picks."""
 
@@ -63,6 +66,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # used by heads whose spec leaves it None
     aug_warmup_epochs: int = 0  # no augmentation during the first minibatch epochs
     min_steps: int = 300  # small train sets: raise epochs to reach this many minibatch steps
+    warm_start_rows: int = 65536  # streamed train: L-BFGS on this many rows starts every head
     aug_near_best: int | None = 1  # augmented heads only at the best plain λ ± this many grid steps
     tol: float = 1e-3  # minibatch convergence: relative change of the windowed epoch objective
     window: int = 5  # epochs per window of that test
@@ -90,6 +94,10 @@ class TrainConfig:
             ),
             (self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}"),
             (self.window >= 1, f"window must be >= 1, got {self.window}"),
+            (
+                self.warm_start_rows >= 1,
+                f"warm_start_rows must be >= 1, got {self.warm_start_rows}",
+            ),
             (
                 self.aug_near_best is None or self.aug_near_best >= 0,
                 f"aug_near_best must be >= 0 or None, got {self.aug_near_best}",

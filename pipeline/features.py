@@ -8,10 +8,9 @@ iterator factory, prefetched on a background thread) when it does not fit in mem
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputError
+from stores.prefetch import prefetch
 
 logger = logging.getLogger(__name__)
-
-ChunkIter = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 class FeatureStoreLike(Protocol):
@@ -35,8 +33,14 @@ class FeatureStoreLike(Protocol):
     def labels(self, split: str) -> np.ndarray: ...  # (n,) int64
     def ids(self, split: str) -> list[str]: ...
     def splits(self) -> Sequence[str]: ...
-    def iter_chunks(self, split: str, *, rows: int, prefetch: int) -> ChunkIter: ...
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int: ...  # features as stored (any dtype)
+
+    # for streaming: store rows ``start:stop`` of a split, chunk-aligned blocks
+    n: int
+    chunk_rows: int
+    dtype: str
+
+    def read_rows(self, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -74,83 +78,80 @@ def _as_split(
     return Split(X=Xt.to(device), y=yt.to(device), ids=tuple(str(i) for i in ids) if ids else None)
 
 
-class StreamingFeatures:
-    """Rows streamed from ``make_iter()`` chunks ``(X (n, D), y (n,))`` with a prefetch thread.
+BlockReader = Callable[[int], tuple[np.ndarray, np.ndarray]]
+"""Block index → ``(X (n, D), y (n,))``: one contiguous, chunk-aligned piece of a split."""
 
-    ``make_iter`` is called once per epoch. Each chunk is copied to ``device`` (pinned and
-    ``non_blocking`` on CUDA), shuffled within the chunk with the caller's generator, and cut
-    into batches; a short tail is carried into the next chunk, so every row is used once per
-    epoch. ``num_rows`` (rows per epoch) lets the trainer size its LR schedule.
+
+class StreamingFeatures:
+    """A split too large for memory, read in blocks ``read_block(i)``, ``i < n_blocks``.
+
+    Each epoch visits the blocks in a random order (``generator``), ``buffer_blocks`` at a time:
+    they are read ahead on a background thread, concatenated into a shuffle buffer whose rows
+    are permuted, and cut into batches (a short tail is carried into the next buffer). So a
+    store sorted by class — ids sort by class folder — still gives batches that mix rows from
+    ``buffer_blocks`` random places of the whole split, and every row is used once per epoch.
+    ``num_rows`` (rows per epoch) lets the trainer size its schedule.
     """
 
     def __init__(
         self,
-        make_iter: Callable[[], ChunkIter],
+        read_block: BlockReader,
         *,
+        n_blocks: int,
         num_rows: int,
         dim: int,
+        buffer_blocks: int = 8,
         prefetch: int = 2,
     ) -> None:
-        if prefetch < 1:
-            raise InputError(f"prefetch must be >= 1, got {prefetch}")
-        self.make_iter = make_iter
+        if prefetch < 1 or buffer_blocks < 1 or n_blocks < 1:
+            raise InputError(
+                f"prefetch, buffer_blocks and n_blocks must be >= 1, got {prefetch}, "
+                f"{buffer_blocks}, {n_blocks}"
+            )
+        self.read_block = read_block
+        self.n_blocks = int(n_blocks)
         self.num_rows = int(num_rows)
         self.dim = int(dim)
+        self.buffer_blocks = min(int(buffer_blocks), self.n_blocks)
         self.prefetch = int(prefetch)
+
+    @classmethod
+    def from_arrays(
+        cls, X: np.ndarray, y: np.ndarray, *, block_rows: int, **kwargs: Any
+    ) -> StreamingFeatures:
+        """Stream in-memory arrays in blocks of ``block_rows`` rows (tests, benchmarks)."""
+        n = len(y)
+
+        def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+            return X[i * block_rows : (i + 1) * block_rows], y[
+                i * block_rows : (i + 1) * block_rows
+            ]
+
+        return cls(read, n_blocks=max(1, -(-n // block_rows)), num_rows=n, dim=X.shape[1], **kwargs)
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def chunks(self, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield device chunks ``(X (n, D) float32, y (n,) int64)``, read ahead on a thread."""
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
-        pin = device.type == "cuda"
+    def _tensors(self, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        X, y = self.read_block(int(i))
+        Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
+        yt = torch.as_tensor(np.asarray(y).astype(np.int64, copy=False))
+        if Xt.ndim != 2 or Xt.shape[1] != self.dim or yt.shape != (Xt.shape[0],):
+            raise InputError(
+                f"streamed block {i} has X {tuple(Xt.shape)}, y {tuple(yt.shape)}; "
+                f"expected (n, {self.dim}) and (n,)"
+            )
+        if device.type == "cuda":
+            Xt, yt = Xt.pin_memory(), yt.pin_memory()
+        return Xt.to(device, non_blocking=True), yt.to(device, non_blocking=True)
 
-        def producer() -> None:
-            try:
-                for X, y in self.make_iter():
-                    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
-                    yt = torch.as_tensor(np.asarray(y).astype(np.int64, copy=False))
-                    if pin:
-                        Xt, yt = Xt.pin_memory(), yt.pin_memory()
-                    while not stop.is_set():
-                        try:
-                            q.put((Xt, yt), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(done)
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                q.put(exc)
-
-        thread = threading.Thread(target=producer, name="feature-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                Xt, yt = item
-                if Xt.ndim != 2 or Xt.shape[1] != self.dim or yt.shape != (Xt.shape[0],):
-                    raise InputError(
-                        f"streamed chunk has X {tuple(Xt.shape)}, y {tuple(yt.shape)}; "
-                        f"expected (n, {self.dim}) and (n,)"
-                    )
-                yield (
-                    Xt.to(device, non_blocking=True),
-                    yt.to(device, non_blocking=True),
-                )
-        finally:
-            stop.set()
-            while not q.empty():  # unblock a producer waiting on a full queue
-                q.get_nowait()
-            thread.join(timeout=5)
+    def chunks(
+        self, device: torch.device, order: Sequence[int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield blocks ``(X (n, D) float32, y (n,) int64)`` on ``device`` in ``order`` (store
+        order by default), read ahead on a background thread."""
+        order = range(self.n_blocks) if order is None else order
+        return prefetch((self._tensors(i, device) for i in order), depth=self.prefetch)
 
     def batches(
         self,
@@ -161,23 +162,42 @@ class StreamingFeatures:
         shuffle: bool = True,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(X (b, D), y (b,))`` batches; only the epoch's last batch may be short."""
-        carry_X: torch.Tensor | None = None
-        carry_y: torch.Tensor | None = None
-        for X, y in self.chunks(device):
-            if carry_X is not None and carry_y is not None:
-                X, y = torch.cat([carry_X, X]), torch.cat([carry_y, y])
-                carry_X = carry_y = None
-            n = X.shape[0]
+        order = None  # one block: no order to draw (an in-memory split's batches exactly)
+        if shuffle and self.n_blocks > 1:
+            order = torch.randperm(self.n_blocks, generator=generator).tolist()
+        blocks = self.chunks(device, order)
+        carry: tuple[torch.Tensor, torch.Tensor] | None = None
+        while True:
+            group = list(itertools.islice(blocks, self.buffer_blocks))
+            if not group:
+                break
+            if carry is not None:
+                group.insert(0, carry)
+            X = torch.cat([g[0] for g in group])
+            y = torch.cat([g[1] for g in group])
             if shuffle:
-                perm = torch.randperm(n, generator=generator).to(device)
+                perm = torch.randperm(len(y), generator=generator).to(device)
                 X, y = X[perm], y[perm]
-            full = (n // batch_size) * batch_size
+            full = (len(y) // batch_size) * batch_size
             for start in range(0, full, batch_size):
                 yield X[start : start + batch_size], y[start : start + batch_size]
-            if full < n:
-                carry_X, carry_y = X[full:], y[full:]
-        if carry_X is not None and carry_y is not None:
-            yield carry_X, carry_y
+            carry = (X[full:], y[full:]) if full < len(y) else None
+        if carry is not None:
+            yield carry
+
+    def sample(
+        self, max_rows: int, *, generator: torch.Generator | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of randomly chosen whole blocks, up to about ``max_rows`` (at least one block)."""
+        order = torch.randperm(self.n_blocks, generator=generator).tolist()
+        xs, ys, n = [], [], 0
+        for X, y in self.chunks(device, order):
+            xs.append(X)
+            ys.append(y)
+            n += len(y)
+            if n >= max_rows:
+                break
+        return torch.cat(xs)[:max_rows], torch.cat(ys)[:max_rows]
 
 
 @dataclass
@@ -218,34 +238,26 @@ class FeatureSet:
         *,
         device: str | torch.device = "cpu",
         max_bytes: int | None = None,
-        chunk_rows: int = 16384,
+        block_rows: int | None = None,
         prefetch: int = 2,
     ) -> FeatureSet:
-        """Load a store's splits; stream ``train`` if the store is larger than ``max_bytes``.
-
-        ``max_bytes`` defaults to half the free device memory (CUDA) or available RAM (CPU).
-        """
+        """Load a store's splits; stream ``train`` when the features as float32 exceed
+        ``max_bytes`` (default: half the free device memory on CUDA, half the available RAM —
+        page cache counted as available — on a CPU). A streamed split is read in blocks of
+        ``block_rows`` store rows (default: whole store chunks, about `BLOCK_BYTES` each)."""
         dev = torch.device(device)
         budget = memory_budget(dev) if max_bytes is None else int(max_bytes)
         names = list(store.splits())
-        stream = store.nbytes() > budget and "train" in names
+        itemsize = np.dtype(getattr(store, "dtype", "float32")).itemsize
+        stream = store.nbytes() * 4 // itemsize > budget and "train" in names
         splits: dict[str, Split] = {}
         streams: dict[str, StreamingFeatures] = {}
         for name in names:
             if stream and name == "train":
-                labels = np.asarray(store.labels(name))
-                dim = getattr(store, "dim", None)
-                if dim is None:  # peek at one chunk
-                    first_X, _ = next(iter(store.iter_chunks(name, rows=1, prefetch=1)))
-                    dim = np.asarray(first_X).shape[1]
-
-                def make_iter(split: str = name) -> ChunkIter:
-                    return store.iter_chunks(split, rows=chunk_rows, prefetch=prefetch)
-
-                streams[name] = StreamingFeatures(
-                    make_iter, num_rows=len(labels), dim=int(dim), prefetch=prefetch
+                streams[name] = _store_stream(
+                    store, name, budget=budget, block_rows=block_rows, prefetch=prefetch
                 )
-                logger.info("streaming split %r (%d rows) in chunks", name, len(labels))
+                logger.info("streaming split %r (%d rows) in blocks", name, len(streams[name]))
                 continue
             splits[name] = _as_split(
                 store.features(name), store.labels(name), store.ids(name), name=name, device=dev
@@ -436,13 +448,61 @@ def balanced_holdout(y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.n
     return train_idx, val_idx
 
 
+BLOCK_BYTES = 4 << 20  # a streamed block: whole store chunks, about 4 MB as float32
+BUFFER_FRACTION = 8  # the streaming shuffle buffer takes at most 1/8 of the memory budget
+MAX_BUFFER_BYTES = 1 << 30
+
+
+def _store_stream(
+    store: FeatureStoreLike, split: str, *, budget: int, block_rows: int | None, prefetch: int
+) -> StreamingFeatures:
+    """Stream ``split`` of ``store`` in blocks of whole store chunks, shuffled across the store."""
+    labels = np.asarray(store.labels(split))
+    dim = int(store.dim)
+    if block_rows is None:
+        chunk = int(store.chunk_rows)
+        block_rows = chunk * max(1, BLOCK_BYTES // max(1, chunk * dim * 4))
+    n_blocks = max(1, -(-int(store.n) // block_rows))
+    block_bytes = block_rows * dim * 4
+    buffer_bytes = min(MAX_BUFFER_BYTES, max(block_bytes, budget // BUFFER_FRACTION))
+    buffer_blocks = max(2, buffer_bytes // block_bytes)
+
+    def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+        return store.read_rows(split, i * block_rows, (i + 1) * block_rows)
+
+    return StreamingFeatures(
+        read,
+        n_blocks=n_blocks,
+        num_rows=len(labels),
+        dim=dim,
+        buffer_blocks=buffer_blocks,
+        prefetch=prefetch,
+    )
+
+
+def _available_ram() -> int | None:
+    """Bytes of RAM available to a new allocation (``MemAvailable``: free plus reclaimable page
+    cache), or None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def memory_budget(device: torch.device) -> int:
-    """Bytes of features we allow in memory: half the free CUDA memory or available RAM."""
+    """Bytes of features we allow in memory: half the free CUDA memory, or half the available
+    RAM (page cache included: a store just written sits there and is cheap to evict)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free // 2)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2**62
+    avail = _available_ram()
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 2**62
     return int(avail // 2)

@@ -33,11 +33,12 @@ from pipeline.errors import InputError
 from pipeline.heads import LN_EPS, Head, HeadSpec
 
 if TYPE_CHECKING:
+    from pipeline.fewshot import FewShotResult
     from pipeline.grid_search import TrainResult
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Linear with bias; the LayerNorm affine holds the input standardization
 WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "config.json"
 # The files a run folder consists of: a new run replaces all of them (those it does not write
@@ -53,12 +54,14 @@ RUN_FILES = frozenset(
         "summary.json",
     }
 )
+SEED_DIR = re.compile(r"^seed-\d+$")  # few-shot runs: one head folder per seed (also run files)
 _REWRITE = "re-run carrot train to write the head again"
 
 # The head does its own normalization; features go in exactly as the store holds them.
 FEATURE_NORMALIZATION = {
     "input": "raw store features, float32, no external normalization",
-    "head": "LayerNorm over the feature dimension (affine), then Linear without bias",
+    "head": "LayerNorm over the feature dimension (affine: standardizes the normalized "
+    "features by the train split's mean and std), then Linear with bias",
     "layernorm_eps": LN_EPS,
 }
 
@@ -394,7 +397,8 @@ def _carry_over(old: Path, new: Path) -> None:
     """Hard-link (or copy) every entry of ``old`` that is not a run file into ``new``."""
     for entry in old.iterdir():
         target = new / entry.name
-        if entry.name in RUN_FILES or _is_run_temp(entry.name) or target.exists():
+        run_file = entry.name in RUN_FILES or SEED_DIR.match(entry.name) is not None
+        if run_file or _is_run_temp(entry.name) or target.exists():
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
@@ -534,6 +538,48 @@ def _write_run(
     for name, obj in extra_json.items():
         paths[Path(name).stem] = write_json(out / name, obj)
     return paths
+
+
+def write_fewshot_run(
+    result: FewShotResult,
+    out_dir: str | Path,
+    *,
+    class_names: Sequence[str],
+    store_key: str | None = None,
+    store_url: str | None = None,
+    summary: Mapping[str, Any],
+) -> Path:
+    """Publish a few-shot run as a whole (`publish_run`): ``seed-<s>/`` with each seed's head
+    (``head.safetensors``, ``config.json``), the head of the spec most seeds chose at the top
+    (its first seed's; ``carrot predict --head DIR`` reads it), and ``summary.json``."""
+    best = result.best_spec()
+    first = next(r for r in result.runs if r.best_spec == best)
+
+    def write(staging: Path) -> Path:
+        for run in result.runs:
+            extra = {"seed": run.seed, "shots": result.shots, "test": run.test, "refit": run.refit}
+            save_head(
+                run.head,
+                staging / f"seed-{run.seed}",
+                class_names=class_names,
+                spec=run.best_spec,
+                store_key=store_key,
+                store_url=store_url,
+                extra=extra,
+            )
+        save_head(
+            first.head,
+            staging,
+            class_names=class_names,
+            spec=best,
+            store_key=store_key,
+            store_url=store_url,
+            extra={"seed": first.seed, "shots": result.shots, "test": first.test},
+        )
+        return write_json(staging / "summary.json", dict(summary))
+
+    publish_run(out_dir, write)
+    return Path(out_dir)
 
 
 def _config_dict(result: TrainResult) -> dict[str, Any]:

@@ -24,28 +24,39 @@ def plot_learning_curves(
     best_index: int | None = None,
     labels: Sequence[str] | None = None,
 ) -> Path:
-    """Two panels: train loss and validation balanced accuracy per epoch, one line per head
-    (``curves[name]`` is epochs × heads); the best head drawn thick."""
-    fig = Figure(figsize=(10, 4))
-    panels = [("train_loss", "train loss"), ("val_balanced_accuracy", "val balanced accuracy")]
-    for i, (key, title) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        data = np.asarray(curves.get(key) or [], dtype=float)
-        if data.size:
-            epochs = np.arange(1, data.shape[0] + 1)
-            for h in range(data.shape[1]):
-                best = h == best_index
-                ax.plot(
-                    epochs,
-                    data[:, h],
-                    lw=2.5 if best else 0.8,
-                    alpha=1.0 if best else 0.5,
-                    color="C3" if best else None,
-                    label=(labels[h] if labels else f"head {h}") if best else None,
-                )
-            if best_index is not None:
-                ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel("epoch")
+    """One panel per curve present: the L-BFGS objective per iteration (plain heads), the
+    minibatch training objective and validation balanced accuracy per epoch (``curves[name]``
+    is steps × heads; NaN where a head was not in that phase). The best head drawn thick."""
+    panels = [
+        ("lbfgs_objective", "L-BFGS objective", "iteration"),
+        ("train_loss", "minibatch objective", "epoch"),
+        ("val_balanced_accuracy", "val balanced accuracy", "epoch"),
+    ]
+    shown = [
+        (k, t, x) for k, t, x in panels if np.isfinite(np.asarray(curves.get(k) or [], float)).any()
+    ]
+    fig = Figure(figsize=(5 * max(1, len(shown)), 4))
+    for i, (key, title, xlabel) in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        data = np.asarray(curves[key], dtype=float)
+        steps = np.arange(1, data.shape[0] + 1)
+        for h in range(data.shape[1]):
+            if not np.isfinite(data[:, h]).any():
+                continue
+            best = h == best_index
+            ax.plot(
+                steps,
+                data[:, h],
+                lw=2.5 if best else 0.8,
+                alpha=1.0 if best else 0.5,
+                color="C3" if best else None,
+                label=(labels[h] if labels else f"head {h}") if best else None,
+            )
+        if key == "lbfgs_objective":
+            ax.set_yscale("log")
+        if best_index is not None and np.isfinite(data[:, best_index]).any():
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     return _save(fig, path)

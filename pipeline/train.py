@@ -10,8 +10,8 @@ spec's weight decay; plus ``aug_weight · CE`` of its augmented rows). The recip
    standardized features, ``C = 1/(λN)``) and every head reports whether it reached the optimum
    (max |gradient| ≤ tol, or no further decrease).
 3. **Augmented heads** (and every head when the train split is streamed, or with
-   ``solver="minibatch"``) start from the L-BFGS solution of their own ``λ`` when there is one,
-   then train by minibatch Adam/SGD (coupled L2, cosine schedule after a warm-up) until their
+   ``solver="minibatch"``) start from the L-BFGS solution of their own ``λ`` (for a streamed
+   split: solved on a class-stratified sample of ``warm_start_rows`` rows), then train by minibatch Adam/SGD (coupled L2, cosine schedule after a warm-up) until their
    epoch objective stops changing (relative change below ``tol`` between two windows of
    ``window`` epochs) or the epoch budget ends. A head-independent augmentation runs once per
    group in the shared post-LN space; a per-head one (CARROT) per head with its own ``z``,
@@ -281,14 +281,16 @@ def fit_bank(
     curves: dict[str, list[list[float]]] = {"lbfgs_objective": []}
     status: list[dict[str, Any]] = [{} for _ in specs]
     use_lbfgs = cfg.solver != "minibatch" and in_memory
-    if use_lbfgs:
-        train = features.get("train")
+    if cfg.solver != "minibatch":  # in memory: the solution; streamed: a warm start
+        if in_memory:
+            X, y = features.get("train").X, features.get("train").y
+        else:  # a class-stratified sample (the first rows of each class)
+            per_class = max(1, cfg.warm_start_rows // C)
+            X, y = features.fit_sample("train", max_per_class=per_class, seed=cfg.seed)
         with torch.no_grad():
-            z = space.to_z(bank.normalize(train.X))
-        status, curves["lbfgs_objective"] = _lbfgs_plain(
-            bank, z, train.y, specs, smoothing, cfg.lbfgs
-        )
-        del z
+            z = space.to_z(bank.normalize(X))
+        status, curves["lbfgs_objective"] = _lbfgs_plain(bank, z, y, specs, smoothing, cfg.lbfgs)
+        del z, X, y
     minibatch = [
         h for h, s in enumerate(specs) if not use_lbfgs or s.aug != "none" or cfg.train_layer_norm
     ]
@@ -405,7 +407,7 @@ class _MinibatchRun:
                     g["lr"] = g["base_lr"] * mult if active[g["head"]] else 0.0
                 amp = torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
                 with amp:
-                    losses = self._loss(X, y, aug_on, diag_acc)
+                    losses = self._loss(X, y, aug_on, diag_acc, active)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(losses.sum()).backward()
                 scaler.step(opt)
@@ -461,9 +463,10 @@ class _MinibatchRun:
         y: torch.Tensor,
         aug_on: bool,
         diag_acc: dict[int, dict[str, list[torch.Tensor]]],
+        active: Sequence[bool],
     ) -> torch.Tensor:
         """Per-head training loss ``(H,)`` for one batch ``X (B, D)``, ``y (B,)`` (L2 is the
-        optimizer's)."""
+        optimizer's). Per-head augmentations skip heads that stopped (``active`` False)."""
         bank, smoothing = self.bank, self.smoothing
         xhat = bank.normalize(X)  # (B, D): once for all heads
         logits = bank.head_logits(xhat)  # (B, H, C): one matmul for all heads
@@ -473,6 +476,8 @@ class _MinibatchRun:
         for g in self.groups:
             if g.per_head:
                 for j, (aug, gen, h) in enumerate(zip(g.augs, g.generators, g.heads, strict=True)):
+                    if not active[h]:
+                        continue
                     W, b = bank.head_weight(h), bank.head_bias(h)  # gradients to head h only
                     if getattr(aug, "pre_ln", False):  # noise on the raw x, then the head's LN
                         out = aug(

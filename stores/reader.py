@@ -185,6 +185,21 @@ class EmbeddingStore:
 
         return run_ahead(blocks(), depth=prefetch)
 
+    def read_rows(
+        self, split: str | None, start: int, stop: int, *, view: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(X (n, D) float32, y (n,) int64)``: the valid rows of ``split`` among store rows
+        ``start:stop`` (a random-access block for streaming; align to ``chunk_rows`` for speed)."""
+        index = self._view_index(view)
+        start, stop = max(0, int(start)), min(self.n, int(stop))
+        sel = self._mask(split, valid_only=True)[start:stop]
+        if stop <= start or not sel.any():
+            return np.empty((0, self.dim), np.float32), np.empty(0, np.int64)
+        block = self._features.read(start, stop)
+        src = block[(slice(None), *index)] if index else block
+        x = np.asarray(src[sel] if not sel.all() else src, dtype=np.float32)
+        return x, self._row_array("labels")[start:stop][sel].astype(np.int64)
+
     def nbytes(self) -> int:
         """Bytes of all features as stored (N x (1+V) x D x itemsize), uncompressed."""
         return int(np.prod(self._features.shape)) * np.dtype(self.dtype).itemsize

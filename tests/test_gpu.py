@@ -69,8 +69,9 @@ def test_head_bank_trains_on_cuda():
     from sklearn.model_selection import train_test_split
 
     from pipeline.features import FeatureSet
+    from pipeline.grid_search import train_head_bank
     from pipeline.heads import HeadGrid
-    from pipeline.grid_search import TrainConfig, train_head_bank
+    from pipeline.train import TrainConfig
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(
@@ -79,7 +80,7 @@ def test_head_bank_trains_on_cuda():
     fs = FeatureSet.from_arrays({"train": (Xtr, ytr), "test": (Xte, yte)}, device="cuda")
     grid = HeadGrid.from_lists(
         lrs=(1e-2, 3e-2),
-        weight_decays=(0.0, 1e-2),
+        weight_decays=(1e-4, 1e-2),
         augmentations=(("none", None), ("carrot", None)),
     )
     result = train_head_bank(fs, grid, TrainConfig(epochs=30, device="cuda"))

@@ -336,20 +336,12 @@ def test_validation_carved_class_balanced_when_missing():
     assert r.test is None and 0.0 <= r.val[0]["balanced_accuracy"] <= 1.0
 
 
-def _chunked(X, y, rows):
-    def make():
-        for s in range(0, len(y), rows):
-            yield X[s : s + rows], y[s : s + rows]
-
-    return make
-
-
 def test_streaming_single_chunk_equals_in_memory():
     X, y = gaussian_data(n=150, d=8, c=3)
     mem = FeatureSet.from_arrays({"train": (X, y)})
     stream = FeatureSet.from_arrays({"train": (X[:1], y[:1])}, class_names=["a", "b", "c"])
     del stream.splits["train"]
-    stream.streams["train"] = StreamingFeatures(_chunked(X, y, 10_000), num_rows=150, dim=8)
+    stream.streams["train"] = StreamingFeatures.from_arrays(X, y, block_rows=10_000)
     cfg = dataclasses.replace(MINIBATCH, epochs=2, batch_size=32)
     a = fit_bank(mem, [HeadSpec(lr=1e-2)], cfg, val_split=None).bank
     b = fit_bank(stream, [HeadSpec(lr=1e-2)], cfg, val_split=None).bank
@@ -359,7 +351,7 @@ def test_streaming_single_chunk_equals_in_memory():
 def test_streaming_chunks_cover_every_row_once_per_epoch():
     X, y = gaussian_data(n=103, d=4, c=3)
     X[:, 0] = np.arange(103)  # row id in column 0
-    s = StreamingFeatures(_chunked(X, y, 17), num_rows=103, dim=4, prefetch=2)
+    s = StreamingFeatures.from_arrays(X, y, block_rows=17, buffer_blocks=2, prefetch=2)
     seen = []
     for xb, _yb in s.batches(
         10, generator=torch.Generator().manual_seed(0), device=torch.device("cpu")
@@ -369,14 +361,60 @@ def test_streaming_chunks_cover_every_row_once_per_epoch():
     assert sorted(seen) == list(range(103))
 
 
-def test_streaming_reader_errors_reach_the_trainer():
-    def broken():
-        yield np.zeros((5, 4), np.float32), np.zeros(5, np.int64)
-        raise OSError("disk gone")
+def test_streamed_batches_mix_classes_of_a_class_sorted_split():
+    """Stores sort rows by class; streaming shuffles across the whole split, not per block."""
+    C, per_class, block = 40, 50, 100
+    y = np.repeat(np.arange(C), per_class)
+    X = np.zeros((len(y), 2), np.float32)
+    s = StreamingFeatures.from_arrays(X, y, block_rows=block, buffer_blocks=8)
+    g = torch.Generator().manual_seed(0)
+    distinct = [
+        len(set(yb.tolist())) for _, yb in s.batches(64, generator=g, device=torch.device("cpu"))
+    ]
+    # one block holds 2 classes; 8 random blocks of 20: a batch of 64 sees ~13 classes
+    assert np.mean(distinct[:-1]) >= 10
 
-    s = StreamingFeatures(broken, num_rows=10, dim=4)
+
+def test_streaming_reader_errors_reach_the_trainer():
+    def read(i):
+        if i == 1:
+            raise OSError("disk gone")
+        return np.zeros((5, 4), np.float32), np.zeros(5, np.int64)
+
+    s = StreamingFeatures(read, n_blocks=2, num_rows=10, dim=4)
     with pytest.raises(OSError, match="disk gone"):
-        list(s.batches(2, generator=None, device=torch.device("cpu")))
+        list(s.batches(2, generator=None, device=torch.device("cpu"), shuffle=False))
+
+
+def test_streamed_training_over_a_multi_chunk_store_matches_in_memory(tmp_path):
+    """A class-sorted store of 15 chunks, streamed (minibatch Adam warm-started by L-BFGS on a
+    sample), reaches the in-memory L-BFGS optimum: objective within 2 %, test top-1 within
+    2 points."""
+    from stores import open_store
+    from stores.testing import synthetic_data, synthetic_identity, write_synthetic_store
+
+    data = synthetic_data(1200, dim=16, n_classes=6, skip_every=0, seed=3)
+    order = np.argsort(data.labels, kind="stable")  # sorted by class, as stores are
+    data = dataclasses.replace(
+        data,
+        ids=[data.ids[i] for i in order],
+        labels=data.labels[order],
+        split=[data.split[i] for i in order],
+        features=data.features[order],
+        valid=data.valid[order],
+        errors=[data.errors[i] for i in order],
+    )
+    url = write_synthetic_store(str(tmp_path / "s"), data, synthetic_identity(data), chunk_rows=80)
+    store = open_store(url)
+    spec = [HeadSpec(weight_decay=1e-2)]
+    cfg = TrainConfig(warm_start_rows=60)
+    mem = train_head_bank(FeatureSet.from_store(store), spec, cfg)
+    streamed_fs = FeatureSet.from_store(store, max_bytes=0, block_rows=80)
+    assert "train" in streamed_fs.streams and streamed_fs.streams["train"].n_blocks > 1
+    streamed = train_head_bank(streamed_fs, spec, cfg)
+    assert mem.val[0]["solver"] == "lbfgs" and streamed.val[0]["solver"] == "minibatch"
+    assert streamed.val[0]["objective"] == pytest.approx(mem.val[0]["objective"], rel=0.02)
+    assert abs(streamed.test["top1"] - mem.test["top1"]) <= 0.02
 
 
 def test_outputs_written_and_head_reloads_identically(tmp_path):
@@ -451,7 +489,7 @@ def test_features_from_a_real_store_in_memory_or_streamed(tmp_path, stream):
     data = synthetic_data(300, dim=8, n_classes=3, skip_every=17, seed=1)
     url = write_synthetic_store(str(tmp_path / "s"), data, synthetic_identity(data), chunk_rows=32)
     store = open_store(url)
-    fs = FeatureSet.from_store(store, max_bytes=0 if stream else None, chunk_rows=64)
+    fs = FeatureSet.from_store(store, max_bytes=0 if stream else None)
     assert ("train" in fs.streams) == stream and fs.dim == 8 and fs.num_classes == 3
     assert fs.num_rows("train") == len(store.labels("train"))
     assert fs.get("test").ids == tuple(store.ids("test"))
@@ -502,7 +540,7 @@ def test_fit_sample_streamed_takes_the_first_rows_of_each_class():
     X[:, 0] = np.arange(200)
     fs = FeatureSet.from_arrays({"train": (X[:1], y[:1])}, class_names=["a", "b", "c"])
     del fs.splits["train"]
-    fs.streams["train"] = StreamingFeatures(_chunked(X, y, 23), num_rows=200, dim=4)
+    fs.streams["train"] = StreamingFeatures.from_arrays(X, y, block_rows=23)
     Xs, ys = fs.fit_sample("train", max_per_class=10)
     assert np.array_equal(np.bincount(ys.numpy()), [10, 10, 10])
     for c in range(3):

@@ -1,0 +1,180 @@
+"""Probe parity: ``carrot train``'s defaults against scikit-learn's best-C logistic regression.
+
+For each data set, on the same train/val/test rows and in the same run:
+
+* **ours** — `pipeline.probe.run_probe` with `ProbeSettings()` (exactly what ``carrot train
+  STORE`` runs inside its flow: the default grid, plain and CARROT heads, validation selection);
+* **LR** — the project's one baseline (`pipeline.baseline`): ``StandardScaler`` then
+  ``LogisticRegression`` (lbfgs), C swept over the same regularization grid (``C = 1/(λN)``,
+  warm-started), chosen on the validation split;
+* **LR (LN)** — the same on LayerNorm'd rows, i.e. the heads' own model class (for reference).
+
+Reported: test top-1 of each, ours − LR in points (target ≥ −0.5), and wall times (target: ours
+≤ LR's sweep; the ratio is printed). Both run single-threaded (one torch thread, one BLAS
+thread), so neither gains from the other's idle core.
+
+    python -m benchmarks.probe_parity [--quick] [--store URL ...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._report import write_report
+from pipeline.baseline import BaselineConfig, fit_logistic_baseline
+from pipeline.features import FeatureSet
+from pipeline.probe import ProbeSettings, run_probe
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "probe_parity.json"
+TARGET_POINTS = -0.5
+DIGITS_BACKBONES = ("resnet18", "convnext_atto", "vit_tiny_patch16_224")  # random init, 224 px
+QUICK_BACKBONES = ()
+
+
+def _digits_pixels() -> FeatureSet:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    p = np.random.default_rng(0).permutation(len(y))
+    X, y = X[p].astype(np.float32), y[p]
+    a, b = int(0.7 * len(y)), int(0.8 * len(y))
+    return FeatureSet.from_arrays(
+        {"train": (X[:a], y[:a]), "val": (X[a:b], y[a:b]), "test": (X[b:], y[b:])}
+    )
+
+
+def _synthetic(name: str) -> FeatureSet:
+    from pipeline.quality_suite import SYNTHETIC
+    from pipeline.synthetic import make_synthetic
+
+    d = make_synthetic(SYNTHETIC[name])
+    return FeatureSet.from_arrays(
+        {split: d.select(split) for split in ("train", "test")}, class_names=d.class_names
+    )
+
+
+def _digits_store(backbone: str, image_size: int | None) -> Callable[[], FeatureSet]:
+    def load() -> FeatureSet:
+        from pipeline.backbone import BackboneConfig
+        from pipeline.embed import EmbedSettings, run_embedding
+        from pipeline.extract import ExtractConfig
+        from stores import open_store
+
+        summary = run_embedding(
+            EmbedSettings(
+                data="sklearn:digits",
+                backbone=BackboneConfig(name=backbone, image_size=image_size),
+                extract=ExtractConfig(batch_size=64),
+            )
+        )
+        return FeatureSet.from_store(open_store(summary.store))
+
+    return load
+
+
+def _user_store(url: str) -> Callable[[], FeatureSet]:
+    def load() -> FeatureSet:
+        from stores import open_store
+
+        return FeatureSet.from_store(open_store(url))
+
+    return load
+
+
+def datasets(quick: bool, stores: tuple[str, ...]) -> dict[str, Callable[[], FeatureSet]]:
+    """Name → loader of every data set the benchmark runs."""
+    out: dict[str, Callable[[], FeatureSet]] = {}
+    for backbone in QUICK_BACKBONES if quick else DIGITS_BACKBONES:
+        out[f"digits/{backbone} 224px"] = _digits_store(backbone, 224)
+    out["digits/test_vit"] = _digits_store("test_vit", None)
+    out["digits pixels"] = _digits_pixels
+    out["synthetic-nuisance"] = lambda: _synthetic("synthetic-nuisance")
+    if not quick:
+        out["synthetic-clean"] = lambda: _synthetic("synthetic-clean")
+    for url in stores:
+        out[url] = _user_store(url)
+    return out
+
+
+def measure(features: FeatureSet) -> dict[str, Any]:
+    """Ours (defaults) and both baselines on one feature set: top-1, seconds, choices."""
+    t0 = time.perf_counter()
+    ours = run_probe(features, ProbeSettings())
+    ours_s = time.perf_counter() - t0
+    lr = fit_logistic_baseline(features, BaselineConfig())
+    lr_ln = fit_logistic_baseline(features, BaselineConfig(preprocess="layernorm"))
+    s = ours.summary
+    return {
+        "ours_top1": s["top1"],
+        "lr_top1": lr.test["top1"],
+        "lr_ln_top1": lr_ln.test["top1"],
+        "points": 100 * (s["top1"] - lr.test["top1"]),
+        "ours_s": ours_s,
+        "lr_s": lr.seconds,
+        "time_ratio": ours_s / lr.seconds,
+        "best_head": f"{s['best_head']['aug']} λ={s['best_head']['weight_decay']:g}",
+        "heads": f"{s['converged']}/{s['heads_trained']} converged",
+        "lr_C": lr.best_C,
+    }
+
+
+def run(
+    quick: bool = False,
+    *,
+    stores: tuple[str, ...] = (),
+    json_path: str | Path | None = DEFAULT_JSON,
+) -> dict[str, Any]:
+    """Measure every data set; print the table and write JSON. Returns rows and raw numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows, raw = [], {}
+        for name, load in datasets(quick, stores).items():
+            m = measure(load())
+            raw[name] = m
+            rows.append(
+                {
+                    "data": name,
+                    "ours %": 100 * m["ours_top1"],
+                    "LR %": 100 * m["lr_top1"],
+                    "Δ points": m["points"],
+                    "LR(LN) %": 100 * m["lr_ln_top1"],
+                    "ours s": m["ours_s"],
+                    "LR s": m["lr_s"],
+                    "time ratio": m["time_ratio"],
+                    "best head": m["best_head"],
+                    "heads": m["heads"],
+                    "met": m["points"] >= TARGET_POINTS and m["time_ratio"] <= 1.0,
+                }
+            )
+    finally:
+        torch.set_num_threads(threads)
+    extra = {
+        "targets": {"points": f">= {TARGET_POINTS}", "time_ratio": "<= 1"},
+        "datasets": raw,
+        "quick": quick,
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    write_report("probe_parity", rows, json_path=json_path, extra=extra)
+    return {"rows": rows, **extra}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="test_vit, pixels and one synthetic set")
+    ap.add_argument("--store", action="append", default=[], help="also this store (repeatable)")
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
+    args = ap.parse_args(argv)
+    run(args.quick, stores=tuple(args.store), json_path=args.json)
+
+
+if __name__ == "__main__":
+    main()
