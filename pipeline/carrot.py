@@ -86,6 +86,7 @@ class CarrotConfig:
     aug_weight: float = 1.0  # weight of the augmented cross-entropy term in the loss
     warmup_epochs: int = 0  # epochs trained without augmentation (see `active`)
     refresh: int = 50  # "class" mode in CarrotAugment: recompute class geometry every N calls
+    # (in between, the stale geometry keeps the guarantee for the current weight, at some α)
     alpha_max: float | None = None  # cap on √α·‖P_N ε‖/‖z‖ per row (None: no cap)
     noise: Literal["isotropic", "class_cov"] = "isotropic"  # class_cov needs `class_factor`
     quantile: Literal["exact", "chernoff"] = "exact"  # Φ⁻¹(1−δ/n_out), or q² = 2 ln(n_out/δ)
