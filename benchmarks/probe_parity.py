@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from benchmarks._report import write_report
 from pipeline.baseline import BaselineConfig, fit_logistic_baseline
 from pipeline.features import FeatureSet
 from pipeline.probe import ProbeSettings, run_probe
+from pipeline.threads import torch_threads
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "probe_parity.json"
 TARGET_POINTS = -0.5
@@ -133,10 +133,8 @@ def run(
     json_path: str | Path | None = DEFAULT_JSON,
 ) -> dict[str, Any]:
     """Measure every data set; print the table and write JSON. Returns rows and raw numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows, raw = [], {}
+    rows, raw = [], {}
+    with torch_threads(1):
         for name, load in datasets(quick, stores).items():
             m = measure(load())
             raw[name] = m
@@ -155,8 +153,6 @@ def run(
                     "met": m["points"] >= TARGET_POINTS and m["time_ratio"] <= 1.0,
                 }
             )
-    finally:
-        torch.set_num_threads(threads)
     extra = {
         "targets": {"points": f">= {TARGET_POINTS}", "time_ratio": "<= 1"},
         "datasets": raw,

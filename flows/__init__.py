@@ -1,5 +1,5 @@
-"""Prefect flows and the ``carrot`` command line. Thin: the work lives in ``pipeline``/``stores``."""
+"""Prefect flows and the ``carrot`` command line. Thin: the work lives in ``pipeline``/``stores``.
 
-from flows.runtime import apply_defaults
-
-apply_defaults()
+Importing this package changes nothing global: the command line applies its Prefect defaults
+(`flows.runtime.apply_defaults`) in `flows.cli.main`, before Prefect is imported.
+"""

@@ -13,14 +13,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-# The CLI prints failures itself, on one line: keep Prefect's console handler for CRITICAL only
-# (runs still log to the Prefect API). PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them.
-os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-
-import flows  # noqa: F401  (applies Prefect's quiet, offline-safe defaults first)
 from flows.cli_args import fraction, nonneg_int, positive_int
 from flows.cli_bench import add_bench
 from flows.cli_train import add_demo, add_predict, add_train
+from flows.runtime import apply_defaults
 from pipeline.errors import InputError
 from stores.errors import StoreInputError
 
@@ -290,6 +286,11 @@ def _run_store_ls(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``carrot`` console script."""
     debug = os.environ.get("CARROT_DEBUG") == "1"
+    # Before Prefect is imported: quiet, offline-safe defaults (the user's settings win), and
+    # Prefect's console handler for CRITICAL only — the CLI prints failures itself, on one line
+    # (runs still log to the Prefect API; PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them).
+    apply_defaults()
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     try:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)

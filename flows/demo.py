@@ -17,8 +17,8 @@ from flows.embed import embed_flow
 from flows.train import train_head_flow
 from pipeline.embed import EmbedSettings
 from pipeline.head_io import atomic_file, write_json
+from pipeline.plots import plot_method_comparison
 from pipeline.probe import ProbeSettings
-from pipeline.report_plots import plot_method_comparison
 
 # (row label, augmentations in the bank, shots per class)
 DEMO_RUNS: tuple[tuple[str, tuple[str, ...], int | None], ...] = (

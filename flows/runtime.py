@@ -1,8 +1,8 @@
 """Prefect runtime defaults for a command-line tool: offline-safe, quiet, no heartbeat wait, and
 a temporary server that dies with the command.
 
-Import this module before ``prefect`` (``flows/__init__`` does), so the environment defaults take
-effect. A user's own settings (``PREFECT_API_URL``, log levels) win over these defaults.
+Call `apply_defaults` before ``prefect`` is imported (``flows.cli.main`` does), so the environment
+defaults take effect. A user's own settings (``PREFECT_API_URL``, log levels) win over these defaults.
 
 Why a watchdog: without ``PREFECT_API_URL`` Prefect starts a temporary server as a child process
 (``prefect.server.api.server.SubprocessASGIServer``: ``subprocess.Popen`` of uvicorn, stopped by an

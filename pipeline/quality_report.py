@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.plots import plot_accuracy_vs_shots
 from pipeline.quality import Record
-from pipeline.report_plots import plot_accuracy_vs_shots
 
 
 def _pct(v: float) -> str:

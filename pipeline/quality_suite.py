@@ -20,13 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 from pipeline.features import FeatureSet
 from pipeline.quality import METHODS, QualityConfig, Record, run_quality, summarize
 from pipeline.quality_report import markdown, write_quality_report
 from pipeline.synthetic import SyntheticConfig, make_synthetic
+from pipeline.threads import torch_threads
 from pipeline.train import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -131,18 +130,16 @@ def run_suite(s: SuiteSettings, out_dir: str | Path) -> dict[str, Any]:
     from stores import open_store
 
     cfg = quality_config(s)
-    if s.device == "cpu":
-        # Every step here is a tiny matmul: OpenMP threads only add barrier waits, and under a
-        # second busy process they slow it 10× or more (measured on a 2-core machine).
-        torch.set_num_threads(1)
     datasets = builtin_datasets(s) if s.builtin else {}
     for url in s.stores:
         datasets[url] = FeatureSet.from_store(open_store(url), device=s.device)
     t0 = time.perf_counter()
     records: list[Record] = []
-    for name, features in datasets.items():
-        logger.info("quality: %s", name)
-        records += run_quality(features, cfg, dataset=name)
+    # every step here is a tiny matmul: one thread on a CPU (see pipeline.threads)
+    with torch_threads(1 if s.device == "cpu" else None):
+        for name, features in datasets.items():
+            logger.info("quality: %s", name)
+            records += run_quality(features, cfg, dataset=name)
     rows = summarize(records)
     meta = {
         "methods": list(cfg.methods),

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # A command that runs a real flow on the temporary server and waits inside it.
 _COMMAND = """
 import sys, time
-import flows  # the CLI's Prefect defaults
+from flows.runtime import apply_defaults, flow_settings
+apply_defaults()  # the CLI's Prefect defaults, before Prefect is imported
 from prefect import flow
-from flows.runtime import flow_settings
 
 @flow
 def tiny(wait_s: float) -> int:
