@@ -11,6 +11,7 @@ Conversion rules (one place, so every source decodes alike):
 - ``F`` (32-bit float): values within 0..1 are scaled by 255, within 0..255 kept, anything else
   min-max stretched.
 - ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` use Pillow's own conversion.
+- Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF) give their first frame.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from PIL import Image, ImageOps
 
 __all__ = ["IMG_EXTENSIONS", "ImageLoadError", "is_image_file", "load_rgb", "to_rgb"]
 
-#: File extensions treated as images (torchvision's list; compared lower-case).
+#: File extensions treated as images (torchvision's list plus ``.gif``; compared lower-case).
 IMG_EXTENSIONS: tuple[str, ...] = (
+    ".gif",
     ".jpg",
     ".jpeg",
     ".png",
@@ -74,6 +76,7 @@ def load_rgb(path: str | os.PathLike[str], *, image_id: str | None = None) -> Im
             # A truncated or oversized file must become an error, not a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                img.seek(0)  # animations and multi-page files: the first frame
                 img.load()  # decode now: truncated/corrupt data fails here, inside the try
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)

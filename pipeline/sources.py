@@ -3,14 +3,23 @@
 DATA is one of (detected in this order):
 
 - ``sklearn:digits`` — scikit-learn's 1 797 real 8×8 digit images, upscaled to 32×32 RGB.
-- a ``.csv`` manifest — rows ``path,label[,split]`` (optional header naming the columns);
-  paths relative to the CSV's folder; labels are class names.
+- a ``.csv`` manifest — rows ``path,label[,split]`` (optional header naming the columns), UTF-8;
+  paths relative to the CSV's folder (paths outside it are refused unless
+  ``allow_outside_paths``); labels are class names.
 - a CUB-200-2011 root (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
   ``classes.txt``, ``images/``) or a NABirds root (the same plus ``hierarchy.txt``).
 - an ImageFolder — one sub-folder per class, optionally below ``train/``, ``val/``, ``test/``.
 
 Splits the source does not give are carved by :mod:`pipeline.splits` (stratified, seeded).
-Records are sorted by id. An :class:`ImageSource` holds plain data only (it is pickled to
+Records are sorted by id.
+
+One file, one record: a file reached under several names is listed once or refused, so it can
+never land in two splits. Folders are walked following symlinks, but a folder symlink that loops
+back to a folder above it (``ln -s . loop``) is skipped with a warning, and a folder reached twice
+is walked once. A file reached twice through symlinks with the same class and split is kept once
+(the path without symlinks, else the first id; a warning says how many); with different classes
+or splits it is an :class:`InputError`, as is a CSV or ``images.txt`` listing one file (by real
+path) on two rows. An :class:`ImageSource` holds plain data only (it is pickled to
 DataLoader and Dask workers); files are opened when :meth:`ImageSource.load` is called.
 """
 
@@ -19,12 +28,18 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import logging
 import os
 import re
-from collections import Counter
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -32,12 +47,15 @@ from PIL import Image
 from pipeline.errors import InputError
 from pipeline.images import IMG_EXTENSIONS, ImageLoadError, is_image_file, load_rgb
 from pipeline.splits import SPLITS, assign_splits, check_fractions
+from pipeline.terminal import one_line, printable
 
 __all__ = [
+    "FINGERPRINT_MODES",
     "SKLEARN_DATASETS",
     "ImageLoadError",  # re-exported: ImageSource.load raises it
     "ImageRecord",
     "ImageSource",
+    "check_fingerprint_mode",
     "resolve_source",
 ]
 
@@ -54,6 +72,18 @@ _SPLIT_ALIASES = {
 }
 _CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 _KINDS = ("folder", "cub", "nabirds", "csv", "sklearn")
+FINGERPRINT_MODES: tuple[str, ...] = ("stat", "content")
+"""How :meth:`ImageSource.fingerprint` sees files: size + mtime, or a hash of every byte."""
+_HASH_BLOCK = 1 << 20  # bytes per read when hashing file contents
+_HASH_BATCH = 1024  # files handed to the thread pool at a time (bounds pending futures)
+
+
+def check_fingerprint_mode(mode: str) -> None:
+    """Raise InputError unless ``mode`` is one of :data:`FINGERPRINT_MODES`."""
+    if mode not in FINGERPRINT_MODES:
+        raise InputError(
+            f"unknown fingerprint mode {mode!r}; use one of {', '.join(FINGERPRINT_MODES)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,7 @@ class ImageSource:
     val_fraction: float = 0.1  # split settings, part of the fingerprint
     test_fraction: float = 0.2
     seed: int = 0
+    outside_paths: bool = False  # a manifest's allowed outside paths: root is their common folder
 
     def __len__(self) -> int:
         return len(self.records)
@@ -111,9 +142,48 @@ class ImageSource:
             return Image.fromarray(pixels).convert("RGB")
         return load_rgb(os.path.join(self.root, record.id), image_id=record.id)
 
-    def fingerprint(self) -> str:
-        """sha256 hex of the content: ids, file sizes and mtimes (ns), labels, splits, classes
-        and split settings (in-memory sets: pixel bytes instead of file stats)."""
+    def fingerprint(self, mode: str = "stat", *, workers: int | None = None) -> str:
+        """sha256 hex of what the store's features depend on; the input part of the content key.
+
+        Always covered: kind, class names, split settings and, per record, id, label and split.
+        Per file, ``mode="stat"`` (default, cheap) adds its size and mtime (ns) — an edit that
+        keeps the size and restores the mtime is not seen; ``mode="content"`` adds the sha256 of
+        its bytes instead (every file is read, by ``workers`` threads, default ``min(8, cpus)``;
+        touching a file does not change it). A missing file counts as missing in either mode.
+        In-memory sets hash their pixels in both modes. The two modes never give the same value.
+        """
+        check_fingerprint_mode(mode)
+        if self.kind == "sklearn":
+            pixels = _sklearn_pixels(self.name)
+            per_file = [
+                (hashlib.sha256(pixels[_sklearn_index(r.id)].tobytes()).hexdigest(),)
+                for r in self.records
+            ]
+            return self._digest(("carrot-source-v1",), per_file)
+        paths = [self.path(i) or "" for i in range(len(self))]
+        if mode == "stat":
+            return self._digest(("carrot-source-v1",), [_size_mtime(p) for p in paths])
+        # Hash once per process for unchanged files: the CLI checks the input, then the flow
+        # plans again. Any write or os.utime moves a file's ctime, so a change misses the memo;
+        # files changed in the last seconds (ctime ticks are coarse) are never memoized.
+        stats = [_strong_stat(p) for p in paths]
+        probe = self._digest(("carrot-stat-probe",), stats)
+        with _CONTENT_MEMO_LOCK:
+            if probe in _CONTENT_MEMO:
+                return _CONTENT_MEMO[probe]
+        settled = max((st[-1] for st in stats), default=0) < time.time_ns() - _SETTLED_NS
+        digest = self._digest(("carrot-source-v1", "content"), _content_hashes(paths, workers))
+        if settled:
+            with _CONTENT_MEMO_LOCK:
+                _CONTENT_MEMO[probe] = digest
+                while len(_CONTENT_MEMO) > 8:
+                    _CONTENT_MEMO.popitem(last=False)
+        return digest
+
+    def _digest(self, head: tuple[str, ...], per_file: Sequence[tuple[object, ...]]) -> str:
+        """sha256 over ``head``, kind, classes, split settings and per record (id, *per_file[i]),
+        (label, split). With ``head=("carrot-source-v1",)`` and (size, mtime) per file this is
+        the stat fingerprint every existing store was keyed with: keep it byte for byte."""
         h = hashlib.sha256()
 
         def feed(*parts: object) -> None:
@@ -122,25 +192,71 @@ class ImageSource:
                 h.update(b"\x1f")
             h.update(b"\x1e")
 
-        feed("carrot-source-v1", self.kind, *self.class_names)
+        feed(*head, self.kind, *self.class_names)
         feed(self.val_fraction, self.test_fraction, self.seed)
-        pixels = _sklearn_pixels(self.name) if self.kind == "sklearn" else None
-        for i, r in enumerate(self.records):
-            if pixels is not None:
-                feed(r.id, hashlib.sha256(pixels[_sklearn_index(r.id)].tobytes()).hexdigest())
-            else:
-                try:
-                    st = os.stat(self.path(i))  # type: ignore[arg-type]
-                    size, mtime = st.st_size, st.st_mtime_ns
-                except OSError:
-                    size, mtime = -1, -1
-                feed(r.id, size, mtime)
+        for r, extra in zip(self.records, per_file, strict=True):
+            feed(r.id, *extra)
             feed(r.label, r.split)
         return h.hexdigest()
 
 
+_CONTENT_MEMO: OrderedDict[str, str] = OrderedDict()  # stat probe → content fingerprint
+_SETTLED_NS = 2_000_000_000  # a file whose ctime is older than this is memoizable
+_CONTENT_MEMO_LOCK = threading.Lock()
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _strong_stat(path: str) -> tuple[int, ...]:
+    """(dev, inode, size, mtime ns, ctime ns) of ``path``; ctime last; (-1,) when missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1,)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 hex of the file's bytes, read in 1 MiB blocks; "missing"/"unreadable" if so."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)  # hashlib releases the GIL: threads hash in parallel
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "unreadable"
+    return h.hexdigest()
+
+
+def _content_hashes(paths: Sequence[str], workers: int | None) -> list[tuple[str]]:
+    """(sha256 hex,) of every file of ``paths``, in order, hashed by a thread pool."""
+    if workers is None:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers={workers!r} must be a positive integer")
+    out: list[tuple[str]] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="carrot-hash") as pool:
+        for start in range(0, len(paths), _HASH_BATCH):
+            batch = paths[start : start + _HASH_BATCH]
+            out.extend((d,) for d in pool.map(_file_sha256, batch))
+    return out
+
+
 def resolve_source(
-    spec: str, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    spec: str,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    allow_outside_paths: bool = False,
 ) -> ImageSource:
     """Resolve DATA (see the module doc) into an :class:`ImageSource`.
 
@@ -148,6 +264,9 @@ def resolve_source(
         spec: a folder, a CUB/NABirds root, a ``.csv`` manifest or ``sklearn:<name>``.
         val_fraction, test_fraction: fractions carved for splits the source does not give.
         seed: seed of the carving.
+        allow_outside_paths: accept manifest (CSV, ``images.txt``) paths that are absolute or
+            lead out of the manifest's folder. Then, if any does, ids are relative to the
+            common folder of all images (``root``; ``outside_paths`` is True).
 
     Raises:
         InputError: anything wrong with the input, with what to do about it.
@@ -170,10 +289,10 @@ def resolve_source(
                 f"DATA {spec!r} is a file but not a .csv manifest; give a folder, a CUB/NABirds "
                 "root, a .csv manifest with rows path,label[,split], or sklearn:digits"
             )
-        return _csv_source(spec, path, **settings)
+        return _csv_source(spec, path, allow_outside_paths, **settings)
     present = [f for f in _CUB_FILES if (path / f).is_file()]
     if "images.txt" in present and len(present) > 1:
-        return _cub_source(spec, path, present, **settings)
+        return _cub_source(spec, path, present, allow_outside_paths, **settings)
     return _folder_source(spec, path, **settings)
 
 
@@ -215,11 +334,42 @@ def _sklearn_source(spec: str, **settings) -> ImageSource:
 # --------------------------------------------------------------------------- CSV
 
 
-def _csv_source(spec: str, path: Path, **settings) -> ImageSource:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [
-            (n, row) for n, row in enumerate(csv.reader(f), start=1) if any(c.strip() for c in row)
-        ]
+def _decode_text(data: bytes, what: str) -> str:
+    """``data`` as UTF-8 (a BOM is dropped); InputError naming ``what`` and the line if not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise InputError(
+            f"{what} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}){hint}; save it "
+            "as UTF-8"
+        ) from None
+
+
+def _csv_rows(spec: str, path: Path) -> list[tuple[int, list[str]]]:
+    """Non-blank rows of the manifest as (line number, cells)."""
+    what = f"CSV manifest {spec!r}"
+    try:
+        text = _decode_text(path.read_bytes(), what)
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {one_line(e)}; check its permissions") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if any(c.strip() for c in row):
+                rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise InputError(
+            f"{what} line {reader.line_num} cannot be parsed as CSV ({one_line(e)}); check "
+            "its quotes and that it holds rows path,label[,split]"
+        ) from None
+    return rows
+
+
+def _csv_source(spec: str, path: Path, allow_outside_paths: bool, **settings) -> ImageSource:
+    rows = _csv_rows(spec, path)
     if not rows:
         raise InputError(f"CSV manifest {spec!r} is empty; add rows path,label[,split]")
     first = [c.strip().lower() for c in rows[0][1]]
@@ -242,7 +392,7 @@ def _csv_source(spec: str, path: Path, **settings) -> ImageSource:
         cols = dict(zip(("path", "label", "split"), range(width), strict=False))
     width = max(cols.values()) + 1
     base = path.parent
-    entries: list[tuple[str, str, str]] = []
+    entries: list[tuple[int, str, str, str]] = []  # (line, path as given, label, split or "")
     for n, row in rows:
         if len(row) < width:
             raise InputError(
@@ -256,37 +406,99 @@ def _csv_source(spec: str, path: Path, **settings) -> ImageSource:
             raise InputError(
                 f"CSV manifest {spec!r} line {n}: unknown split {split!r}; use train, val or test"
             )
-        entries.append(
-            (os.path.normpath(p).replace(os.sep, "/"), label, _SPLIT_ALIASES.get(split, ""))
-        )
+        entries.append((n, p, label, _SPLIT_ALIASES.get(split, "")))
     if not entries:
         raise InputError(
             f"CSV manifest {spec!r} has a header but no rows; add rows path,label[,split]"
         )
-    ids = [e[0] for e in entries]
-    dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
-    if dupes:
-        raise InputError(
-            f"CSV manifest {spec!r} lists {dupes[:5]} more than once; list each image once"
-        )
-    missing = [i for i in ids if not (base / i).is_file()]
+    where = [f"CSV manifest {spec!r} line {e[0]}" for e in entries]
+    given = [e[1] for e in entries]
+    fulls, outside = _full_paths(where, given, base, allow_outside_paths, "the CSV's")
+    root = os.path.commonpath([str(base), *fulls]) if outside else str(base)
+    ids = [_rel_id(f, root) for f in fulls]
+    missing = [g for g, f in zip(given, fulls, strict=True) if not os.path.isfile(f)]
     if missing:
         raise InputError(
             f"CSV manifest {spec!r}: {len(missing)} path(s) do not exist, e.g. {missing[:5]}; "
             f"paths are relative to the CSV's folder {str(base)!r}"
         )
-    class_names = tuple(sorted({e[1] for e in entries}))
+    _refuse_same_file(f"CSV manifest {spec!r} lines", [str(e[0]) for e in entries], given, fulls)
+    class_names = tuple(sorted({e[2] for e in entries}))
     index = {c: k for k, c in enumerate(class_names)}
-    given_splits = [e[2] for e in entries]
+    given_splits = [e[3] for e in entries]
     if any(given_splits) and not all(given_splits):
         raise InputError(
             f"CSV manifest {spec!r}: the split column is filled for some rows only; fill it for "
             "every row (train/val/test) or leave it out to have splits made for you"
         )
     splits = given_splits if all(given_splits) else None
-    labels = [index[e[1]] for e in entries]
+    labels = [index[e[2]] for e in entries]
     name = _safe_name(path.stem)
-    return _build(spec, name, "csv", str(base), class_names, ids, labels, splits, **settings)
+    return _build(
+        spec, name, "csv", root, class_names, ids, labels, splits, outside_paths=outside, **settings
+    )
+
+
+def _within(folder: str, path: str) -> bool:
+    """True when normalized absolute ``path`` is ``folder`` or below it (lexically)."""
+    return os.path.commonpath([folder, path]) == folder
+
+
+def _full_paths(
+    where: list[str], given: list[str], base: Path, allow_outside: bool, whose: str
+) -> tuple[list[str], bool]:
+    """Absolute normalized path of each manifest path (relative to ``base``, or absolute), and
+    whether any is outside ``base``. One outside is an InputError naming ``where[i]`` and the
+    path, unless ``allow_outside``. A path whose folder only resolves into ``base`` (a symlinked
+    prefix) counts as inside; symlinked files below ``base`` may point anywhere."""
+    folder = str(base)
+    fulls, outside = [], False
+    for w, g in zip(where, given, strict=True):
+        full = os.path.normpath(os.path.join(folder, g))
+        if not _within(folder, full):
+            real_dir = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+            if _within(folder, real_dir):
+                full = real_dir
+            elif not allow_outside:
+                raise InputError(
+                    f"{w}: path {g!r} is outside {whose} folder {folder!r}; paths are relative "
+                    "to it: move the images below it, or pass --allow-outside-paths"
+                )
+            else:
+                outside = True
+        fulls.append(full)
+    return fulls, outside
+
+
+def _rel_id(full: str, root: str) -> str:
+    return os.path.relpath(full, root).replace(os.sep, "/")
+
+
+def _real_paths(fulls: list[str]) -> list[str]:
+    """``os.path.realpath`` of each path, resolving each folder once (one lstat per file)."""
+    dirs: dict[str, str] = {}
+    out = []
+    for f in fulls:
+        d, name = os.path.split(f)
+        if d not in dirs:
+            dirs[d] = os.path.realpath(d)
+        out.append(os.path.realpath(f) if os.path.islink(f) else os.path.join(dirs[d], name))
+    return out
+
+
+def _refuse_same_file(what: str, rows: list[str], given: list[str], fulls: list[str]) -> None:
+    """InputError when two manifest rows (named ``rows``) list one file (same real path), under
+    any spelling: ``what`` says where, e.g. "CSV manifest 'm.csv' lines"."""
+    first: dict[str, int] = {}
+    for i, real in enumerate(_real_paths(fulls)):
+        if real in first:
+            j = first[real]
+            raise InputError(
+                f"{what} {rows[j]} and {rows[i]} list the same file {real!r} "
+                f"(as {given[j]!r} and {given[i]!r}); an image listed more than once could get "
+                "two labels or splits: list each image once"
+            )
+        first[real] = i
 
 
 # --------------------------------------------------------------------------- CUB / NABirds
@@ -295,21 +507,23 @@ def _csv_source(spec: str, path: Path, **settings) -> ImageSource:
 def _read_table(path: Path, spec: str) -> list[tuple[str, str]]:
     """Lines ``key value...`` of a CUB/NABirds metadata file → (key, rest) pairs."""
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(maxsplit=1)
-            if len(parts) != 2:
-                raise InputError(
-                    f"{path.name} of {spec!r} line {n} is malformed: {line!r}; expected 'id value'"
-                )
-            out.append((parts[0], parts[1].strip()))
+    text = _decode_text(path.read_bytes(), f"{path.name} of {spec!r}")
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise InputError(
+                f"{path.name} of {spec!r} line {n} is malformed: {line!r}; expected 'id value'"
+            )
+        out.append((parts[0], parts[1].strip()))
     return out
 
 
-def _cub_source(spec: str, root: Path, present: list[str], **settings) -> ImageSource:
+def _cub_source(
+    spec: str, root: Path, present: list[str], allow_outside_paths: bool, **settings
+) -> ImageSource:
     missing = [f for f in _CUB_FILES if f not in present]
     if missing:
         raise InputError(
@@ -344,20 +558,48 @@ def _cub_source(spec: str, root: Path, present: list[str], **settings) -> ImageS
     ids = [images[k] for k in keys]
     if len(set(ids)) < len(ids):
         raise InputError(f"images.txt of {spec!r} lists an image path twice")
+    image_root = root / "images"
+    where = [f"images.txt of {spec!r} image id {k}" for k in keys]
+    fulls, outside = _full_paths(where, ids, image_root, allow_outside_paths, "the images/")
+    _refuse_same_file(f"images.txt of {spec!r} image ids", keys, ids, fulls)
+    id_root = str(image_root)
+    if outside:
+        id_root = os.path.commonpath([id_root, *fulls])
+        ids = [_rel_id(f, id_root) for f in fulls]
     label_list = [index[int(labels[k])] for k in keys]
     splits = ["train" if flags[k] == 1 else "test" for k in keys]
     name = "cub200" if kind == "cub" else "nabirds"
-    image_root = str(root / "images")
-    return _build(spec, name, kind, image_root, class_names, ids, label_list, splits, **settings)
+    return _build(
+        spec,
+        name,
+        kind,
+        id_root,
+        class_names,
+        ids,
+        label_list,
+        splits,
+        outside_paths=outside,
+        **settings,
+    )
 
 
 # --------------------------------------------------------------------------- ImageFolder
 
 
+class _Found(NamedTuple):
+    """An image file met while walking a folder source."""
+
+    id: str  # path relative to the DATA root, posix
+    cls: str  # class folder name
+    split: str  # split folder's split, or ""
+    real: str  # real path (symlinks resolved)
+    direct: bool  # reached without passing through any symlink
+
+
 def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
-    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    subdirs = _class_dirs(root, spec)
     split_dirs = [d for d in subdirs if d.lower() in _SPLIT_ALIASES]
-    entries: list[tuple[str, str, str]] = []  # (id, class name, split or "")
+    found: list[_Found] = []
     if split_dirs:
         others = [d for d in subdirs if d not in split_dirs]
         if others:
@@ -367,32 +609,34 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
             )
         for sd in split_dirs:
             split = _SPLIT_ALIASES[sd.lower()]
-            for cls in sorted(
-                d.name for d in (root / sd).iterdir() if d.is_dir() and not d.name.startswith(".")
-            ):
-                entries += [(f"{sd}/{cls}/{f}", cls, split) for f in _walk_images(root / sd / cls)]
+            for cls in _class_dirs(root / sd, spec):
+                found += [
+                    _Found(f"{sd}/{cls}/{rel}", cls, split, real, direct)
+                    for rel, real, direct in _walk_images(root / sd / cls)
+                ]
     else:
         for cls in subdirs:
-            entries += [(f"{cls}/{f}", cls, "") for f in _walk_images(root / cls)]
+            found += [
+                _Found(f"{cls}/{rel}", cls, "", real, direct)
+                for rel, real, direct in _walk_images(root / cls)
+            ]
     stray = [f.name for f in root.iterdir() if f.is_file() and is_image_file(f.name)]
     if stray:
         logger.warning(
-            "ignoring %d image(s) directly in %s (not in a class folder)", len(stray), root
+            "ignoring %d image(s) directly in %r (not in a class folder)", len(stray), str(root)
         )
-    if not entries:
+    if not found:
         what = "is empty" if not any(root.iterdir()) else "has no class sub-folders with images"
         raise InputError(
             f"DATA {spec!r} {what}; an image folder needs one sub-folder per class holding "
             f"images ({', '.join(IMG_EXTENSIONS)}), optionally below train/, val/, test/"
         )
-    class_names = tuple(sorted({e[1] for e in entries}))
-    if len(class_names) < 2:
-        logger.warning("DATA %r has a single class %r", spec, class_names[0])
+    entries = sorted(_one_per_file(found, spec))
+    class_names = tuple(sorted({e.cls for e in entries}))
     index = {c: k for k, c in enumerate(class_names)}
-    entries.sort()
-    ids = [e[0] for e in entries]
-    labels = [index[e[1]] for e in entries]
-    splits = [e[2] for e in entries] if split_dirs else None
+    ids = [e.id for e in entries]
+    labels = [index[e.cls] for e in entries]
+    splits = [e.split for e in entries] if split_dirs else None
     return _build(
         spec,
         _safe_name(root.name),
@@ -406,17 +650,121 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
     )
 
 
-def _walk_images(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursive, hidden entries skipped), as sorted posix paths
-    relative to ``folder``."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, folder)
-        for f in filenames:
-            if not f.startswith(".") and is_image_file(f):
-                found.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+def _is_above(folder: str, path: str) -> bool:
+    """True when real path ``folder`` is ``path`` itself or one of its ancestors."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_dirs(folder: Path, spec: str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``folder``, without symlinks that loop
+    back to ``folder`` or above it (skipped with a warning)."""
+    real = os.path.realpath(folder)
+    names = []
+    for d in folder.iterdir():
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        if d.is_symlink() and _is_above(os.path.realpath(d), real):
+            logger.warning(
+                "DATA %r: not following folder symlink %r, it loops back to %r",
+                spec,
+                printable(d.name),
+                os.path.realpath(d),
+            )
+            continue
+        names.append(d.name)
+    return sorted(names)
+
+
+def _walk_images(folder: Path) -> list[tuple[str, str, bool]]:
+    """Image files below ``folder`` as sorted (posix path relative to ``folder``, real path,
+    reached without symlinks) triples. Hidden entries are skipped.
+
+    Each real folder is walked once: first the folders themselves, then the folder symlinks met
+    (to anywhere). A folder symlink leading to a folder above it (a loop, ``ln -s . loop``) is
+    skipped with a warning; one leading to a folder already walked is skipped (its images are
+    listed once). File symlinks are followed; duplicates are left to :func:`_one_per_file`.
+    """
+    top = os.path.realpath(folder)
+    seen = {top}
+    found: list[tuple[str, str, bool]] = []
+    work: list[tuple[str, str, str, bool]] = [(str(folder), "", top, True)]  # path, rel, real
+    links: deque[tuple[str, str, str]] = deque()  # folder symlinks: path, rel, parent's real
+    while work or links:
+        if not work:
+            path, rel, parent = links.popleft()
+            real = os.path.realpath(path)
+            if _is_above(real, parent):
+                logger.warning(
+                    "not following folder symlink %r: it loops back to %r", printable(path), real
+                )
+            elif real not in seen:
+                seen.add(real)
+                work.append((path, rel, real, False))
+            continue
+        path, rel, real, direct = work.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            logger.warning("cannot list folder %r (%s); its images are left out", path, e)
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            child = f"{rel}/{e.name}" if rel else e.name
+            is_link = e.is_symlink()
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir and is_link:
+                links.append((e.path, child, real))
+            elif is_dir:
+                child_real = os.path.join(real, e.name)
+                if child_real not in seen:
+                    seen.add(child_real)
+                    subdirs.append((e.path, child, child_real, direct))
+            elif is_image_file(e.name):
+                file_real = os.path.realpath(e.path) if is_link else os.path.join(real, e.name)
+                found.append((child, file_real, direct and not is_link))
+        work.extend(reversed(subdirs))
     return sorted(found)
+
+
+def _one_per_file(found: list[_Found], spec: str) -> list[_Found]:
+    """One entry per real file: the one reached without symlinks, else the first id. Copies
+    with another class or split are an InputError (an image has one label and one split)."""
+    groups: dict[str, list[_Found]] = {}
+    for f in found:
+        groups.setdefault(f.real, []).append(f)
+    kept, dropped = [], []
+    for real, group in groups.items():
+        group.sort(key=lambda f: (not f.direct, f.id))
+        keep = group[0]
+        for other in group[1:]:
+            if (other.cls, other.split) != (keep.cls, keep.split):
+                a, b = sorted((keep, other))
+                what = (
+                    f"classes ({a.cls!r} and {b.cls!r})"
+                    if a.cls != b.cls
+                    else f"splits ({a.split} and {b.split})"
+                )
+                raise InputError(
+                    f"DATA {spec!r}: {a.id!r} and {b.id!r} are the same file {real!r} under two "
+                    f"{what}; an image has one class and one split: remove one of them"
+                )
+        kept.append(keep)
+        dropped += [(o.id, keep.id) for o in group[1:]]
+    if dropped:
+        logger.warning(
+            "DATA %r: %d file(s) reached twice through symlinks are listed once, e.g. %r as %r",
+            spec,
+            len(dropped),
+            dropped[0][1],
+            dropped[0][0],
+        )
+    return kept
 
 
 # --------------------------------------------------------------------------- shared
@@ -440,9 +788,12 @@ def _build(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    outside_paths: bool = False,
 ) -> ImageSource:
     """Complete the splits, sort by id and freeze into an ImageSource."""
     assert kind in _KINDS
+    if len(class_names) < 2:
+        logger.warning("DATA %r has a single class %r", spec, class_names[0])
     done = assign_splits(
         labels, splits, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
@@ -467,4 +818,5 @@ def _build(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
+        outside_paths=outside_paths,
     )

@@ -100,6 +100,21 @@ def make_shapes_folder(
     return root
 
 
+def write_animated_gif(path: Path, colours: list[tuple[int, int, int]], *, size=(24, 20)) -> None:
+    """An animated GIF, one solid-colour frame per entry of ``colours`` (frame 0 first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [Image.new("RGB", size, c) for c in colours]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def touch_images(root: Path, rels: list[str]) -> Path:
+    """Empty files at ``root/<rel>`` (enough for listing a source; they do not decode)."""
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    return root
+
+
 def make_split_folder(root: Path, *, per_class: int = 6, seed: int = 0) -> Path:
     """ImageFolder with ``train/`` and ``test/`` split folders (no ``val/``). Returns ``root``."""
     for split, n in (("train", per_class), ("test", max(2, per_class // 2))):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from image_factory import ODD_FILES, draw_shape, save_as, write_corrupt_jpeg
+from image_factory import ODD_FILES, draw_shape, save_as, write_animated_gif, write_corrupt_jpeg
 from PIL import Image
 
 from pipeline.images import ImageLoadError, is_image_file, load_rgb, to_rgb
@@ -142,6 +142,16 @@ def test_image_load_error_pickles():
 def test_extensions_case_insensitive():
     assert is_image_file("a/B.JPG") and is_image_file("x.Png") and is_image_file("y.webp")
     assert not is_image_file("notes.txt") and not is_image_file("jpg")
+
+
+def test_gif_is_an_image_and_an_animation_gives_its_first_frame(tmp_path):
+    assert is_image_file("a/b.gif") and is_image_file("c.GIF")
+    write_animated_gif(tmp_path / "a.gif", [(0, 0, 255), (255, 0, 0), (0, 255, 0)], size=(W, H))
+    a = _check_rgb(load_rgb(tmp_path / "a.gif"))
+    assert (a == (0, 0, 255)).all()
+    still = Image.new("RGBA", (W, H), (0, 0, 0, 0))  # transparent single-frame GIF → white
+    still.save(tmp_path / "t.gif")
+    assert (_check_rgb(load_rgb(tmp_path / "t.gif")) == 255).all()
 
 
 def test_odd_files_of_the_factory_load(shapes_folder):
