@@ -351,8 +351,8 @@ class CarrotAugmentation:
                 X, y, num_classes=self.num_classes, rank=CLASS_COV_RANK
             )
 
-    def __call__(self, z, y, logits, weight, *, generator, ln=None) -> AugmentedBatch:
-        kwargs: dict[str, Any] = {"generator": generator}
+    def __call__(self, z, y, logits, weight, *, generator, ln=None, bias=None) -> AugmentedBatch:
+        kwargs: dict[str, Any] = {"generator": generator, "bias": bias}
         if self.class_factor is not None:
             kwargs["class_factor"] = self.class_factor.to(z.device)
         if self.pre_ln:

@@ -153,8 +153,11 @@ def carrot_augment(
     *,
     generator: torch.Generator | None = None,
     class_factor: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> CarrotOutput:
-    """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D).
+    """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D)
+    and optional ``bias`` (C,) (logits ``W z + b``: the bias shifts the margins, the noise does
+    not move it).
 
     ``logits`` (B, C) select the "sample"-mode competitors (any dtype; only their order is used).
     Everything but ``out.z`` is computed without gradient and never below float32 (bf16/fp16
@@ -181,7 +184,7 @@ def carrot_augment(
             kset = nearest_classes(gram, k).index_select(0, classes)
             geo = competitor_geometry(wc, gram, classes, kset, basis=True).take(inverse)
     return augment_with_geometry(
-        z, y, weight, cfg, geo, generator=generator, class_factor=class_factor
+        z, y, weight, cfg, geo, generator=generator, class_factor=class_factor, bias=bias
     )
 
 
@@ -195,6 +198,7 @@ def augment_with_geometry(
     generator: torch.Generator | None = None,
     class_factor: Tensor | None = None,
     workspace: dict | None = None,
+    bias: Tensor | None = None,
 ) -> CarrotOutput:
     """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
 
@@ -221,7 +225,7 @@ def augment_with_geometry(
                 f"weight has {tuple(wc.shape)}: rebuild it (competitor_geometry)"
             )
         stale = not torch.equal(wc, geo.weight)  # host sync
-        slack = margin_slack(z, y, weight, cfg.gamma, z.dtype)  # (B, C), +inf at y
+        slack = margin_slack(z, y, weight, cfg.gamma, z.dtype, bias)  # (B, C), +inf at y
         eligible = (slack > 0).all(dim=1) & (geo.rank < d)
         shape = (cfg.aug_per_sample, b, d)
         factor_y = scale = None
@@ -259,7 +263,7 @@ def augment_with_geometry(
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
         alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)
-    return _assemble(z, y, weight, cfg, alpha, noise, features=None)
+    return _assemble(z, y, weight, cfg, alpha, noise, features=None, bias=bias)
 
 
 def _stale_alpha(
@@ -342,6 +346,7 @@ def carrot_augment_pre_ln(
     cfg: CarrotConfig,
     *,
     generator: torch.Generator | None = None,
+    bias: Tensor | None = None,
 ) -> CarrotOutput:
     """Pre-LN injection: noise on raw embeddings ``x`` (B, D) before the LayerNorm ``ln``.
 
@@ -365,7 +370,7 @@ def carrot_augment_pre_ln(
         wc = centered_weight(weight)
         gram = wc @ wc.T
         jac = LayerNormJacobian.at(x, ln)
-        slack = margin_slack(jac.output(), y, weight, cfg.gamma, x.dtype)
+        slack = margin_slack(jac.output(), y, weight, cfg.gamma, x.dtype, bias)
         if cfg.mode == "sample":
             kset = top_competitors(logits, y, k)
         else:
@@ -396,7 +401,7 @@ def carrot_augment_pre_ln(
         noise = project_out_explicit(basis, eps.to(torch.float64))
         cap = cfg.alpha_max if cfg.alpha_max is not None else PRE_LN_DEFAULT_CAP
         alpha = cap_alpha(alpha, eligible, noise, jac.centred_norm(), cap)
-    return _assemble(x, y, weight, cfg, alpha, noise, features=ln)
+    return _assemble(x, y, weight, cfg, alpha, noise, features=ln, bias=bias)
 
 
 def carrot_loss(
@@ -407,16 +412,17 @@ def carrot_loss(
     aug_weight: float,
     *,
     logits: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """``CE(W z, y) + aug_weight · CE(W z̃, ỹ)``, a scalar.
+    """``CE(W z + b, y) + aug_weight · CE(W z̃ + b, ỹ)``, a scalar.
 
     ``out.z`` is already normalized: it goes through ``W`` directly (no second LayerNorm).
-    Pass ``logits = W z`` if already computed. With no augmented rows, the plain CE.
+    Pass ``logits = W z + b`` if already computed. With no augmented rows, the plain CE.
     """
-    real = F.cross_entropy(logits if logits is not None else F.linear(z, head_weight), y)
+    real = F.cross_entropy(logits if logits is not None else F.linear(z, head_weight, bias), y)
     if out.z.shape[0] == 0 or aug_weight == 0:
         return real
-    return real + aug_weight * F.cross_entropy(F.linear(out.z, head_weight), out.y)
+    return real + aug_weight * F.cross_entropy(F.linear(out.z, head_weight, bias), out.y)
 
 
 class CarrotAugment(nn.Module):
@@ -451,16 +457,19 @@ class CarrotAugment(nn.Module):
         generator: torch.Generator | None = None,
         class_factor: Tensor | None = None,
         ln: nn.LayerNorm | None = None,
+        bias: Tensor | None = None,
     ) -> CarrotOutput:
         """Same as :func:`carrot_augment` (``ln`` and raw ``x`` as ``z`` for pre-LN injection)."""
         cfg = self.cfg
         if cfg.injection == "pre_ln":
             if ln is None:
                 raise ValueError('injection="pre_ln" needs the head LayerNorm: pass ln=...')
-            return carrot_augment_pre_ln(z, y, logits, weight, ln, cfg, generator=generator)
+            return carrot_augment_pre_ln(
+                z, y, logits, weight, ln, cfg, generator=generator, bias=bias
+            )
         if cfg.mode == "sample":
             return carrot_augment(
-                z, y, logits, weight, cfg, generator=generator, class_factor=class_factor
+                z, y, logits, weight, cfg, generator=generator, class_factor=class_factor, bias=bias
             )
         _check_inputs(z, y, weight)
         geo = self.class_geometry(weight).take(y)
@@ -473,6 +482,7 @@ class CarrotAugment(nn.Module):
             generator=generator,
             class_factor=class_factor,
             workspace=self._workspace,
+            bias=bias,
         )
 
     def class_geometry(self, weight: Tensor) -> Competitors:
@@ -498,7 +508,7 @@ class CarrotAugment(nn.Module):
 
 
 def _assemble(
-    z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features
+    z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features, bias=None
 ) -> CarrotOutput:
     """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D)."""
     rows = torch.nonzero(alpha > 0).squeeze(1)  # host sync: M is data-dependent
@@ -524,6 +534,8 @@ def _assemble(
         base = z_rows.detach().float().norm(dim=-1).clamp_min(1e-30)
         feats = z_aug.detach() if features is None else features(z_aug.detach())
         logits = feats.float() @ weight.detach().float().T
+        if bias is not None:
+            logits = logits + bias.detach().float()
         margin = logits.gather(1, y_aug[:, None]) - logits
         margin.scatter_(1, y_aug[:, None], float("inf"))
         diag |= {

@@ -386,9 +386,17 @@ def tail_quantile_sq(delta: float, n_out: int, kind: str) -> float:
 
 
 def margin_slack(
-    z: Tensor, y: Tensor, weight: Tensor, gamma: float, out_dtype: torch.dtype
+    z: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    gamma: float,
+    out_dtype: torch.dtype,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """(B, C) float64 ``m_c − γ`` of features z (B, D), minus a rounding allowance; +inf at y.
+
+    With the head's ``bias`` (C,), margins are ``(w_y − w_c)ᵀz + b_y − b_c``: the noise moves only
+    the first term, so the bias shifts every margin by a constant the chance bound starts from.
 
     Margins come from the centred weight in a float32 GEMM when that GEMM is IEEE (no TF32/bf16
     modes) and z is not float64, else in float64. The allowance bounds the GEMM's error
@@ -411,6 +419,13 @@ def margin_slack(
     norms = w.norm(dim=1).double() * (1 + 1e-5)
     z_norm = zz.norm(dim=1, keepdim=True).double() * (1 + 1e-5)
     allowance = (gemm + 2 * u_out) * z_norm * (norms[y][:, None] + norms[None, :])
+    if bias is not None:  # exact float64 differences of the bias; the head adds it in float32
+        bb = bias.detach().double()
+        margin = margin + (bb[y][:, None] - bb[None, :])
+        unit32 = torch.finfo(torch.float32).eps / 2
+        allowance = allowance + 4 * unit32 * (
+            bb.abs()[y][:, None] + bb.abs()[None, :] + margin.abs()
+        )
     return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
 
 

@@ -487,11 +487,14 @@ class _MinibatchRun:
                             W.detach(),
                             generator=gen,
                             ln=bank.layer_norm(h),
+                            bias=b.detach(),
                         )
                         z_aug = bank.head_features(bank.normalize(out.z), h)
                     else:
                         z = bank.head_features(xhat, h)  # (B, D) post-LN
-                        out = aug(z, y, logits[:, h].detach(), W.detach(), generator=gen)
+                        out = aug(
+                            z, y, logits[:, h].detach(), W.detach(), generator=gen, bias=b.detach()
+                        )
                         z_aug = out.z
                     if out.diagnostics:
                         acc = diag_acc.setdefault(h, {})

@@ -227,3 +227,47 @@ def test_class_mode_keeps_the_guarantee_for_the_current_weight_while_training(p)
         opt.step()
     assert aug.refresh_count == 2  # one refresh at step 0, one at step 50
     assert augmented_steps > steps // 2, "the case must exercise the stale geometry"
+
+
+# --- heads with a bias: logits W z + b ---------------------------------------------------------
+
+
+def _biased_margins(z, y, w, b):
+    logits = z.double() @ w.double().T + b.double()
+    margin = logits.gather(1, y[:, None]) - logits
+    return margin.scatter(1, y[:, None], float("inf"))
+
+
+@pytest.mark.parametrize("mode", ["sample", "class"])
+def test_the_guarantee_holds_for_heads_with_a_bias(mode):
+    """A head ``W z + b`` (the probe's heads have a bias): passing ``b`` keeps Kset margins exact
+    and the violation rate ≤ δ against the biased margins; ignoring it breaks the guarantee."""
+    from scipy.stats import binom
+
+    z, y, w, _ = make_problem("random", b=8, d=32, c=40, seed=11)
+    # the bias takes 70 % of each row's smallest margin away (true classes lowered)
+    smallest = margins64(z, y, w).min(dim=1).values
+    bias = torch.zeros(40)
+    bias[y] = -0.7 * smallest.float()
+    logits = z @ w.T + bias
+    delta, draws = 0.05, 2000
+    cfg = CarrotConfig(topk=5, mode=mode, delta=delta, aug_per_sample=draws)
+    out = carrot_augment(
+        z, y, logits, w, cfg, generator=torch.Generator().manual_seed(1), bias=bias
+    )
+    assert out.z.shape[0] > 0
+    m = _biased_margins(z, y, w, bias)
+    assert not ((m <= 0).any(dim=1) & (out.alpha > 0)).any()  # gating uses the biased margins
+    after = _biased_margins(out.z, out.y, w, bias)
+    kset = expected_kset(cfg, y, w, logits, 5)[out.source]
+    before = m[out.source].gather(1, kset)
+    assert ((after.gather(1, kset) - before).abs() <= 1e-4 * (1 + before.abs())).all()
+    bad = (after < 0).any(dim=1)
+    limit = binom.ppf(1 - 1e-4, bad.numel(), delta) / bad.numel()
+    per_row = bad.double().view(draws, -1).mean(0)
+    assert per_row.max() <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+    assert bad.double().mean() <= limit
+    assert out.diagnostics["violation_rate"] == pytest.approx(float(bad.double().mean()), abs=1e-6)
+    blind = carrot_augment(z, y, logits, w, cfg, generator=torch.Generator().manual_seed(1))
+    blind_bad = (_biased_margins(blind.z, blind.y, w, bias) < 0).any(dim=1).double().mean()
+    assert blind_bad > 2 * delta  # the bias matters: without it the noise is far too large
