@@ -76,7 +76,9 @@ _CHOICES = {
 
 @dataclass(frozen=True)
 class CarrotConfig:
-    """Settings of the CARROT augmentation (validated on construction)."""
+    """Settings of the CARROT augmentation (validated on construction). A warm-up without
+    augmentation is the trainer's (`TrainConfig.aug_warmup_epochs`, one setting for every
+    augmentation); heads start from their plain optimum anyway (`pipeline.train`)."""
 
     topk: int = 10  # competitors per sample/class whose margins stay exact (K = min(topk, C−1))
     delta: float = 0.05  # allowed P(any other margin falls below gamma), in (0, 0.5)
@@ -84,7 +86,6 @@ class CarrotConfig:
     mode: Literal["sample", "class"] = "sample"  # Kset: top-K logits, or K nearest class weights
     aug_per_sample: int = 1  # augmented copies per eligible row
     aug_weight: float = 1.0  # weight of the augmented cross-entropy term in the loss
-    warmup_epochs: int = 0  # epochs trained without augmentation (see `active`)
     refresh: int = 50  # "class" mode in CarrotAugment: recompute class geometry every N calls
     # (in between, the stale geometry keeps the guarantee for the current weight, at some α)
     alpha_max: float | None = None  # cap on √α·‖P_N ε‖/‖z‖ per row (None: no cap)
@@ -100,7 +101,6 @@ class CarrotConfig:
         for name, low in (
             ("topk", 1),
             ("aug_per_sample", 1),
-            ("warmup_epochs", 0),
             ("refresh", 1),
             ("refine", 1),
         ):
@@ -119,10 +119,6 @@ class CarrotConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}")
-
-    def active(self, epoch: int) -> bool:
-        """Whether augmentation is on in ``epoch`` (0-based): off during ``warmup_epochs``."""
-        return epoch >= self.warmup_epochs
 
 
 @dataclass

@@ -66,7 +66,6 @@ def margins64(z, y, w):
         {"mode": "batch"},
         {"aug_per_sample": 0},
         {"aug_weight": -1.0},
-        {"warmup_epochs": -1},
         {"refresh": 0},
         {"alpha_max": 0.0},
         {"alpha_max": math.nan},
@@ -82,7 +81,7 @@ def test_config_rejects_bad_values_naming_the_field(bad):
         CarrotConfig(**bad)
 
 
-def test_config_defaults_and_warmup():
+def test_config_defaults():
     cfg = CarrotConfig()
     assert (cfg.topk, cfg.delta, cfg.gamma, cfg.mode, cfg.aug_per_sample) == (
         10,
@@ -98,8 +97,8 @@ def test_config_defaults_and_warmup():
         "exact",
         "post_ln",
     )
-    warm = CarrotConfig(warmup_epochs=2)
-    assert [warm.active(e) for e in range(4)] == [False, False, True, True]
+    # one warm-up setting for every augmentation: the trainer's, not CARROT's
+    assert not hasattr(cfg, "warmup_epochs")
 
 
 def test_bad_inputs_raise_clear_errors():
