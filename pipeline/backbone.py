@@ -3,7 +3,8 @@
 ``create_backbone(cfg)`` builds ``timm.create_model(name, num_classes=0)`` (the pre-logits
 embedding), loads weights (hub, a local checkpoint file, or a seeded random init), freezes it and
 measures the embedding width with a dummy forward. ``describe_backbone(cfg)`` gives the same
-identity (data config, weights, precision) without loading any weights, for cache look-ups.
+identity (data config, weights, precision) without loading any weights, for cache look-ups;
+``check_weights(cfg)`` fails fast on weights that cannot be used, without building the model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.errors import InputError
 from pipeline.weights import (
     ensure_hub_weights_available,
     file_sha256,
+    fit_state_dict,
     load_checkpoint_file,
     load_state_dict_into,
     pretrained_cfg,
@@ -33,6 +35,7 @@ __all__ = [
     "PRECISIONS",
     "Backbone",
     "BackboneConfig",
+    "check_weights",
     "create_backbone",
     "describe_backbone",
     "resolve_device",
@@ -174,6 +177,27 @@ def describe_backbone(cfg: BackboneConfig) -> tuple[dict[str, Any], dict[str, An
         _weights_identity(cfg),
         resolve_precision(cfg.precision, device),
     )
+
+
+def check_weights(cfg: BackboneConfig) -> None:
+    """Fail fast on weights that cannot be used, before any work or server starts.
+
+    A checkpoint is read (tensors only; pickled code refused) and fitted to the model built on
+    the meta device — no memory, no init: missing keys, shape mismatches and NaN/Inf tensors
+    are caught here. Hub weights must be in the local cache or downloadable. A random init
+    needs nothing (cheap).
+
+    Raises:
+        InputError: naming the checkpoint (and tensor) or ``--checkpoint``.
+    """
+    validate_backbone_name(cfg.name)
+    if cfg.checkpoint is not None:
+        state_dict = load_checkpoint_file(cfg.checkpoint)
+        with torch.device("meta"):
+            model = _build_model(cfg, pretrained=False)
+        fit_state_dict(model, state_dict, cfg.checkpoint)
+    elif cfg.pretrained:
+        ensure_hub_weights_available(cfg.name)
 
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:

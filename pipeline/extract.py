@@ -26,6 +26,7 @@ from pipeline.backbone import Backbone
 from pipeline.errors import InputError
 from pipeline.images import ImageLoadError
 from pipeline.sources import ImageSource
+from pipeline.terminal import printable
 
 __all__ = [
     "ChunkResult",
@@ -81,17 +82,26 @@ class ChunkResult:
 
 
 class NonFiniteFeaturesError(ValueError):
-    """The backbone produced NaN/Inf features; ``ids`` names the images."""
+    """The backbone produced NaN/Inf features; ``ids`` names the images, ``precision`` the
+    resolved forward precision (fp32 | bf16 | fp16)."""
 
-    def __init__(self, ids: Sequence[str]) -> None:
+    def __init__(self, ids: Sequence[str], precision: str = "fp32") -> None:
         self.ids = list(ids)
+        self.precision = precision
+        if precision == "fp32":
+            cause = "the backbone's weights are broken (check the --checkpoint file)"
+        else:
+            cause = (
+                f"the {precision} autocast overflowed or the weights are broken (fp32 runs "
+                "with --device cpu, or BackboneConfig(precision='fp32') in Python)"
+            )
         super().__init__(
-            f"non-finite (NaN/Inf) features for {len(self.ids)} image(s), e.g. {self.ids[:5]}; "
-            "try --precision fp32 or check the checkpoint"
+            f"non-finite (NaN/Inf) features for {len(self.ids)} image(s), e.g. "
+            f"{self.ids[:5]}, with the backbone in {precision}: {cause}"
         )
 
     def __reduce__(self):
-        return (type(self), (self.ids,))
+        return (type(self), (self.ids, self.precision))
 
 
 def extract_rows(
@@ -152,7 +162,7 @@ def extract_rows(
             first = source.records[rows[start + bad[0]]].id
             if cfg.strict:
                 raise InputError(
-                    f"unreadable image {first!r}: {err[bad[0]]} (--strict stops at the first "
+                    f"unreadable image {first!r}: {printable(err[bad[0]])} (--strict stops at the first "
                     "unreadable image; drop --strict to skip such images)"
                 )
             for k in bad:
@@ -169,7 +179,9 @@ def extract_rows(
             finite = torch.isfinite(y).flatten(1).all(dim=1)
             if not bool(finite.all()):
                 idx = np.flatnonzero(ok_np)[~finite.cpu().numpy()]
-                raise NonFiniteFeaturesError([source.records[rows[start + k]].id for k in idx])
+                raise NonFiniteFeaturesError(
+                    [source.records[rows[start + k]].id for k in idx], backbone.precision
+                )
             features[start : start + b][ok_np] = y.cpu().numpy()
             valid[start : start + b] = ok_np
         start += b

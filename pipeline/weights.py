@@ -1,8 +1,10 @@
 """Backbone weights from outside the model code: local checkpoint files and hub availability.
 
-- :func:`load_checkpoint_file` reads ``.safetensors`` or ``.pth``/``.pt`` safely (no pickled code).
-- :func:`load_state_dict_into` fits a state dict to a ``num_classes=0`` timm model, with clear
-  errors for missing keys and shape mismatches.
+- :func:`load_checkpoint_file` reads ``.safetensors`` or ``.pth``/``.pt`` safely (no pickled code),
+  with one-line errors for files that are not checkpoints, are cut short or carry code.
+- :func:`fit_state_dict` checks a state dict against a ``num_classes=0`` timm model (missing
+  keys, shape mismatches, NaN/Inf values; works on a meta-device model) and
+  :func:`load_state_dict_into` loads it.
 - :func:`ensure_hub_weights_available` fails at once, naming ``--checkpoint``, when hub weights
   are neither cached locally nor downloadable.
 """
@@ -14,6 +16,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import socket
 import sys
 from pathlib import Path
@@ -24,10 +27,12 @@ import timm
 import torch
 
 from pipeline.errors import InputError
+from pipeline.terminal import one_line
 
 __all__ = [
     "ensure_hub_weights_available",
     "file_sha256",
+    "fit_state_dict",
     "load_checkpoint_file",
     "load_state_dict_into",
     "pretrained_cfg",
@@ -121,12 +126,23 @@ def _reachable(host: str) -> bool:
 # --------------------------------------------------------------------------- checkpoint files
 
 
+_SAVE_HINT = "torch.save(model.state_dict(), path)"
+_TO_SAFETENSORS = (
+    "convert it to .safetensors where it was made: "
+    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+)
+
+
 def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """Read a local checkpoint safely into a flat ``{name: tensor}`` state dict (CPU).
 
     ``.safetensors`` via safetensors; ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``
-    (pickled code is refused). A dict nested under ``"state_dict"`` or ``"model"`` is unwrapped;
-    a ``"module."`` prefix (DataParallel) is stripped.
+    (pickled code is refused, never run). A dict nested under ``"state_dict"`` or ``"model"`` is
+    unwrapped; a ``"module."`` prefix (DataParallel) is stripped.
+
+    Raises:
+        InputError: one line naming the file: missing, not a checkpoint (text, empty, another
+            format), truncated or corrupt, carrying pickled code, or not a dict of tensors.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -138,21 +154,7 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
         raise InputError(
             f"checkpoint {path!r} has an unknown type {suffix or '(none)'}; use .safetensors or .pth/.pt"
         )
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(p), device="cpu")
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise InputError(
-            f"checkpoint {path!r} holds pickled objects other than tensors and is refused "
-            f"(weights_only loading: {str(e).splitlines()[0]}); re-save it as a plain state dict "
-            "(torch.save(model.state_dict(), ...)) or as .safetensors"
-        ) from None
-    except Exception as e:  # corrupt or truncated file: safetensors/torch raise various types
-        raise InputError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+    obj = _read_safetensors(p, path) if suffix == ".safetensors" else _read_torch(p, path)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -163,14 +165,85 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
             f"checkpoint {path!r} is not a state dict of tensors (nor one under 'state_dict' or "
             "'model'); save model.state_dict()"
         )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_state_dict_into(
+def _read_safetensors(p: Path, path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: one line, the file named
+        raise InputError(
+            f"cannot read checkpoint {path!r} ({_quote(e)}); it is truncated, corrupt or not a "
+            ".safetensors file: copy it again or save it with safetensors.torch.save_file"
+        ) from None
+
+
+def _read_torch(p: Path, path: str) -> Any:
+    """``torch.load(weights_only=True)`` after checking the file looks like one torch wrote."""
+    with p.open("rb") as f:
+        head = f.read(512)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or legacy pickle
+        raise InputError(
+            f"checkpoint {path!r} is not a PyTorch checkpoint ({_what_is(head)}); pass a "
+            f".safetensors file or a .pth written by {_SAVE_HINT}"
+        )
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found or "Unsupported" in str(e):
+            what = found.group(1) if found else "objects other than tensors"
+            raise InputError(
+                f"checkpoint {path!r} is refused: it carries pickled code ({what}), which carrot "
+                f"never runs; {_TO_SAFETENSORS}, or re-save a plain state dict ({_SAVE_HINT})"
+            ) from None
+        raise InputError(
+            f"cannot read checkpoint {path!r}: its pickle data is corrupt; copy it again or "
+            f"re-save it ({_SAVE_HINT})"
+        ) from None
+    except Exception as e:  # truncated zip, foreign zip, bad records: torch raises many types
+        raise InputError(
+            f"cannot read checkpoint {path!r} ({_quote(e)}); it is truncated, corrupt or not "
+            f"written by torch.save: copy it again or re-save it ({_SAVE_HINT})"
+        ) from None
+
+
+def _what_is(head: bytes) -> str:
+    """A few words on what a file that is no checkpoint looks like, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    if len(head) > 8 and head[8:9] == b"{":  # u64 header length, then the JSON header
+        return "it is a .safetensors file: rename it to .safetensors"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "it looks like text"
+    return "no zip or pickle header"
+
+
+def _quote(e: BaseException) -> str:
+    """``Type: message`` of a library error on one line, unless it gives loading advice."""
+    text = one_line(e, limit=200)
+    return type(e).__name__ if "weights_only" in text else f"{type(e).__name__}: {text}"
+
+
+def fit_state_dict(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str
-) -> None:
-    """Load ``state_dict`` into ``model`` (num_classes=0): classifier keys are dropped, missing
-    backbone keys or shape mismatches are an InputError, other extra keys are logged."""
+) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` that ``model`` (num_classes=0) takes, checked.
+
+    timm's checkpoint filter of the model family runs first (e.g. resampled ViT position
+    embeddings); classifier keys are dropped; other extra keys are logged. Works on a model
+    built on the meta device (only names and shapes are compared).
+
+    Raises:
+        InputError: missing backbone keys, shape mismatches, or NaN/Inf values in a kept
+            tensor (named).
+    """
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:  # timm's own conversion (e.g. resampled ViT position embeddings)
         try:
@@ -215,10 +288,34 @@ def load_state_dict_into(
             unexpected[:5],
         )
     keep = {k: v for k, v in state_dict.items() if k in own}
-    model.load_state_dict(keep, strict=False)
+    _refuse_non_finite(keep, path)
+    return keep
+
+
+def _refuse_non_finite(state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """InputError naming the first tensor holding NaN or Inf (floating and complex only)."""
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise InputError(
+            f"checkpoint {path!r} holds NaN/Inf in tensor {bad[0]!r}{more}; every feature "
+            "would be NaN: use weights saved before training diverged"
+        )
+
+
+def load_state_dict_into(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str
+) -> None:
+    """Check ``state_dict`` with :func:`fit_state_dict` and load it into ``model``."""
+    model.load_state_dict(fit_state_dict(model, state_dict, path), strict=False)
 
 
 def file_sha256(path: str) -> str:
+    """sha256 hex of the checkpoint file's bytes (memoized per path, size and mtime)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from pipeline.backbone import (
     BackboneConfig,
+    check_weights,
     create_backbone,
     describe_backbone,
     resolve_device,
@@ -111,12 +112,99 @@ def test_vit_checkpoint_at_another_image_size(tmp_path):
     assert b.forward(_x(b)).shape == (2, b.dim)
 
 
+def _one_clean_line(message: str) -> None:
+    assert "\n" not in message and "\x1b" not in message
+    assert "weights_only" not in message  # never advise loading pickled code
+
+
 def test_pickled_object_in_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": _trained_like().state_dict(), "extra": Exploit()}, path)
-    with pytest.raises(InputError, match="pickled objects other than tensors and is refused"):
-        create_backbone(BackboneConfig("test_resnet", checkpoint=str(path), **CPU))
+    for check in (
+        lambda: create_backbone(BackboneConfig("test_resnet", checkpoint=str(path), **CPU)),
+        lambda: check_weights(BackboneConfig("test_resnet", checkpoint=str(path), **CPU)),
+    ):
+        with pytest.raises(InputError, match=r"evil.pth' is refused: it carries pickled code") as e:
+            check()
+        _one_clean_line(str(e.value))
+        assert "pickled code (getattr)" in str(e.value)  # the global the pickle calls
+        assert "save_file(model.state_dict()" in str(e.value)
     assert not Exploit.ran
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin"])
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"hello\n", "looks like text"),
+        (b"path,label\nimg/a.png,cat\n", "looks like text"),
+        (b"", "is empty"),
+        (bytes(range(256)) * 4, "no zip or pickle header"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path, suffix, payload, needle):
+    path = tmp_path / f"notes{suffix}"
+    path.write_bytes(payload)
+    with pytest.raises(InputError, match=rf"notes\{suffix}' is not a PyTorch checkpoint") as e:
+        load_checkpoint_file(str(path))
+    assert needle in str(e.value) and "torch.save(model.state_dict()" in str(e.value)
+    _one_clean_line(str(e.value))
+
+
+def test_truncated_and_misnamed_checkpoints(tmp_path):
+    good = tmp_path / "w.pth"
+    torch.save(_trained_like().state_dict(), good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"cannot read checkpoint .*cut.pth.*truncated") as e:
+        load_checkpoint_file(str(cut))
+    _one_clean_line(str(e.value))
+    st = tmp_path / "really_safetensors.pth"
+    save_file({"a": torch.zeros(2)}, st)
+    with pytest.raises(InputError, match=r"is a \.safetensors file.*rename it"):
+        load_checkpoint_file(str(st))
+    (tmp_path / "text.safetensors").write_text("hello this is text\n")
+    with pytest.raises(InputError, match=r"cannot read checkpoint .*text.safetensors.*not a"):
+        load_checkpoint_file(str(tmp_path / "text.safetensors"))
+
+
+def test_non_finite_weights_name_the_checkpoint_and_tensor(tmp_path):
+    sd = _trained_like().state_dict()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    sd["fc.weight"][0, 0] = float("inf")  # classifier keys are dropped: not reported
+    path = tmp_path / "nan.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    cfg = BackboneConfig("test_resnet", checkpoint=str(path), **CPU)
+    for check in (lambda: check_weights(cfg), lambda: create_backbone(cfg)):
+        with pytest.raises(
+            InputError, match=r"nan.safetensors' holds NaN/Inf in tensor 'layer1.0.conv1.weight'"
+        ) as e:
+            check()
+        assert "--precision" not in str(e.value)
+    ok = dict(sd)
+    ok["layer1.0.conv1.weight"] = torch.zeros_like(sd["layer1.0.conv1.weight"])
+    save_file({k: v.contiguous() for k, v in ok.items()}, tmp_path / "ok.safetensors")
+    check_weights(BackboneConfig("test_resnet", checkpoint=str(tmp_path / "ok.safetensors")))
+
+
+def test_check_weights_catches_a_misfit_before_building_the_model(tmp_path, monkeypatch):
+    vit = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in _trained_like("test_vit").state_dict().items()}, vit)
+    import pipeline.backbone as bb
+
+    real_build = bb._build_model
+
+    def meta_only(cfg, *, pretrained):
+        model = real_build(cfg, pretrained=pretrained)
+        assert next(model.parameters()).device.type == "meta", "check_weights built a real model"
+        return model
+
+    monkeypatch.setattr(bb, "_build_model", meta_only)
+    with pytest.raises(InputError, match=r"does not fit ResNet.*missing key"):
+        check_weights(BackboneConfig("test_resnet", checkpoint=str(vit), **CPU))
+    check_weights(BackboneConfig("test_vit", checkpoint=str(vit), image_size=96, **CPU))
+    check_weights(BackboneConfig("test_vit", checkpoint=str(vit), **CPU))
+    check_weights(BackboneConfig("test_resnet", **CPU))  # random init: nothing to check
 
 
 class Exploit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import numpy as np
@@ -133,6 +134,11 @@ def test_non_finite_features_name_the_images(digits):
     with pytest.raises(NonFiniteFeaturesError, match="digits/00003") as err:
         extract_rows(b, digits, range(3, 6), _cfg())
     assert err.value.ids == ["digits/00003", "digits/00004", "digits/00005"]
+    message = str(err.value)
+    assert "--precision" not in message  # carrot embed has no such option
+    assert "fp32" in message and "weights" in message and "\n" not in message
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert str(copy) == message and copy.ids == err.value.ids
 
 
 def test_config_validation_and_workers():
