@@ -21,13 +21,13 @@ import torch
 from pipeline.backbone import (
     Backbone,
     BackboneConfig,
+    check_weights,
     create_backbone,
     describe_backbone,
-    validate_backbone_name,
 )
+from pipeline.errors import InputError
 from pipeline.extract import ExtractConfig, extract_rows
-from pipeline.sources import ImageSource, resolve_source
-from pipeline.weights import ensure_hub_weights_available
+from pipeline.sources import ImageSource, check_fingerprint_mode, resolve_source
 from stores import StoreIdentity, StoreWriter, open_writer, store_url
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,11 @@ class EmbedSettings:
     split_seed: int = 0
     compressor: str | None = None  # features compressor (None: fastest reads)
     storage_options: dict[str, Any] | None = None  # fsspec options for the root
+    fingerprint: str = "stat"  # how the key sees files: "stat" (size, mtime) | "content" (bytes)
+    allow_outside_paths: bool = False  # manifest paths may lead out of the manifest's folder
+
+    def __post_init__(self) -> None:
+        check_fingerprint_mode(self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -92,30 +97,55 @@ class EmbedSummary:
 
 
 def resolve_settings_source(settings: EmbedSettings) -> ImageSource:
-    """Resolve DATA into an :class:`ImageSource` (splits made when the source has none)."""
-    return resolve_source(
+    """Resolve DATA into an :class:`ImageSource` (splits made when the source has none).
+
+    Raises:
+        InputError: bad DATA, or a single class: a store of one class trains no classifier
+            (``carrot train`` would fail only after the whole embedding run).
+    """
+    source = resolve_source(
         settings.data,
         val_fraction=settings.val_fraction,
         test_fraction=settings.test_fraction,
         seed=settings.split_seed,
+        allow_outside_paths=settings.allow_outside_paths,
     )
+    if len(source.class_names) < 2:
+        fix = {
+            "csv": "give rows of at least 2 labels",
+            "folder": "add a sub-folder per class",
+        }.get(source.kind, "check its class files")
+        raise InputError(
+            f"DATA {settings.data!r} has one class {source.class_names[0]!r}; a classifier needs "
+            f"at least 2: {fix}"
+        )
+    return source
 
 
 def check_settings(settings: EmbedSettings) -> EmbedPlan:
-    """Fail fast on bad input (DATA, model name, offline hub weights, device) before any work.
+    """Fail fast on bad input before any work (and before a Prefect server starts): DATA, the
+    model name, the weights (a checkpoint is read and fitted to a meta-device model: unreadable,
+    pickled code, NaN/Inf, misfit; hub weights must be cached or downloadable), the device.
 
-    Cheap: no weights are loaded and the backbone is built on the meta device.
+    Cheap for a random init: no weights are loaded and the backbone is built on the meta device.
     """
-    cfg = settings.backbone
-    validate_backbone_name(cfg.name)
-    if cfg.pretrained and cfg.checkpoint is None:
-        ensure_hub_weights_available(cfg.name)
+    check_weights(settings.backbone)
     return plan_embedding(settings, resolve_settings_source(settings))
 
 
 def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
-    """Compute the store identity and URL without loading weights or running the backbone."""
+    """Compute the store identity and URL without loading weights or running the backbone.
+
+    ``identity.extra`` holds the view seed and precision, plus — only where used, so the keys
+    of default runs stay as they were — ``fingerprint: "content"`` and, for a manifest with
+    allowed outside paths, ``id_root`` (the folder the ids are relative to).
+    """
     data_config, weights, precision = describe_backbone(settings.backbone)
+    extra: dict[str, Any] = {"view_seed": settings.extract.view_seed, "precision": precision}
+    if settings.fingerprint != "stat":
+        extra["fingerprint"] = settings.fingerprint
+    if source.outside_paths:
+        extra["id_root"] = source.root
     identity = StoreIdentity(
         dataset=source.name,
         backbone=settings.backbone.name,
@@ -124,8 +154,8 @@ def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
         views=settings.extract.views,
         dtype=settings.dtype,
         versions={"timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
-        input_fingerprint=source.fingerprint(),
-        extra={"view_seed": settings.extract.view_seed, "precision": precision},
+        input_fingerprint=source.fingerprint(settings.fingerprint),
+        extra=extra,
     )
     return EmbedPlan(source=source, identity=identity, url=store_url(settings.root, identity))
 

@@ -162,3 +162,138 @@ def test_kill_9_mid_run_resumes_to_the_same_store(shapes_folder, tmp_path):
     for name in ("features", "labels", "ids", "split", "valid", "errors", "progress"):
         np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
     assert verify_store(resumed.store).ok
+
+
+# --------------------------------------------------------------------------- bad input, early
+
+
+def _no_backbone(monkeypatch):
+    import pipeline.embed as embed_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("bad input must be refused before a backbone is built")
+
+    monkeypatch.setattr(embed_mod, "create_backbone", refuse)
+
+
+def test_a_single_class_is_refused_before_any_work(tmp_path, monkeypatch):
+    from image_factory import make_shapes_folder
+
+    from pipeline.embed import check_settings
+    from pipeline.errors import InputError
+
+    data = make_shapes_folder(tmp_path / "one", per_class=4, odd=False, corrupt=False)
+    for cls in ("square", "triangle"):
+        for f in (data / cls).iterdir():
+            f.unlink()
+        (data / cls).rmdir()
+    _no_backbone(monkeypatch)
+    for step in (check_settings, run_embedding):
+        with pytest.raises(
+            InputError, match=r"has one class 'circle'; a classifier needs at least 2"
+        ):
+            step(_settings(data, tmp_path / "stores"))
+    assert not (tmp_path / "stores").exists()
+
+
+def test_check_settings_refuses_unusable_checkpoints(tmp_path, monkeypatch):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.embed import check_settings
+    from pipeline.errors import InputError
+
+    torch.manual_seed(0)
+    sd = timm.create_model(MODEL, num_classes=0).state_dict()
+    sd["conv1.0.weight"][0] = float("nan")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "nan.safetensors")
+    vit = timm.create_model("test_vit", num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in vit.items()}, tmp_path / "vit.safetensors")
+    (tmp_path / "notes.pth").write_text("a text file\n")
+    _no_backbone(monkeypatch)
+    cases = {
+        "nan.safetensors": r"nan.safetensors' holds NaN/Inf in tensor 'conv1.0.weight'",
+        "vit.safetensors": "does not fit ResNet",
+        "notes.pth": "is not a PyTorch checkpoint",
+    }
+    for name, needle in cases.items():
+        s = _settings("sklearn:digits", tmp_path / "stores")
+        s = EmbedSettings(
+            **{**s.__dict__, "backbone": BackboneConfig(MODEL, checkpoint=str(tmp_path / name))}
+        )
+        with pytest.raises(InputError, match=needle):
+            check_settings(s)
+
+
+# --------------------------------------------------------------------------- cache key
+
+
+def _edit_keeping_size_and_mtime(f: Path) -> None:
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_content_fingerprint_catches_an_edit_the_default_misses(tmp_path):
+    from image_factory import make_shapes_folder
+
+    from pipeline.embed import check_settings
+
+    data = make_shapes_folder(tmp_path / "data", per_class=3, odd=False, corrupt=False)
+    stat_s = _settings(data, tmp_path / "stores")
+    content_s = _settings(data, tmp_path / "stores", fingerprint="content")
+    assert check_settings(stat_s).identity.extra == {"view_seed": 0, "precision": "fp32"}
+    first = run_embedding(content_s)
+    assert open_store(first.store).identity.extra["fingerprint"] == "content"
+    assert run_embedding(content_s).cache_hit  # nothing changed: reused
+    stat_first = run_embedding(stat_s)
+    assert stat_first.key != first.key
+    _edit_keeping_size_and_mtime(sorted(data.glob("circle/*.png"))[0])
+    assert run_embedding(stat_s).cache_hit  # the documented blind spot of --fingerprint stat
+    again = run_embedding(content_s)
+    assert not again.cache_hit and again.key != first.key
+
+
+def test_fingerprint_setting_is_checked():
+    from pipeline.errors import InputError
+
+    with pytest.raises(
+        InputError, match="unknown fingerprint mode 'sha'; use one of stat, content"
+    ):
+        EmbedSettings(data="sklearn:digits", backbone=BackboneConfig(MODEL), fingerprint="sha")
+
+
+def test_outside_paths_record_their_root_and_normal_data_does_not(tmp_path):
+    from image_factory import draw_shape, make_csv_manifest, save_as
+
+    from pipeline.embed import check_settings
+    from pipeline.errors import InputError
+
+    csv_path = make_csv_manifest(tmp_path / "data", per_class=3)
+    plain = check_settings(_settings(csv_path, tmp_path / "stores"))
+    assert "id_root" not in plain.identity.extra
+    save_as(draw_shape("circle"), tmp_path / "far" / "c.png", "RGB")
+    with csv_path.open("a") as f:
+        f.write("../far/c.png,round thing,train\n")
+    with pytest.raises(InputError, match="--allow-outside-paths"):
+        check_settings(_settings(csv_path, tmp_path / "stores"))
+    plan = check_settings(_settings(csv_path, tmp_path / "stores", allow_outside_paths=True))
+    assert plan.identity.extra["id_root"] == str(tmp_path.resolve())
+    assert "far/c.png" in [r.id for r in plan.source.records]
+    s = run_embedding(_settings(csv_path, tmp_path / "stores", allow_outside_paths=True))
+    assert not s.skipped and open_store(s.store).identity.extra["id_root"] == str(
+        tmp_path.resolve()
+    )
+
+
+def test_an_animated_gif_is_embedded(tmp_path):
+    from image_factory import make_shapes_folder, write_animated_gif
+
+    data = make_shapes_folder(tmp_path / "data", per_class=2, odd=False, corrupt=False)
+    write_animated_gif(data / "square" / "anim.gif", [(0, 0, 200), (200, 0, 0)])
+    s = run_embedding(_settings(data, tmp_path / "stores"))
+    store = open_store(s.store)
+    assert s.n == 7 and not s.skipped and "square/anim.gif" in list(store.ids())
