@@ -84,6 +84,20 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F")
     p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F")
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
+    p.add_argument(
+        "--fingerprint",
+        choices=("stat", "content"),
+        default="stat",
+        help="how the cache key sees image files. Default stat: each file's size and mtime "
+        "(cheap; an edit that keeps the size and restores the mtime is missed). content: a "
+        "sha256 of every byte (reads all files; touching a file does not matter)",
+    )
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="accept CSV manifest paths that are absolute or lead out of the CSV's folder "
+        "(ids become relative to the common folder, recorded in the store)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=_run_embed)
 
@@ -96,16 +110,13 @@ def embed_settings_from_args(args: argparse.Namespace):
 
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise InputError(
-            f"--checkpoint {args.checkpoint}: no such file; give a local .safetensors or .pth file"
+            f"--checkpoint {args.checkpoint!r}: no such file; give a local .safetensors or .pth "
+            "file"
         )
-    extract = ExtractConfig(batch_size=args.batch_size, views=args.views, strict=args.strict)
-    if args.workers is not None:
-        extract = ExtractConfig(
-            batch_size=args.batch_size,
-            views=args.views,
-            strict=args.strict,
-            num_workers=args.workers,
-        )
+    workers = {} if args.workers is None else {"num_workers": args.workers}
+    extract = ExtractConfig(
+        batch_size=args.batch_size, views=args.views, strict=args.strict, **workers
+    )
     return EmbedSettings(
         data=args.data,
         backbone=BackboneConfig(
@@ -122,34 +133,41 @@ def embed_settings_from_args(args: argparse.Namespace):
         chunk_rows=args.chunk_rows,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
+        fingerprint=args.fingerprint,
+        allow_outside_paths=args.allow_outside_paths,
     )
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from flows.embed import embed_flow
     from flows.runtime import flow_settings
     from pipeline.embed import check_settings
 
     settings = embed_settings_from_args(args)
-    check_settings(settings)  # fail at once, before a Prefect server starts
+    check_settings(settings)  # every input check, before a Prefect server starts
+    from flows.embed import embed_flow
+
     with flow_settings(), _progress_bar(enabled=sys.stderr.isatty()):
         summary = embed_flow(settings)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary))  # JSON escapes control characters itself
     else:
         _print_embed_summary(summary)
     return 0
 
 
 def _print_embed_summary(s: dict) -> None:
+    """Three lines: store, size and speed, skipped ids (control characters escaped)."""
+    from pipeline.terminal import printable
+
     state = (
         "cache hit (no backbone work)" if s["cache_hit"] else f"{s['images_per_second']:.1f} img/s"
     )
-    print(f"store    {s['store']}")
+    print(f"store    {printable(s['store'])}")
     print(f"images   {s['n']} × {s['dim']}  ({state}, {s['seconds']:.1f} s)")
     if s["skipped"]:
-        shown = ", ".join(s["skipped"][:5]) + (" …" if len(s["skipped"]) > 5 else "")
-        print(f"skipped  {len(s['skipped'])} unreadable image(s): {shown}")
+        shown = ", ".join(printable(i) for i in s["skipped"][:5])
+        more = " …" if len(s["skipped"]) > 5 else ""
+        print(f"skipped  {len(s['skipped'])} unreadable image(s): {shown}{more}")
     else:
         print("skipped  0")
 

@@ -24,6 +24,7 @@ from pipeline.embed import (
 )
 from pipeline.errors import InputError
 from pipeline.sources import ImageSource
+from pipeline.terminal import printable
 from stores import StoreWriter
 from stores.errors import StoreInputError
 
@@ -93,13 +94,19 @@ def finalize_task(writer: StoreWriter, timings: dict) -> None:
     writer.finalize(timings=timings)
 
 
+def _md(text: object) -> str:
+    """A markdown table cell: control characters escaped, ``|`` and backticks neutralized."""
+    return printable(text).replace("|", "\\|").replace("`", "'")
+
+
 def _summary_markdown(s: EmbedSummary) -> str:
-    skipped = ", ".join(s.skipped[:20]) + (" …" if len(s.skipped) > 20 else "") or "none"
+    shown = ", ".join(_md(i) for i in s.skipped[:20]) + (" …" if len(s.skipped) > 20 else "")
     return (
         f"# Embedding store\n\n| field | value |\n|---|---|\n"
-        f"| store | `{s.store}` |\n| data set | {s.dataset} |\n| backbone | {s.backbone} |\n"
+        f"| store | `{_md(s.store)}` |\n| data set | {_md(s.dataset)} |\n"
+        f"| backbone | {_md(s.backbone)} |\n"
         f"| N | {s.n} |\n| D | {s.dim} |\n| images/s | {s.images_per_second:.1f} |\n"
-        f"| skipped | {len(s.skipped)} ({skipped}) |\n| cache hit | {s.cache_hit} |\n"
+        f"| skipped | {len(s.skipped)} ({shown or 'none'}) |\n| cache hit | {s.cache_hit} |\n"
         f"| seconds | {s.seconds:.2f} |\n| key | `{s.key[:16]}…` |\n"
     )
 

@@ -791,9 +791,7 @@ def _build(
     outside_paths: bool = False,
 ) -> ImageSource:
     """Complete the splits, sort by id and freeze into an ImageSource."""
-    assert kind in _KINDS
-    if len(class_names) < 2:
-        logger.warning("DATA %r has a single class %r", spec, class_names[0])
+    assert kind in _KINDS  # one class is allowed here; the embed stage refuses it
     done = assign_splits(
         labels, splits, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
