@@ -11,7 +11,7 @@ from stores.errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from stores.identity import SCHEMA_VERSION, StoreIdentity, content_key, fingerprint_inputs
+from stores.identity import SCHEMA_VERSION, StoreIdentity, content_key
 from stores.listing import StoreSummary, list_stores
 from stores.location import store_url
 from stores.reader import EmbeddingStore, open_store
@@ -34,7 +34,6 @@ __all__ = [
     "StoreWriter",
     "VerifyReport",
     "content_key",
-    "fingerprint_inputs",
     "list_stores",
     "open_store",
     "open_writer",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,7 +70,7 @@ class StoreIdentity:
     views: int  # augmented views stored beside the clean one (0 = none)
     dtype: str  # storage dtype of features: "float16" | "float32"
     versions: dict  # {"timm": "...", "torch": "..."}
-    input_fingerprint: str  # hex digest over the inputs (see fingerprint_inputs)
+    input_fingerprint: str  # hex digest over the inputs (ImageSource.fingerprint)
     extra: dict = field(default_factory=dict)  # anything else that changes content (e.g. view seed)
 
     def __post_init__(self) -> None:
@@ -124,30 +123,3 @@ def content_key(identity: StoreIdentity) -> str:
     """sha256 hex of the canonical JSON of ``identity`` plus :data:`SCHEMA_VERSION`."""
     payload = {"schema_version": SCHEMA_VERSION, "identity": identity.to_dict()}
     return hashlib.sha256(canonical_json(payload).encode("ascii")).hexdigest()
-
-
-def fingerprint_inputs(
-    ids: Sequence[str],
-    *,
-    labels: Iterable[int],
-    split: Iterable[str],
-    sizes: Iterable[int] | None = None,
-    mtimes: Iterable[float] | None = None,
-) -> str:
-    """sha256 hex over the inputs, row by row: id, label, split and (if given) byte size and mtime.
-
-    ``mtimes`` are seconds (float); pass ``None`` for generated inputs without files.
-    """
-    n = len(ids)
-    columns: list[list[Any]] = [list(ids), [int(v) for v in labels], [str(s) for s in split]]
-    columns.append([int(v) for v in sizes] if sizes is not None else [None] * n)
-    columns.append([repr(float(v)) for v in mtimes] if mtimes is not None else [None] * n)
-    if any(len(c) != n for c in columns):
-        raise StoreInputError(
-            "fingerprint_inputs: ids, labels, split, sizes and mtimes must have the same length"
-        )
-    digest = hashlib.sha256(f"carrot-inputs-v1 {n}\n".encode())
-    for row in zip(*columns, strict=True):
-        digest.update(json.dumps(row, ensure_ascii=True).encode("ascii"))
-        digest.update(b"\n")
-    return digest.hexdigest()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stores import StoreIdentity, StoreInputError, content_key, fingerprint_inputs, store_url
+from stores import StoreIdentity, StoreInputError, content_key, store_url
 from stores.identity import canonical_json
 from stores.location import key_prefix_of
 
@@ -147,24 +147,11 @@ def test_identity_rejects_bad_fields_with_clear_message(changes, needle):
         make_identity(**changes)
 
 
-def test_fingerprint_covers_every_input_column():
-    ids, labels, split = ["a.png", "b.png"], [0, 1], ["train", "val"]
-    base = fingerprint_inputs(ids, labels=labels, split=split, sizes=[10, 20], mtimes=[1.0, 2.0])
-    assert base == fingerprint_inputs(
-        ids, labels=labels, split=split, sizes=[10, 20], mtimes=[1.0, 2.0]
-    )
-    variants = [
-        fingerprint_inputs(
-            ["a.png", "c.png"], labels=labels, split=split, sizes=[10, 20], mtimes=[1.0, 2.0]
-        ),
-        fingerprint_inputs(ids, labels=[1, 1], split=split, sizes=[10, 20], mtimes=[1.0, 2.0]),
-        fingerprint_inputs(
-            ids, labels=labels, split=["train", "test"], sizes=[10, 20], mtimes=[1.0, 2.0]
-        ),
-        fingerprint_inputs(ids, labels=labels, split=split, sizes=[10, 21], mtimes=[1.0, 2.0]),
-        fingerprint_inputs(ids, labels=labels, split=split, sizes=[10, 20], mtimes=[1.0, 2.5]),
-        fingerprint_inputs(ids, labels=labels, split=split),
-    ]
-    assert len({base, *variants}) == len(variants) + 1
-    with pytest.raises(StoreInputError, match="same length"):
-        fingerprint_inputs(ids, labels=[0], split=split)
+def test_one_input_fingerprint_lives_in_pipeline_sources():
+    """The unused stores-side duplicate (``fingerprint_inputs``) is gone: the input part of the
+    key is ``ImageSource.fingerprint`` only."""
+    import stores
+    import stores.identity
+
+    assert not hasattr(stores.identity, "fingerprint_inputs")
+    assert "fingerprint_inputs" not in stores.__all__
