@@ -225,6 +225,54 @@ def test_content_fingerprint_ignores_mtime_and_is_parallel_safe(tmp_path):
     assert src.fingerprint("content") == a
 
 
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    content=st.binary(min_size=1, max_size=3000),
+    where=st.integers(min_value=0),
+    flip=st.integers(min_value=1, max_value=255),
+)
+def test_property_content_fingerprint_sees_any_byte(tmp_path_factory, content, where, flip):
+    """Change any one byte of one file, keeping its size and mtime: the content fingerprint
+    changes (the stat one cannot see it)."""
+    root = touch_images(tmp_path_factory.mktemp("bytes"), ["a/x.png", "a/y.png", "b/z.png"])
+    victim = root / "a" / "y.png"
+    victim.write_bytes(content)
+    src = resolve_source(str(root), val_fraction=0.0, test_fraction=0.0)
+    before_stat, before = src.fingerprint("stat"), src.fingerprint("content", workers=2)
+    data = bytearray(content)
+    data[where % len(data)] ^= flip
+    st_ = victim.stat()
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    assert src.fingerprint("stat") == before_stat
+    assert src.fingerprint("content", workers=2) != before
+
+
+def test_cub_paths_outside_images_and_bad_bytes(tmp_path, cub_root):
+    import shutil
+
+    root = tmp_path / "cub"
+    shutil.copytree(cub_root, root)
+    save_as(draw_shape("circle"), tmp_path / "far.jpg", "RGB")
+    for name, line in [
+        ("images.txt", "13 ../../far.jpg"),
+        ("image_class_labels.txt", "13 1"),
+        ("train_test_split.txt", "13 1"),
+    ]:
+        with (root / name).open("a") as f:
+            f.write(line + "\n")
+    with pytest.raises(InputError, match=r"image id 13: path '../../far.jpg' is outside"):
+        resolve_source(str(root))
+    src = resolve_source(str(root), allow_outside_paths=True)
+    assert src.outside_paths and src.root == str(tmp_path.resolve())
+    assert "far.jpg" in [r.id for r in src.records] and "cub/images/" in src.records[0].id
+    (root / "classes.txt").write_bytes(b"1 Circle\n2 Squ\xe4re\n3 Tri\n")
+    with pytest.raises(InputError, match=r"classes.txt of .* line 2 is not UTF-8"):
+        resolve_source(str(root), allow_outside_paths=True)
+
+
 def test_stat_fingerprint_format_is_unchanged(tmp_path):
     """Keys of existing stores must not move: recompute the v1 stat formula independently."""
     import hashlib
