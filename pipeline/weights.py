@@ -302,8 +302,8 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], path: str) -> None:
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise InputError(
-            f"checkpoint {path!r} holds NaN/Inf in tensor {bad[0]!r}{more}; every feature "
-            "would be NaN: use weights saved before training diverged"
+            f"checkpoint {path!r} holds NaN/Inf in tensor {bad[0]!r}{more}; its features would "
+            "be NaN/Inf: use weights saved before training diverged, or another --checkpoint"
         )
 
 

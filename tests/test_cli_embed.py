@@ -148,12 +148,14 @@ def test_locked_store_is_refused_with_exit_code_2(prefect_harness, shapes_folder
 
 @pytest.fixture
 def no_flow(monkeypatch):
-    """Bad input must be refused before the embed flow (and so any Prefect server) starts."""
+    """Bad input must be refused before any Prefect server or the embed flow starts."""
     import flows.embed
+    import flows.runtime
 
     def refuse(*a, **k):
-        raise AssertionError("the embed flow started: bad input got past check_settings")
+        raise AssertionError("a server or flow started: bad input got past check_settings")
 
+    monkeypatch.setattr(flows.runtime, "flow_settings", refuse)
     monkeypatch.setattr(flows.embed, "embed_flow", refuse)
 
 
