@@ -47,7 +47,7 @@ from PIL import Image
 from pipeline.errors import InputError
 from pipeline.images import IMG_EXTENSIONS, ImageLoadError, is_image_file, load_rgb
 from pipeline.splits import SPLITS, assign_splits, check_fractions
-from pipeline.terminal import one_line, printable
+from pipeline.terminal import one_line
 
 __all__ = [
     "FINGERPRINT_MODES",
@@ -667,7 +667,7 @@ def _class_dirs(folder: Path, spec: str) -> list[str]:
             logger.warning(
                 "DATA %r: not following folder symlink %r, it loops back to %r",
                 spec,
-                printable(d.name),
+                d.name,
                 os.path.realpath(d),
             )
             continue
@@ -694,9 +694,7 @@ def _walk_images(folder: Path) -> list[tuple[str, str, bool]]:
             path, rel, parent = links.popleft()
             real = os.path.realpath(path)
             if _is_above(real, parent):
-                logger.warning(
-                    "not following folder symlink %r: it loops back to %r", printable(path), real
-                )
+                logger.warning("not following folder symlink %r: it loops back to %r", path, real)
             elif real not in seen:
                 seen.add(real)
                 work.append((path, rel, real, False))
