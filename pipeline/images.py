@@ -17,6 +17,7 @@ Conversion rules (one place, so every source decodes alike):
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -67,11 +68,13 @@ def load_rgb(path: str | os.PathLike[str], *, image_id: str | None = None) -> Im
     """Read ``path`` fully and return it as an 8-bit RGB image (H, W same as the file).
 
     Raises:
-        ImageLoadError: missing, unreadable, truncated or corrupt file (``image_id`` defaults to
-            the path).
+        ImageLoadError: missing, unreadable, truncated or corrupt file, or not a regular file
+            (``image_id`` defaults to the path).
     """
     image_id = str(path) if image_id is None else image_id
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader forever
+            raise ImageLoadError(image_id, "not a regular file (a FIFO, socket or device)")
         with warnings.catch_warnings():
             # A truncated or oversized file must become an error, not a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)

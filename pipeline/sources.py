@@ -32,6 +32,7 @@ import io
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -223,9 +224,12 @@ def _strong_stat(path: str) -> tuple[int, ...]:
 
 
 def _file_sha256(path: str) -> str:
-    """sha256 hex of the file's bytes, read in 1 MiB blocks; "missing"/"unreadable" if so."""
+    """sha256 hex of the file's bytes, read in 1 MiB blocks; a marker if it is missing,
+    unreadable or not a regular file."""
     h = hashlib.sha256()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not-a-regular-file"  # a FIFO would block the read forever
         with open(path, "rb") as f:
             while block := f.read(_HASH_BLOCK):
                 h.update(block)  # hashlib releases the GIL: threads hash in parallel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import numpy as np
@@ -152,6 +153,14 @@ def test_gif_is_an_image_and_an_animation_gives_its_first_frame(tmp_path):
     still = Image.new("RGBA", (W, H), (0, 0, 0, 0))  # transparent single-frame GIF → white
     still.save(tmp_path / "t.gif")
     assert (_check_rgb(load_rgb(tmp_path / "t.gif")) == 255).all()
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    with pytest.raises(ImageLoadError, match="not a regular file") as err:
+        load_rgb(tmp_path / "pipe.png", image_id="cls/pipe.png")
+    assert err.value.image_id == "cls/pipe.png"
 
 
 def test_odd_files_of_the_factory_load(shapes_folder):

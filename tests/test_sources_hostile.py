@@ -22,6 +22,7 @@ from image_factory import (
 )
 
 from pipeline.errors import InputError
+from pipeline.images import ImageLoadError
 from pipeline.sources import resolve_source
 
 
@@ -271,6 +272,17 @@ def test_cub_paths_outside_images_and_bad_bytes(tmp_path, cub_root):
     (root / "classes.txt").write_bytes(b"1 Circle\n2 Squ\xe4re\n3 Tri\n")
     with pytest.raises(InputError, match=r"classes.txt of .* line 2 is not UTF-8"):
         resolve_source(str(root), allow_outside_paths=True)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_in_a_class_folder_neither_blocks_hashing_nor_loading(tmp_path):
+    root = make_shapes_folder(tmp_path / "d", per_class=2, odd=False, corrupt=False)
+    os.mkfifo(root / "circle" / "pipe.png")
+    src = resolve_source(str(root))
+    assert len(src.fingerprint("content")) == 64
+    i = [r.id for r in src.records].index("circle/pipe.png")
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        src.load(i)
 
 
 def test_stat_fingerprint_format_is_unchanged(tmp_path):
