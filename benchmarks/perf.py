@@ -41,8 +41,9 @@ def _rows(section: str, where: str, rows: list[dict[str, Any]]) -> list[dict[str
 
 
 def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Run embed, carrot_step and heads_bank on ``device``; return rows + machine."""
-    from benchmarks import carrot_step, heads_bank
+    """Run embed, carrot_step, heads_bank (and probe_parity on a CPU) on ``device``; return
+    rows + machine."""
+    from benchmarks import carrot_step, heads_bank, probe_parity
     from benchmarks import embed as embed_bench
 
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -64,6 +65,25 @@ def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     rows += _rows("stage 2: CARROT step", where, step_rows)
     h = heads_bank.run(quick=quick, device=dev, json_path=None)
     rows += _rows("stage 2: head bank", where, h["rows"])
+    if not cuda:  # the probe against scikit-learn (CPU, single-threaded on both sides)
+        p = probe_parity.run(quick=quick, json_path=None)
+        parity_rows = [
+            {
+                "metric": f"probe − LR, {r['data']} (points)",
+                "value": r["Δ points"],
+                "target": f">= {probe_parity.TARGET_POINTS}",
+            }
+            for r in p["rows"]
+        ] + [
+            {
+                "metric": f"probe time / LR sweep time, {r['data']}",
+                "value": r["time ratio"],
+                "unit": "time ratio",
+                "target": "<= 1",
+            }
+            for r in p["rows"]
+        ]
+        rows += _rows("stage 2: probe vs logistic regression", where, parity_rows)
     return {
         "machine": machine,
         "device": where,

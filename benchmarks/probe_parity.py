@@ -11,7 +11,8 @@ For each data set, on the same train/val/test rows and in the same run:
 
 Reported: test top-1 of each, ours − LR in points (target ≥ −0.5), and wall times (target: ours
 ≤ LR's sweep; the ratio is printed). Both run single-threaded (one torch thread, one BLAS
-thread), so neither gains from the other's idle core.
+thread), so neither gains from the other's idle core, and both after one untimed warm-up fit
+(one-time imports: torch.optim's first use alone imports torch._dynamo, about 1.6 s here).
 
     python -m benchmarks.probe_parity [--quick] [--store URL ...] [--json PATH]
 """
@@ -104,6 +105,13 @@ def datasets(quick: bool, stores: tuple[str, ...]) -> dict[str, Callable[[], Fea
     return out
 
 
+def _warmup_set() -> FeatureSet:
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 4
+    X = (rng.standard_normal((4, 8))[y] + rng.standard_normal((120, 8))).astype(np.float32)
+    return FeatureSet.from_arrays({"train": (X[:80], y[:80]), "test": (X[80:], y[80:])})
+
+
 def measure(features: FeatureSet) -> dict[str, Any]:
     """Ours (defaults) and both baselines on one feature set: top-1, seconds, choices."""
     t0 = time.perf_counter()
@@ -135,6 +143,7 @@ def run(
     """Measure every data set; print the table and write JSON. Returns rows and raw numbers."""
     rows, raw = [], {}
     with torch_threads(1):
+        measure(_warmup_set())  # one-time imports and first-call costs of both sides, untimed
         for name, load in datasets(quick, stores).items():
             m = measure(load())
             raw[name] = m

@@ -224,11 +224,13 @@ def _lbfgs_plain(
     unique = list(dict.fromkeys(keys))
     where = [unique.index(k) for k in keys]
     dev = z.device
+    z = z.to(getattr(torch, settings.dtype))
     lam = torch.tensor([k[0] for k in unique], device=dev, dtype=z.dtype)
     smooth = torch.tensor([k[1] for k in unique], device=dev, dtype=z.dtype)
     res = solve_softmax_lbfgs(z, y, bank.num_classes, lam, smooth, settings=settings)
     idx = torch.as_tensor(where, device=dev)
-    bank.set_linear(res.W.index_select(0, idx), res.b.index_select(0, idx))
+    W, b = res.W.index_select(0, idx), res.b.index_select(0, idx)
+    bank.set_linear(W.to(bank.weight.dtype), b.to(bank.bias.dtype))
     status = [
         {
             "solver": "lbfgs",
