@@ -7,7 +7,9 @@ For each data set, on the same train/val/test rows and in the same run:
 * **LR** — the project's one baseline (`pipeline.baseline`): ``StandardScaler`` then
   ``LogisticRegression`` (lbfgs), C swept over the same regularization grid (``C = 1/(λN)``,
   warm-started), chosen on the validation split;
-* **LR (LN)** — the same on LayerNorm'd rows, i.e. the heads' own model class (for reference).
+* **LR (LN)** — the same on LayerNorm'd rows, i.e. the heads' own model class (for reference);
+* **plain** — ours with ``--aug none`` (the L-BFGS heads alone), timed for reference: the CARROT
+  heads of the default bank train by minibatch and cost most of the default's time.
 
 Reported: test top-1 of each, ours − LR in points (target ≥ −0.5), and wall times (target: ours
 ≤ LR's sweep; the ratio is printed). Both run single-threaded (one torch thread, one BLAS
@@ -117,6 +119,9 @@ def measure(features: FeatureSet) -> dict[str, Any]:
     t0 = time.perf_counter()
     ours = run_probe(features, ProbeSettings())
     ours_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = run_probe(features, ProbeSettings(augs=("none",)))
+    plain_s = time.perf_counter() - t0
     lr = fit_logistic_baseline(features, BaselineConfig())
     lr_ln = fit_logistic_baseline(features, BaselineConfig(preprocess="layernorm"))
     s = ours.summary
@@ -126,6 +131,9 @@ def measure(features: FeatureSet) -> dict[str, Any]:
         "lr_ln_top1": lr_ln.test["top1"],
         "points": 100 * (s["top1"] - lr.test["top1"]),
         "ours_s": ours_s,
+        "plain_top1": plain.summary["top1"],
+        "plain_s": plain_s,
+        "plain_time_ratio": plain_s / lr.seconds,
         "lr_s": lr.seconds,
         "time_ratio": ours_s / lr.seconds,
         "best_head": f"{s['best_head']['aug']} λ={s['best_head']['weight_decay']:g}",

@@ -18,6 +18,7 @@ from flows.cli_bench import add_bench
 from flows.cli_train import add_demo, add_predict, add_train
 from flows.runtime import apply_defaults
 from pipeline.errors import InputError
+from pipeline.terminal import printable
 from stores.errors import StoreInputError
 
 USAGE_ERRORS = (InputError, StoreInputError)
@@ -313,12 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except UsageError as e:
-        print(f"{e}", file=sys.stderr)
+        print(printable(e), file=sys.stderr)
         return 2
     except USAGE_ERRORS as e:
         if debug:
             traceback.print_exc()
-        print(f"carrot: error: {e}", file=sys.stderr)
+        print(f"carrot: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(
-            f"carrot: error: {type(e).__name__}: {e} (CARROT_DEBUG=1 for a traceback)",
+            f"carrot: error: {type(e).__name__}: {printable(e)} (CARROT_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         return 1

@@ -216,9 +216,11 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
     state_dict = load_checkpoint_file(cfg.checkpoint) if cfg.checkpoint else None
     if use_hub:
         ensure_hub_weights_available(cfg.name)
-    torch.manual_seed(cfg.seed)  # random init (and anything timm leaves random) is seeded
     try:
-        model = _build_model(cfg, pretrained=use_hub)
+        # random init (and anything timm leaves random) is seeded; the caller's RNG is restored
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = _build_model(cfg, pretrained=use_hub)
     except RuntimeError as e:
         if use_hub:
             raise InputError(

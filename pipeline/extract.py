@@ -9,10 +9,13 @@ Workers send uint8 pixels; the backbone normalizes on its device. Unreadable ima
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import random
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,6 +154,7 @@ def extract_rows(
         pin_memory=backbone.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(0),  # leave the global torch RNG alone
+        worker_init_fn=_die_with_parent if workers else None,
     )
     micro = [cfg.batch_size * n_views]  # forward batch size (rows × views); shrinks on OOM
     start = 0
@@ -264,6 +268,14 @@ class _RowDataset(Dataset):
         for v in range(1, 1 + self.views):
             out.append(_seeded(self.augment, img, view_seed_for(self.view_seed, row, v)))  # type: ignore[arg-type]
         return torch.stack(out), True, ""
+
+
+def _die_with_parent(_worker_id: int) -> None:
+    """In a DataLoader worker: ask Linux to SIGKILL it when its parent dies. torch's own
+    watchdog polls the parent every 5 s; a ``kill -9`` of ``carrot embed`` otherwise leaves
+    workers for up to that long (measured: alive at 3 s, gone by 6 s; with this, 0.5 s)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _seeded(fn: Callable[[Image.Image], torch.Tensor], img: Image.Image, seed: int) -> torch.Tensor:

@@ -53,6 +53,14 @@ def test_dim_is_the_forward_width_not_num_features():
     assert b.dim == 256 == b.forward(_x(b, 1)).shape[-1]
 
 
+def test_building_a_backbone_leaves_the_callers_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    create_backbone(BackboneConfig("test_resnet", seed=7, **CPU))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_same_seed_same_weights():
     a = create_backbone(BackboneConfig("test_resnet", seed=3, **CPU))
     b = create_backbone(BackboneConfig("test_resnet", seed=3, **CPU))

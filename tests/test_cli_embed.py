@@ -303,3 +303,17 @@ def test_embed_prints_a_hostile_file_name_escaped(prefect_harness, tmp_path, cap
     out, err = capsys.readouterr()
     assert "\x1b" not in out + err
     assert "circle/\\x1b[31mevil\\x1b[0m.jpg" in out
+
+
+def test_error_lines_escape_control_characters(tmp_path, capsys):
+    """Whatever layer raised it, the one error line never carries terminal escape bytes."""
+    from flows.cli import main
+
+    for argv in (
+        ["store", "info", str(tmp_path / "no\x1b[31mstore\n.zarr")],
+        ["train", str(tmp_path / "s.zarr"), "--aug", "no\x1b[31mne"],  # an option's own text
+    ):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "\x1b" not in err and err.count("\n") == 1 and "\\x1b" in err

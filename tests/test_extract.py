@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +162,54 @@ def test_view_seeds_are_distinct():
     seeds = {view_seed_for(s, r, v) for s in range(3) for r in range(50) for v in range(1, 4)}
     assert len(seeds) == 3 * 50 * 3
     assert view_seed_for(0, 7, 1) == view_seed_for(0, 7, 1)
+
+
+_ORPHAN = """
+import multiprocessing as mp, os, sys, time
+from pipeline.extract import _die_with_parent
+
+def child():
+    _die_with_parent(0)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_loader_workers_die_with_a_killed_parent(tmp_path):
+    """A DataLoader worker set up by the extraction loop dies at once when its process is
+    killed with SIGKILL (torch's own watchdog would take up to 5 s)."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    child = int(proc.stdout.readline())
+    assert psutil.pid_exists(child)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and psutil.pid_exists(child):
+        try:
+            if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    gone = not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert gone, "the worker outlived its killed parent"
