@@ -125,3 +125,15 @@ def write_synthetic_store(
         write_chunks(writer, data)
         writer.finalize(timings={"write_s": 0.0})
     return url
+
+
+def edit_attrs(url: str, **changes: Any) -> None:
+    """Change group attributes of a local store in its ``zarr.json`` directly (as a user's or a
+    tool's edit would), bypassing every writer check — for tests of damaged stores."""
+    import json
+    from pathlib import Path
+
+    meta = Path(url) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"] |= changes
+    meta.write_text(json.dumps(doc))

@@ -21,6 +21,7 @@ from stores import StoreError, StoreInputError, open_store, store_url, verify_st
 from stores.errors import StoreCorruptError
 from stores.schema import ROW_ARRAYS
 from stores.testing import (
+    edit_attrs,
     open_synthetic_writer,
     synthetic_data,
     synthetic_identity,
@@ -46,13 +47,6 @@ def store(good_store, tmp_path) -> str:
     url = str(tmp_path / Path(good_store).parent.name / Path(good_store).name)
     shutil.copytree(good_store, url)
     return url
-
-
-def edit_attrs(url: str, **changes) -> None:
-    meta = Path(url) / "zarr.json"
-    doc = json.loads(meta.read_text())
-    doc["attributes"] |= changes
-    meta.write_text(json.dumps(doc))
 
 
 def assert_refused(url: str, *needles: str) -> StoreCorruptError:

@@ -20,6 +20,7 @@ from stores import (
     verify_store,
 )
 from stores.testing import (
+    edit_attrs,
     open_synthetic_writer,
     synthetic_data,
     synthetic_identity,
@@ -121,13 +122,6 @@ def copy_of(good_store, tmp_path):
     url = str(tmp_path / Path(good_store).parent.name / Path(good_store).name)
     shutil.copytree(good_store, url)
     return url
-
-
-def edit_attrs(url: str, **changes) -> None:
-    meta = Path(url) / "zarr.json"
-    doc = json.loads(meta.read_text())
-    doc["attributes"] |= changes
-    meta.write_text(json.dumps(doc))
 
 
 def test_good_store_verifies(copy_of):
