@@ -117,10 +117,18 @@ def search_grid(
     plain = [s for s in specs if s.aug == "none"]
     augmented = [s for s in specs if s.aug != "none"]
 
-    def fit_all(chosen: Sequence[HeadSpec]) -> list[FitOutput]:
+    def fit_all(
+        chosen: Sequence[HeadSpec], solved: Sequence[FitOutput] | None = None
+    ) -> list[FitOutput]:
         return [
             fit_bank(
-                fold, chosen, replace(cfg, seed=cfg.seed + f), val_split="val", on_epoch=on_epoch
+                fold,
+                chosen,
+                replace(cfg, seed=cfg.seed + f),
+                val_split="val",
+                on_epoch=on_epoch,
+                plain_solutions=None if solved is None else solved[f],
+                plain_specs=plain,
             )
             for f, fold in enumerate(folds)
         ]
@@ -133,9 +141,8 @@ def search_grid(
     lo, hi = lambdas_near_best(plain, _scores(first, len(plain)), cfg.aug_near_best)
     near = [s for s in augmented if lo <= s.weight_decay <= hi]
     ordered = tuple(plain + near)
-    fitted = (
-        first if not near else [merge_fits(a, b) for a, b in zip(first, fit_all(near), strict=True)]
-    )
+    second = fit_all(near, solved=first) if near else []  # warm starts: stage 1's solutions
+    fitted = [merge_fits(a, b) for a, b in zip(first, second, strict=True)] if near else first
     return SearchResult(
         ordered, fitted, _scores(fitted, len(ordered)), skipped=len(augmented) - len(near)
     )

@@ -404,6 +404,12 @@ class HeadBank(nn.Module):
                 getattr(self, name)[h].copy_(getattr(other, name)[j])
 
     @torch.no_grad()
+    def set_head_linear(self, h: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set head ``h``'s linear layer: ``weight (C, D)``, ``bias (C,)``."""
+        self.weight[h].copy_(weight)
+        self.bias[h].copy_(bias)
+
+    @torch.no_grad()
     def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Set every head's linear layer: ``weight (H, C, D)``, ``bias (H, C)``."""
         self.weight.copy_(weight)

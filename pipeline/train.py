@@ -245,6 +245,22 @@ def _lbfgs_plain(
     return status, trace
 
 
+def _known_solutions(
+    fit: FitOutput | None, specs: Sequence[HeadSpec], cfg: TrainConfig
+) -> dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """``(λ, smoothing)`` → ``(W, b, status)`` of the plain L-BFGS heads of an earlier fit."""
+    if fit is None:
+        return {}
+    out = {}
+    for h, spec in enumerate(specs):
+        if spec.aug != "none" or fit.status[h].get("solver") != "lbfgs":
+            continue
+        smoothing = cfg.label_smoothing if spec.label_smoothing is None else spec.label_smoothing
+        key = (spec.weight_decay, float(torch.tensor(smoothing, dtype=torch.float32)))
+        out[key] = (fit.bank.weight[h].detach(), fit.bank.bias[h].detach(), fit.status[h])
+    return out
+
+
 def fit_bank(
     features: FeatureSet,
     specs: Sequence[HeadSpec],
@@ -252,9 +268,13 @@ def fit_bank(
     *,
     val_split: str | None = "val",
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    plain_solutions: FitOutput | None = None,
+    plain_specs: Sequence[HeadSpec] = (),
 ) -> FitOutput:
     """Train one bank on ``features``' train split to convergence (module docstring); score every
-    head on ``val_split`` when given."""
+    head on ``val_split`` when given. ``plain_solutions``: an earlier fit of ``plain_specs`` on
+    the same rows and settings; heads whose ``(λ, smoothing)`` it solved start from its weights
+    instead of a new L-BFGS solve."""
     device = torch.device(cfg.device)
     if features.device != device:
         raise InputError(
@@ -289,10 +309,20 @@ def fit_bank(
         else:  # a class-stratified sample (the first rows of each class)
             per_class = max(1, cfg.warm_start_rows // C)
             X, y = features.fit_sample("train", max_per_class=per_class, seed=cfg.seed)
-        with torch.no_grad():
-            z = space.to_z(bank.normalize(X))
-        status, curves["lbfgs_objective"] = _lbfgs_plain(bank, z, y, specs, smoothing, cfg.lbfgs)
-        del z, X, y
+        known = _known_solutions(plain_solutions, plain_specs, cfg)
+        keys = [(s.weight_decay, float(smoothing[h])) for h, s in enumerate(specs)]
+        if all(k in known for k in keys):  # solved already: copy, no second solve
+            for h, k in enumerate(keys):
+                bank.set_head_linear(h, *known[k][:2])
+                status[h] = dict(known[k][2])
+        else:
+            with torch.no_grad():
+                z = space.to_z(bank.normalize(X))
+            status, curves["lbfgs_objective"] = _lbfgs_plain(
+                bank, z, y, specs, smoothing, cfg.lbfgs
+            )
+            del z
+        del X, y
     minibatch = [
         h for h, s in enumerate(specs) if not use_lbfgs or s.aug != "none" or cfg.train_layer_norm
     ]

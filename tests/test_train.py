@@ -283,7 +283,14 @@ def test_minibatch_heads_stop_when_their_objective_settles():
     assert not never.status[0]["converged"] and never.epochs_run == 12
 
 
-def test_two_stage_search_trains_augmented_heads_near_the_best_plain_lambda():
+def test_two_stage_search_trains_augmented_heads_near_the_best_plain_lambda(monkeypatch):
+    import pipeline.train as train_module
+
+    solves = []
+    real = train_module.solve_softmax_lbfgs
+    monkeypatch.setattr(
+        train_module, "solve_softmax_lbfgs", lambda *a, **k: solves.append(1) or real(*a, **k)
+    )
     fs = gaussian_set()
     lams = [1e-5, 1e-3, 1e-1, 10.0]
     grid = HeadGrid.from_lists(
@@ -299,6 +306,7 @@ def test_two_stage_search_trains_augmented_heads_near_the_best_plain_lambda():
     near = set(lams[max(0, i - 1) : i + 2])
     trained = {s.weight_decay for s in r.specs if s.aug == "gaussian"}
     assert trained == near and r.skipped == 4 - len(near)
+    assert len(solves) == 1  # stage 2 starts from stage 1's solutions, no second solve
     everything = train_head_bank(fs, grid, dataclasses.replace(cfg, aug_near_best=None))
     assert len(everything.specs) == 8 and everything.skipped == 0
 
