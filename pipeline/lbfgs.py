@@ -185,20 +185,24 @@ def solve_softmax_lbfgs(
         if active.numel() == 0:
             break
         ga, ta, fa = g[active], theta[active], f[active]
+        full = active.numel() == H  # no gathers while every head is still running
+        Sa = S if full else S.index_select(1, active)
+        Ya = Y if full else Y.index_select(1, active)
+        rho_a = rho if full else rho.index_select(1, active)
         # two-loop recursion over the ring buffer (entries with ρ = 0 are no-ops)
         q = ga.clone()
         order = [(it - 1 - j) % m for j in range(min(it, m))]
         alphas = []
         for i in order:
-            a = rho[i, active] * _dot(S[i, active], q)
-            q.sub_(a.to(dt)[:, None] * Y[i, active])
+            a = rho_a[i] * _dot(Sa[i], q)
+            q.sub_(a.to(dt)[:, None] * Ya[i])
             alphas.append(a)
         if pre is not None:
             q = pre.apply(q, C, D)
         r = q.mul_(gamma[active].to(dt)[:, None])
         for i, a in zip(reversed(order), reversed(alphas), strict=True):
-            beta = rho[i, active] * _dot(Y[i, active], r)
-            r.add_((a - beta).to(dt)[:, None] * S[i, active])
+            beta = rho_a[i] * _dot(Ya[i], r)
+            r.add_((a - beta).to(dt)[:, None] * Sa[i])
         d = -r
         slope = _dot(ga, d)
         bad = ~(slope < 0) | ~torch.isfinite(slope)
