@@ -45,7 +45,8 @@ class SearchResult:
     def best(self, among: Sequence[int] | None = None) -> int:
         """Index (into ``specs``) of the best head, optionally among some heads only."""
         heads = list(range(len(self.specs))) if among is None else list(among)
-        return heads[select_best([self.scores[h] for h in heads])]
+        augmented = [self.specs[h].aug != "none" for h in heads]
+        return heads[select_best([self.scores[h] for h in heads], augmented)]
 
 
 def _scores(folds: Sequence[FitOutput], n_heads: int) -> list[dict[str, Any]]:

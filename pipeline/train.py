@@ -554,7 +554,12 @@ class _MinibatchRun:
 
 
 # ----------------------------------------------------------------------------- entry point
-def select_best(val: Sequence[dict[str, float]]) -> int:
-    """Index of the head with the highest validation balanced accuracy; ties → lowest
-    validation loss → lowest index."""
-    return min(range(len(val)), key=lambda h: (-val[h]["balanced_accuracy"], val[h]["loss"], h))
+def select_best(val: Sequence[dict[str, float]], augmented: Sequence[bool] | None = None) -> int:
+    """Index of the head with the highest validation balanced accuracy; ties → a head without
+    augmentation (``augmented[h]`` False: an augmentation must earn its place by accuracy) →
+    lowest validation loss → lowest index."""
+    aug = augmented if augmented is not None else [False] * len(val)
+    return min(
+        range(len(val)),
+        key=lambda h: (-val[h]["balanced_accuracy"], bool(aug[h]), val[h]["loss"], h),
+    )

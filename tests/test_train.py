@@ -311,6 +311,20 @@ def test_two_stage_search_trains_augmented_heads_near_the_best_plain_lambda(monk
     assert len(everything.specs) == 8 and everything.skipped == 0
 
 
+def test_selection_prefers_the_plain_head_on_an_accuracy_tie():
+    from pipeline.train import select_best
+
+    val = [
+        {"balanced_accuracy": 0.9, "loss": 0.30},  # plain
+        {"balanced_accuracy": 0.9, "loss": 0.25},  # augmented, lower loss: still second
+        {"balanced_accuracy": 0.8, "loss": 0.10},
+    ]
+    assert select_best(val) == 1  # without the flags: the lower loss
+    assert select_best(val, [False, True, False]) == 0
+    val[1]["balanced_accuracy"] = 0.91  # an augmentation that is more accurate wins
+    assert select_best(val, [False, True, False]) == 1
+
+
 def test_selection_never_looks_at_test():
     fs = gaussian_set()
     grid = HeadGrid.from_lists(
