@@ -105,6 +105,15 @@ def start_guarded_server() -> int | None:
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
+    try:  # Prefect creates only the last folder of PREFECT_HOME, then times out without it
+        settings.home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from pipeline.errors import InputError
+
+        raise InputError(
+            f"PREFECT_HOME {str(settings.home)!r} cannot be created ({e.strerror}); set "
+            "PREFECT_HOME to a writable folder, or PREFECT_API_URL to a running Prefect server"
+        ) from None
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use (one per process)

@@ -37,9 +37,9 @@ print("done", flush=True)
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process checks need Linux")
 
 
-def _start(tmp_path: Path, wait_s: float) -> subprocess.Popen:
+def _start(tmp_path: Path, wait_s: float, home: str = "prefect") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    env["PREFECT_HOME"] = str(tmp_path / home)
     return subprocess.Popen(
         [sys.executable, "-c", _COMMAND, str(wait_s)],
         cwd=ROOT,
@@ -121,7 +121,9 @@ def test_kill_9_of_the_command_stops_its_temporary_server(tmp_path):
 
 
 def test_a_command_that_ends_normally_leaves_nothing_running(tmp_path):
-    proc = _start(tmp_path, wait_s=0.5)
+    # ... also with a PREFECT_HOME whose parent folders do not exist yet (Prefect alone times
+    # out: it creates only the last folder)
+    proc = _start(tmp_path, wait_s=0.5, home="new/nested/prefect")
     kids: list[psutil.Process] = []
     try:
         _wait_for_line(proc, "in flow")
