@@ -150,17 +150,6 @@ def settings_dict(settings: ProbeSettings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
 
 
-def parse_floats(text: str, *, option: str) -> tuple[float, ...]:
-    """``"1e-3,1e-2"`` → ``(0.001, 0.01)``; a clear error naming ``option`` otherwise."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"{option} {text!r}: expected comma-separated numbers") from None
-    if not values:
-        raise InputError(f"{option}: give at least one value")
-    return values
-
-
 def parse_names(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"none,carrot"`` → ``("none", "carrot")``."""
     parts = text.split(",") if isinstance(text, str) else list(text)
