@@ -210,17 +210,21 @@ class FitOutput:
     epochs_run: int
 
 
+def _plain_key(spec: HeadSpec, cfg: TrainConfig) -> tuple[float, float]:
+    """What a head's plain objective depends on: ``(λ, label smoothing)``."""
+    smoothing = cfg.label_smoothing if spec.label_smoothing is None else spec.label_smoothing
+    return (spec.weight_decay, float(smoothing))
+
+
 def _lbfgs_plain(
     bank: HeadBank,
     z: torch.Tensor,
     y: torch.Tensor,
-    specs: Sequence[HeadSpec],
-    smoothing: torch.Tensor,
+    keys: Sequence[tuple[float, float]],
     settings: LbfgsSettings,
 ) -> tuple[list[dict[str, Any]], list[list[float]]]:
-    """Solve every head's plain objective (distinct ``(λ, smoothing)`` pairs once) into the bank's
-    linear layers; per-head status and the objective trace (iterations × heads)."""
-    keys = [(s.weight_decay, float(smoothing[h])) for h, s in enumerate(specs)]
+    """Solve every head's plain objective (``keys``: its `_plain_key`; distinct keys once) into
+    the bank's linear layers; per-head status and the objective trace (iterations × heads)."""
     unique = list(dict.fromkeys(keys))
     where = [unique.index(k) for k in keys]
     dev = z.device
@@ -251,14 +255,11 @@ def _known_solutions(
     """``(λ, smoothing)`` → ``(W, b, status)`` of the plain L-BFGS heads of an earlier fit."""
     if fit is None:
         return {}
-    out = {}
-    for h, spec in enumerate(specs):
-        if spec.aug != "none" or fit.status[h].get("solver") != "lbfgs":
-            continue
-        smoothing = cfg.label_smoothing if spec.label_smoothing is None else spec.label_smoothing
-        key = (spec.weight_decay, float(torch.tensor(smoothing, dtype=torch.float32)))
-        out[key] = (fit.bank.weight[h].detach(), fit.bank.bias[h].detach(), fit.status[h])
-    return out
+    return {
+        _plain_key(spec, cfg): (fit.bank.weight[h].detach(), fit.bank.bias[h].detach(), st)
+        for h, (spec, st) in enumerate(zip(specs, fit.status, strict=True))
+        if spec.aug == "none" and st.get("solver") == "lbfgs"
+    }
 
 
 def fit_bank(
@@ -273,8 +274,8 @@ def fit_bank(
 ) -> FitOutput:
     """Train one bank on ``features``' train split to convergence (module docstring); score every
     head on ``val_split`` when given. ``plain_solutions``: an earlier fit of ``plain_specs`` on
-    the same rows and settings; heads whose ``(λ, smoothing)`` it solved start from its weights
-    instead of a new L-BFGS solve."""
+    the same rows and settings; its preconditioning affine is reused, and heads whose
+    ``(λ, smoothing)`` it solved start from its weights instead of a new L-BFGS solve."""
     device = torch.device(cfg.device)
     if features.device != device:
         raise InputError(
@@ -283,17 +284,19 @@ def fit_bank(
         )
     H, C, D = len(specs), features.num_classes, features.dim
     bank = HeadBank(H, D, C, seeds=[s.seed for s in specs], device=device)
-    if cfg.precondition:
+    reuse = plain_solutions is not None and not cfg.train_layer_norm  # a frozen, shared affine
+    if reuse and plain_solutions.bank.num_heads:  # same rows: the same standardizing affine
+        gamma = plain_solutions.bank.ln_weight[0].detach().clone()
+        beta = plain_solutions.bank.ln_bias[0].detach().clone()
+    elif cfg.precondition:
         gamma, beta = standardizing_affine(features, "train")
     else:
         gamma, beta = torch.ones(D, device=device), torch.zeros(D, device=device)
     bank.set_layer_norm(gamma, beta)
     bank.freeze_layer_norm(not cfg.train_layer_norm)
     space = _Space(gamma, beta)
-    smoothing = torch.tensor(
-        [cfg.label_smoothing if s.label_smoothing is None else s.label_smoothing for s in specs],
-        device=device,
-    )
+    keys = [_plain_key(s, cfg) for s in specs]
+    smoothing = torch.tensor([k[1] for k in keys], device=device)
     in_memory = "train" in features.splits
     if cfg.solver == "lbfgs" and not in_memory:
         raise InputError(
@@ -303,26 +306,21 @@ def fit_bank(
     curves: dict[str, list[list[float]]] = {"lbfgs_objective": []}
     status: list[dict[str, Any]] = [{} for _ in specs]
     use_lbfgs = cfg.solver != "minibatch" and in_memory
-    if cfg.solver != "minibatch":  # in memory: the solution; streamed: a warm start
+    known = _known_solutions(plain_solutions, plain_specs, cfg)
+    if cfg.solver != "minibatch" and all(k in known for k in keys):  # solved: no second solve
+        for h, k in enumerate(keys):
+            bank.set_head_linear(h, *known[k][:2])
+            status[h] = dict(known[k][2])
+    elif cfg.solver != "minibatch":  # in memory: the solution; streamed: a warm start
         if in_memory:
             X, y = features.get("train").X, features.get("train").y
         else:  # a class-stratified sample (the first rows of each class)
             per_class = max(1, cfg.warm_start_rows // C)
             X, y = features.fit_sample("train", max_per_class=per_class, seed=cfg.seed)
-        known = _known_solutions(plain_solutions, plain_specs, cfg)
-        keys = [(s.weight_decay, float(smoothing[h])) for h, s in enumerate(specs)]
-        if all(k in known for k in keys):  # solved already: copy, no second solve
-            for h, k in enumerate(keys):
-                bank.set_head_linear(h, *known[k][:2])
-                status[h] = dict(known[k][2])
-        else:
-            with torch.no_grad():
-                z = space.to_z(bank.normalize(X))
-            status, curves["lbfgs_objective"] = _lbfgs_plain(
-                bank, z, y, specs, smoothing, cfg.lbfgs
-            )
-            del z
-        del X, y
+        with torch.no_grad():
+            z = space.to_z(bank.normalize(X))
+        status, curves["lbfgs_objective"] = _lbfgs_plain(bank, z, y, keys, cfg.lbfgs)
+        del z, X, y
     minibatch = [
         h for h, s in enumerate(specs) if not use_lbfgs or s.aug != "none" or cfg.train_layer_norm
     ]
