@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -113,8 +113,6 @@ def search_grid(
 ) -> SearchResult:
     """Fit ``specs`` on every fold (each a FeatureSet with ``train`` and ``val``) by the
     module's two-stage rule; fold ``f`` trains with seed ``cfg.seed + f``."""
-    from dataclasses import replace
-
     plain = [s for s in specs if s.aug == "none"]
     augmented = [s for s in specs if s.aug != "none"]
 

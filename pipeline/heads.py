@@ -361,40 +361,29 @@ class HeadBank(nn.Module):
         self.ln_weight.copy_(gamma.expand_as(self.ln_weight))
         self.ln_bias.copy_(beta.expand_as(self.ln_bias))
 
+    @classmethod
     @torch.no_grad()
+    def _of(cls, stacked: dict[str, torch.Tensor], *, eps: float, frozen: bool) -> HeadBank:
+        """A bank holding copies of the stacked tensors (``weight (H, C, D)`` and the rest)."""
+        H, C, D = stacked["weight"].shape
+        out = cls(H, D, C, seeds=[0] * H, eps=eps, device=stacked["weight"].device)
+        for name in cls._STACKED:
+            getattr(out, name).copy_(stacked[name])
+        out.freeze_layer_norm(frozen)
+        return out
+
     def subset(self, heads: Sequence[int]) -> HeadBank:
         """A new bank holding copies of ``heads`` (same device, LayerNorm frozen or not)."""
         idx = torch.as_tensor(list(heads), dtype=torch.int64, device=self.weight.device)
-        out = HeadBank(
-            len(idx),
-            self.dim,
-            self.num_classes,
-            seeds=[0] * len(idx),
-            eps=self.eps,
-            device=self.weight.device,
-        )
-        for name in self._STACKED:
-            getattr(out, name).copy_(getattr(self, name).index_select(0, idx))
-        out.freeze_layer_norm(not self.ln_weight.requires_grad)
-        return out
+        stacked = {name: getattr(self, name).index_select(0, idx) for name in self._STACKED}
+        return self._of(stacked, eps=self.eps, frozen=not self.ln_weight.requires_grad)
 
     @classmethod
-    @torch.no_grad()
     def cat(cls, banks: Sequence[HeadBank]) -> HeadBank:
         """One bank holding the heads of ``banks`` in order (same D, C, device)."""
+        stacked = {name: torch.cat([getattr(b, name) for b in banks]) for name in cls._STACKED}
         first = banks[0]
-        out = cls(
-            sum(b.num_heads for b in banks),
-            first.dim,
-            first.num_classes,
-            seeds=[0] * sum(b.num_heads for b in banks),
-            eps=first.eps,
-            device=first.weight.device,
-        )
-        for name in cls._STACKED:
-            getattr(out, name).copy_(torch.cat([getattr(b, name) for b in banks]))
-        out.freeze_layer_norm(not first.ln_weight.requires_grad)
-        return out
+        return cls._of(stacked, eps=first.eps, frozen=not first.ln_weight.requires_grad)
 
     @torch.no_grad()
     def assign(self, heads: Sequence[int], other: HeadBank) -> None:
