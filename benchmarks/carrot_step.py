@@ -31,7 +31,7 @@ from torch import nn
 
 from benchmarks._report import median_time, write_report
 from benchmarks.seed_reference import SeedCarrotFeatureAug, seed_train_step
-from pipeline.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
+from pipeline.augment.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "carrot_step.json"
 DEFAULT_WIDE_JSON = Path(__file__).parent / "results" / "carrot_wide_k.json"

@@ -3,7 +3,7 @@
 Every figure is a ratio against a baseline measured in the same run:
 
 - ``e2e/bare``: images/s of the whole stage (JPEG decode + transform + forward + Zarr write,
-  through ``pipeline.embed.run_embedding``) over images/s of the bare model forward on ready
+  through ``pipeline.embed.run.run_embedding``) over images/s of the bare model forward on ready
   tensors — same model (resnet18, 224 px, random init) and batch. Target ≥ 0.8 on a 2-core CPU.
 - ``cache-hit/first``: wall time of a rerun that finds the complete store over the first run.
   Target < 5 %. (The ``carrot embed`` command adds Prefect's start-up on top: reported apart.)
@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from benchmarks._report import median_time, write_report
-from pipeline.backbone import BackboneConfig, create_backbone
-from pipeline.embed import EmbedSettings, run_embedding
-from pipeline.extract import ExtractConfig
+from pipeline.embed.backbone import BackboneConfig, create_backbone
+from pipeline.embed.extract import ExtractConfig
+from pipeline.embed.run import EmbedSettings, run_embedding
 
 DEFAULT_JSON = Path("benchmarks/results/embed.json")
 MODEL, IMAGE_SIZE = "resnet18", 224

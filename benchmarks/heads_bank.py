@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from benchmarks._report import median_time, write_report
-from pipeline.features import FeatureSet
-from pipeline.heads import HeadGrid
-from pipeline.train import TrainConfig, fit_bank
+from pipeline.heads.bank import HeadGrid
+from pipeline.heads.features import FeatureSet
+from pipeline.heads.train import TrainConfig, fit_bank
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "heads_bank.json"
 TARGETS = {

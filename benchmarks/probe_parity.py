@@ -2,9 +2,9 @@
 
 For each data set, on the same train/val/test rows and in the same run:
 
-* **ours** — `pipeline.probe.run_probe` with `ProbeSettings()` (exactly what ``carrot train
+* **ours** — `pipeline.heads.probe.run_probe` with `ProbeSettings()` (exactly what ``carrot train
   STORE`` runs inside its flow: the default grid, plain and CARROT heads, validation selection);
-* **LR** — the project's one baseline (`pipeline.baseline`): ``StandardScaler`` then
+* **LR** — the project's one baseline (`pipeline.heads.baseline`): ``StandardScaler`` then
   ``LogisticRegression`` (lbfgs), C swept over the same regularization grid (``C = 1/(λN)``,
   warm-started), chosen on the validation split;
 * **LR (LN)** — the same on LayerNorm'd rows, i.e. the heads' own model class (for reference);
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks._report import write_report
-from pipeline.baseline import BaselineConfig, fit_logistic_baseline
-from pipeline.features import FeatureSet
-from pipeline.probe import ProbeSettings, run_probe
+from pipeline.heads.baseline import BaselineConfig, fit_logistic_baseline
+from pipeline.heads.features import FeatureSet
+from pipeline.heads.probe import ProbeSettings, run_probe
 from pipeline.threads import torch_threads
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "probe_parity.json"
@@ -55,8 +55,8 @@ def _digits_pixels() -> FeatureSet:
 
 
 def _synthetic(name: str) -> FeatureSet:
-    from pipeline.quality_suite import SYNTHETIC
-    from pipeline.synthetic import make_synthetic
+    from pipeline.evaluation.suite import SYNTHETIC
+    from pipeline.evaluation.synthetic import make_synthetic
 
     d = make_synthetic(SYNTHETIC[name])
     return FeatureSet.from_arrays(
@@ -66,9 +66,9 @@ def _synthetic(name: str) -> FeatureSet:
 
 def _digits_store(backbone: str, image_size: int | None) -> Callable[[], FeatureSet]:
     def load() -> FeatureSet:
-        from pipeline.backbone import BackboneConfig
-        from pipeline.embed import EmbedSettings, run_embedding
-        from pipeline.extract import ExtractConfig
+        from pipeline.embed.backbone import BackboneConfig
+        from pipeline.embed.extract import ExtractConfig
+        from pipeline.embed.run import EmbedSettings, run_embedding
         from stores import open_store
 
         summary = run_embedding(

@@ -19,9 +19,8 @@ from flows.cli_train import add_demo, add_predict, add_train
 from flows.runtime import apply_defaults
 from pipeline.errors import InputError
 from pipeline.terminal import printable
-from stores.errors import StoreInputError
 
-USAGE_ERRORS = (InputError, StoreInputError)
+USAGE_ERRORS = (InputError,)  # the store errors derive from it
 
 
 class UsageError(Exception):
@@ -104,10 +103,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def embed_settings_from_args(args: argparse.Namespace):
-    """Resolve CLI arguments into :class:`pipeline.embed.EmbedSettings` (validated)."""
-    from pipeline.backbone import BackboneConfig
-    from pipeline.embed import EmbedSettings, default_root
-    from pipeline.extract import ExtractConfig
+    """Resolve CLI arguments into :class:`pipeline.embed.run.EmbedSettings` (validated)."""
+    from pipeline.embed.backbone import BackboneConfig
+    from pipeline.embed.extract import ExtractConfig
+    from pipeline.embed.run import EmbedSettings, default_root
 
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise InputError(
@@ -141,7 +140,7 @@ def embed_settings_from_args(args: argparse.Namespace):
 
 def _run_embed(args: argparse.Namespace) -> int:
     from flows.runtime import flow_settings
-    from pipeline.embed import check_settings
+    from pipeline.embed.run import check_settings
 
     settings = embed_settings_from_args(args)
     check_settings(settings)  # every input check, before a Prefect server starts
@@ -286,7 +285,7 @@ def _run_store_verify(args: argparse.Namespace) -> int:
 
 
 def _run_store_ls(args: argparse.Namespace) -> int:
-    from pipeline.embed import default_root
+    from pipeline.embed.run import default_root
     from stores import list_stores
 
     rows = list_stores(args.root or default_root())

@@ -158,7 +158,7 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
 def resolve_device_option(name: str, *, option: str = "--device") -> str:
     """``auto`` → ``cuda`` when available else ``cpu``; others checked (InputError naming the
     option: unknown, ``cuda`` without CUDA, a GPU index that does not exist)."""
-    from pipeline.backbone import resolve_device
+    from pipeline.embed.backbone import resolve_device
     from pipeline.errors import InputError
 
     try:
@@ -180,12 +180,12 @@ def _floats(value: str | tuple[float, ...], *, option: str, positive: bool) -> t
 
 
 def probe_settings_from_args(args: argparse.Namespace):
-    """Resolve parsed options into :class:`pipeline.probe.ProbeSettings` (validated, the device
+    """Resolve parsed options into :class:`pipeline.heads.probe.ProbeSettings` (validated, the device
     resolved)."""
-    from pipeline.carrot import CarrotConfig
+    from pipeline.augment.carrot import CarrotConfig
     from pipeline.errors import InputError
-    from pipeline.probe import ProbeSettings, parse_names
-    from pipeline.train import TrainConfig
+    from pipeline.heads.probe import ProbeSettings, parse_names
+    from pipeline.heads.train import TrainConfig
 
     device = resolve_device_option(args.device)
     try:
@@ -247,7 +247,7 @@ def check_shots(store, shots: int | None) -> None:
 
 def default_out(store_url: str, tag: str) -> str:
     """``$CARROT_HOME/runs/<store name>-<tag>``."""
-    from pipeline.embed import carrot_home
+    from pipeline.embed.run import carrot_home
 
     name = Path(store_url.rstrip("/")).name.removesuffix(".zarr")
     return str(carrot_home() / "runs" / f"{name}-{tag}")
@@ -257,7 +257,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Check every input (options, device, store, ``--shots``, ``--out``), then run the flow."""
     from flows.runtime import flow_settings
     from flows.train import train_head_flow
-    from pipeline.head_io import check_out_dir
+    from pipeline.heads.io import check_out_dir
     from stores import open_store
 
     settings = probe_settings_from_args(args)
@@ -324,8 +324,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from flows.runtime import flow_settings
     from flows.train import predict_flow
     from pipeline.errors import InputError
-    from pipeline.head_io import check_out_file, load_head
-    from pipeline.predict import check_head_fits
+    from pipeline.heads.io import check_out_file, load_head
+    from pipeline.heads.predict import check_head_fits
     from stores import open_store
 
     store = open_store(args.store)
@@ -379,12 +379,12 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow, markdown_table
     from flows.runtime import flow_settings
-    from pipeline.backbone import BackboneConfig
-    from pipeline.embed import EmbedSettings, carrot_home, check_settings, default_root
-    from pipeline.extract import ExtractConfig
-    from pipeline.head_io import check_out_dir
-    from pipeline.probe import ProbeSettings
-    from pipeline.train import TrainConfig
+    from pipeline.embed.backbone import BackboneConfig
+    from pipeline.embed.extract import ExtractConfig
+    from pipeline.embed.run import EmbedSettings, carrot_home, check_settings, default_root
+    from pipeline.heads.io import check_out_dir
+    from pipeline.heads.probe import ProbeSettings
+    from pipeline.heads.train import TrainConfig
 
     device = resolve_device_option(args.device)
     embed = EmbedSettings(

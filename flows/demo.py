@@ -15,10 +15,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.embed import embed_flow
 from flows.train import train_head_flow
-from pipeline.embed import EmbedSettings
-from pipeline.head_io import atomic_file, write_json
+from pipeline.embed.run import EmbedSettings
+from pipeline.heads.io import atomic_file, write_json
+from pipeline.heads.probe import ProbeSettings
 from pipeline.plots import plot_method_comparison
-from pipeline.probe import ProbeSettings
 
 # (row label, augmentations in the bank, shots per class)
 DEMO_RUNS: tuple[tuple[str, tuple[str, ...], int | None], ...] = (

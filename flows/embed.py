@@ -1,4 +1,4 @@
-"""Prefect flow ``embed``: stage 1 as a recipe of tasks over ``pipeline.embed``.
+"""Prefect flow ``embed``: stage 1 as a recipe of tasks over ``pipeline.embed.run``.
 
 resolve source → plan store (content key) → [cache hit: done] → build backbone →
 extract+write each pending chunk (retried on transient I/O) → finalize → summary artifact.
@@ -11,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import progress
-from pipeline.backbone import Backbone, create_backbone
-from pipeline.embed import (
+from pipeline.embed.backbone import Backbone, create_backbone
+from pipeline.embed.run import (
     EmbedPlan,
     EmbedSettings,
     EmbedSteps,
@@ -22,8 +22,8 @@ from pipeline.embed import (
     run_embedding,
     write_chunk,
 )
+from pipeline.embed.sources import ImageSource
 from pipeline.errors import InputError
-from pipeline.sources import ImageSource
 from pipeline.terminal import printable
 from stores import StoreWriter
 from stores.errors import StoreInputError

@@ -9,10 +9,10 @@ from prefect import flow, task
 from prefect.artifacts import create_image_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.features import FeatureSet
-from pipeline.head_io import load_head, write_fewshot_run, write_outputs
-from pipeline.predict import check_head_fits, predict, write_predictions_csv
-from pipeline.probe import ProbeReport, ProbeSettings, run_probe, settings_dict
+from pipeline.heads.features import FeatureSet
+from pipeline.heads.io import load_head, write_fewshot_run, write_outputs
+from pipeline.heads.predict import check_head_fits, predict, write_predictions_csv
+from pipeline.heads.probe import ProbeReport, ProbeSettings, run_probe, settings_dict
 from stores import EmbeddingStore, open_store
 
 
@@ -104,7 +104,7 @@ def predict_flow(
     )
     summary: dict = {"predictions": out_csv, "n": len(ids), "labelled": labelled}
     if labelled:
-        from pipeline.metrics import classification_metrics
+        from pipeline.heads.metrics import classification_metrics
 
         metrics = classification_metrics(labels, probs)
         summary.update({k: float(metrics[k]) for k in ("top1", "top5")})

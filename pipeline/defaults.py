@@ -16,6 +16,11 @@ import numpy as np
 
 from pipeline.errors import InputError
 
+LN_EPS = 1e-5
+"""LayerNorm epsilon of every head (and of the head-independent normalization)."""
+INIT_STD = 0.01
+"""Std of a head's linear weight at init (DINOv2's linear heads use 0.01)."""
+
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = tuple(float(f"{v:.3g}") for v in np.logspace(-6, 0, 13))
 """λ grid (13 values, log-spaced)."""
 DEFAULT_LRS: tuple[float, ...] = (1e-3,)

@@ -1,7 +1,12 @@
-"""Errors that mean "the user's input is wrong": the CLI prints them on one line and exits 2."""
+"""Errors that mean "the user's input is wrong": the CLI prints them on one line and exits 2.
+
+One hierarchy for the whole project: :class:`InputError` is defined at the bottom layer
+(`stores.errors`, so stores need nothing from `pipeline`) and every usage error derives from it,
+the store ones (`stores.errors.StoreInputError` and its subclasses) included.
+"""
 
 from __future__ import annotations
 
+from stores.errors import InputError, StoreInputError
 
-class InputError(ValueError):
-    """Bad user input. The message names the input and says how to fix it."""
+__all__ = ["InputError", "StoreInputError"]

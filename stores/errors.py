@@ -1,15 +1,21 @@
-"""Store errors. Subclasses of :class:`StoreInputError` are the user's to fix (CLI exit code 2)."""
+"""Store errors, and the project's one usage-error root :class:`InputError` (CLI exit code 2)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 
+class InputError(ValueError):
+    """Bad user input (any stage). The message names the input and says how to fix it; the CLI
+    prints it on one line and exits 2. The one root of the project's usage errors:
+    `pipeline.errors` re-exports it, :class:`StoreInputError` derives from it."""
+
+
 class StoreError(Exception):
     """Something is wrong with an embedding store."""
 
 
-class StoreInputError(StoreError, ValueError):
+class StoreInputError(StoreError, InputError):
     """A store error the user can fix (bad URL, store in use, store incomplete...)."""
 
 

@@ -13,7 +13,7 @@ pytestmark = [
 
 
 def test_backbone_bf16_on_cuda_matches_cpu_fp32():
-    from pipeline.backbone import BackboneConfig, create_backbone
+    from pipeline.embed.backbone import BackboneConfig, create_backbone
 
     x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     cpu = create_backbone(BackboneConfig(name="resnet18", device="cpu")).forward(x)
@@ -25,9 +25,9 @@ def test_backbone_bf16_on_cuda_matches_cpu_fp32():
 
 
 def test_embed_on_cuda_writes_a_verified_store(shapes_folder, tmp_path):
-    from pipeline.backbone import BackboneConfig
-    from pipeline.embed import EmbedSettings, run_embedding
-    from pipeline.extract import ExtractConfig
+    from pipeline.embed.backbone import BackboneConfig
+    from pipeline.embed.extract import ExtractConfig
+    from pipeline.embed.run import EmbedSettings, run_embedding
     from stores import verify_store
 
     s = run_embedding(
@@ -44,7 +44,7 @@ def test_embed_on_cuda_writes_a_verified_store(shapes_folder, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["sample", "class"])
 def test_carrot_exact_and_safe_on_cuda(dtype, mode):
-    from pipeline.carrot import CarrotConfig, carrot_augment
+    from pipeline.augment.carrot import CarrotConfig, carrot_augment
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, D, C = 512, 256, 100
@@ -68,10 +68,10 @@ def test_head_bank_trains_on_cuda():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from pipeline.features import FeatureSet
-    from pipeline.grid_search import train_head_bank
-    from pipeline.heads import HeadGrid
-    from pipeline.train import TrainConfig
+    from pipeline.heads.bank import HeadGrid
+    from pipeline.heads.features import FeatureSet
+    from pipeline.heads.search import train_head_bank
+    from pipeline.heads.train import TrainConfig
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(

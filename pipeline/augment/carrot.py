@@ -1,0 +1,555 @@
+"""CARROT: label-safe feature augmentation in the nuisance subspace of a linear head.
+
+For a sample ``(z, y)`` classified with margin, the noise ``√α · P_N ε`` is orthogonal to every
+competitor difference ``d_k = w_y − w_k`` (k ∈ Kset), so those margins do not move; ``α`` is the
+largest variance for which the union bound over the other classes keeps
+``P(any margin < γ) ≤ δ``. See docs/CARROT.md for the math; pipeline/augment/nuisance.py for the
+geometry. Shapes: B rows, D features, C classes, K = min(topk, C − 1) competitors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.augment.nuisance import (
+    ETA_PER_COMPETITOR,
+    Competitors,
+    LayerNormJacobian,
+    cap_alpha,
+    centered_weight,
+    chance_alpha,
+    class_factor_from_features,
+    competitor_geometry,
+    difference_sq,
+    distinct_rows,
+    factor_spectrum,
+    kset_drift_sq,
+    margin_slack,
+    nearest_classes,
+    nuisance_sq,
+    orthonormal_rows,
+    outside_mask,
+    project_out,
+    project_out_explicit,
+    row_difference_sq,
+    tail_quantile_sq,
+    top_competitors,
+)
+
+__all__ = [
+    "DEFAULT_RELATIVE_CAP",
+    "CarrotAugment",
+    "CarrotConfig",
+    "CarrotOutput",
+    "carrot_augment",
+    "carrot_augment_pre_ln",
+    "carrot_loss",
+    "class_factor_from_features",
+]
+
+log = logging.getLogger(__name__)
+
+# When no class lies outside Kset (e.g. C = 2 or K = C − 1) the chance constraint is empty and
+# every Kset margin is exact, so only a norm cap bounds the noise: without ``alpha_max`` the
+# noise norm is capped at this multiple of ‖z‖.
+DEFAULT_RELATIVE_CAP = 1.0
+# Pre-LN injection is only first-order safe, so it is always capped (relative to ‖x − mean(x)‖);
+# this is the cap used when ``alpha_max`` is None.
+PRE_LN_DEFAULT_CAP = 0.1
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+_CHOICES = {
+    "mode": ("sample", "class"),
+    "noise": ("isotropic", "class_cov"),
+    "quantile": ("exact", "chernoff"),
+    "injection": ("post_ln", "pre_ln"),
+}
+
+
+@dataclass(frozen=True)
+class CarrotConfig:
+    """Settings of the CARROT augmentation (validated on construction). A warm-up without
+    augmentation is the trainer's (`TrainConfig.aug_warmup_epochs`, one setting for every
+    augmentation); heads start from their plain optimum anyway (`pipeline.heads.train`)."""
+
+    topk: int = 10  # competitors per sample/class whose margins stay exact (K = min(topk, C−1))
+    delta: float = 0.05  # allowed P(any other margin falls below gamma), in (0, 0.5)
+    gamma: float = 0.0  # margin floor; rows with any margin <= gamma are not augmented
+    mode: Literal["sample", "class"] = "sample"  # Kset: top-K logits, or K nearest class weights
+    aug_per_sample: int = 1  # augmented copies per eligible row
+    aug_weight: float = 1.0  # weight of the augmented cross-entropy term in the loss
+    refresh: int = 50  # "class" mode in CarrotAugment: recompute class geometry every N calls
+    # (in between, the stale geometry keeps the guarantee for the current weight, at some α)
+    alpha_max: float | None = None  # cap on √α·‖P_N ε‖/‖z‖ per row (None: no cap)
+    noise: Literal["isotropic", "class_cov"] = "isotropic"  # class_cov needs `class_factor`
+    quantile: Literal["exact", "chernoff"] = "exact"  # Φ⁻¹(1−δ/n_out), or q² = 2 ln(n_out/δ)
+    injection: Literal["post_ln", "pre_ln"] = "post_ln"  # pre_ln: carrot_augment_pre_ln
+    refine: int = 4  # classes per row whose noise variance is computed exactly when only bounded
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"CarrotConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name, low in (
+            ("topk", 1),
+            ("aug_per_sample", 1),
+            ("refresh", 1),
+            ("refine", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(name, f"an integer >= {low}")
+        if not 0.0 < float(self.delta) < 0.5:
+            fail("delta", "in (0, 0.5)")
+        for name in ("gamma", "aug_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                fail(name, "finite and >= 0")
+        if self.alpha_max is not None and not (
+            math.isfinite(self.alpha_max) and self.alpha_max > 0
+        ):
+            fail("alpha_max", "None or a finite number > 0")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {allowed}")
+
+
+@dataclass
+class CarrotOutput:
+    """Augmented rows. M = (rows augmented) × aug_per_sample, copies stacked copy-major.
+
+    ``z`` (M, D) in the input dtype, differentiable w.r.t. the input; ``y`` (M,) int64 labels;
+    ``source`` (M,) int64 row of the input each came from; ``alpha`` (B,) float32 noise variance
+    per input row (0 = not augmented, never requires grad). ``diagnostics`` holds 0-dim float32
+    tensors (no host sync; call ``float()`` to log): ``frac_augmented``, ``median_alpha``,
+    ``median_noise_ratio`` (‖z̃ − z‖/‖z‖), ``violation_rate`` (augmented rows whose margin
+    against any class fell below gamma, measured with the weight given).
+    """
+
+    z: Tensor
+    y: Tensor
+    source: Tensor
+    alpha: Tensor
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def carrot_augment(
+    z: Tensor,
+    y: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    cfg: CarrotConfig,
+    *,
+    generator: torch.Generator | None = None,
+    class_factor: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> CarrotOutput:
+    """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D)
+    and optional ``bias`` (C,) (logits ``W z + b``: the bias shifts the margins, the noise does
+    not move it).
+
+    ``logits`` (B, C) select the "sample"-mode competitors (any dtype; only their order is used).
+    Everything but ``out.z`` is computed without gradient and never below float32 (bf16/fp16
+    inputs included): the geometry in float64, margins in IEEE float32 with a rigorous
+    rounding allowance (float64 if TF32/bf16 matmul modes are on), the noise in float64
+    ("sample") or float32 against a float64-built orthonormal basis ("class"). ``out.z``
+    carries gradient to ``z`` (d z̃ / d z = I). ``class_factor`` (C, D, r): low-rank factor
+    ``L_y`` of each class covariance, required for ``cfg.noise == "class_cov"`` (noise
+    ``P_N L_y ξ``, ξ ~ N(0, I_r); see :func:`class_factor_from_features`).
+    Deterministic given ``generator`` (on ``weight``'s device). Per call: O(C²·D) for the
+    class Gram plus O(B·C·D); never a D×D matrix, no per-sample Python loop.
+    """
+    if cfg.injection != "post_ln":
+        raise ValueError('cfg.injection is "pre_ln": call carrot_augment_pre_ln(x, ..., ln, cfg)')
+    _check_inputs(z, y, weight)
+    with torch.no_grad():
+        wc = centered_weight(weight)
+        gram = wc @ wc.T
+        k = min(cfg.topk, weight.shape[0] - 1)
+        if cfg.mode == "sample":
+            geo = competitor_geometry(wc, gram, y, top_competitors(logits, y, k))
+        else:
+            classes, inverse = torch.unique(y, return_inverse=True)
+            kset = nearest_classes(gram, k).index_select(0, classes)
+            geo = competitor_geometry(wc, gram, classes, kset, basis=True).take(inverse)
+    return augment_with_geometry(
+        z, y, weight, cfg, geo, generator=generator, class_factor=class_factor, bias=bias
+    )
+
+
+def augment_with_geometry(
+    z: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    cfg: CarrotConfig,
+    geo: Competitors,
+    *,
+    generator: torch.Generator | None = None,
+    class_factor: Tensor | None = None,
+    workspace: dict | None = None,
+    bias: Tensor | None = None,
+) -> CarrotOutput:
+    """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
+
+    Margins use the current ``weight``; the noise is projected with ``geo``, which may be a
+    cached class geometry built from an earlier weight (see :class:`CarrotAugment`). Such a
+    *stale* geometry (``geo.weight`` is not the centred current weight) keeps the guarantee for
+    the current weight: every class but y enters the union bound (see :func:`_stale_alpha`).
+    ``workspace``: a dict kept by the caller to reuse scratch buffers between calls.
+    """
+    _check_inputs(z, y, weight)
+    b, d = z.shape
+    k = geo.kset.shape[1]
+    n_out = weight.shape[0] - 1 - k
+    # float32 noise when a float32 orthonormal basis is available (accurate whatever the
+    # conditioning), else float64 (the coefficient form, or a float64 basis when K ≥ D)
+    float32_basis = geo.basis is not None and geo.basis.dtype == torch.float32
+    work = torch.float32 if float32_basis and z.dtype != torch.float64 else torch.float64
+    q2 = tail_quantile_sq(cfg.delta, n_out, cfg.quantile) if n_out else math.inf
+    with torch.no_grad():
+        wc = centered_weight(weight)
+        if geo.weight.shape != wc.shape:
+            raise ValueError(
+                f"geometry built for a weight of shape {tuple(geo.weight.shape)}, "
+                f"weight has {tuple(wc.shape)}: rebuild it (competitor_geometry)"
+            )
+        stale = not torch.equal(wc, geo.weight)  # host sync
+        slack = margin_slack(z, y, weight, cfg.gamma, z.dtype, bias)  # (B, C), +inf at y
+        eligible = (slack > 0).all(dim=1) & (geo.rank < d)
+        shape = (cfg.aug_per_sample, b, d)
+        factor_y = scale = None
+        if cfg.noise == "class_cov":
+            factor, spectral_sq = factor_spectrum(class_factor, weight)
+            factor_y = factor.index_select(0, y)  # (B, D, r)
+            scale = spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
+        if stale:
+            alpha = _stale_alpha(slack, eligible, geo, wc, cfg, factor_y, scale, work)
+        elif cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: no refining
+            alpha = chance_alpha(slack, geo.nuisance_var, geo.outside, n_out=n_out, q2=q2)
+        else:
+
+            def exact_var(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r) ‖L_yᵀ P_N d_c‖²
+                dirs = (wc[y][:, None, :] - wc[idx]).transpose(0, 1)  # (r, B, D)
+                proj = project_out(geo, dirs).to(torch.float64)
+                return torch.einsum("bdq,rbd->rbq", factor_y, proj).square().sum(-1).T
+
+            alpha = chance_alpha(
+                slack,
+                geo.nuisance_var * scale,
+                geo.outside,
+                n_out=n_out,
+                q2=q2,
+                refine=cfg.refine,
+                exact_var=exact_var,
+                eta=ETA_PER_COMPETITOR * k,
+            )
+        if factor_y is None:
+            base = torch.randn(shape, generator=generator, device=z.device).to(work)
+        else:
+            xi = torch.randn((*shape[:2], factor_y.shape[2]), generator=generator, device=z.device)
+            base = torch.einsum("bdq,abq->abd", factor_y.to(work), xi.to(work))
+        noise = project_out(geo, base, workspace=workspace)  # (a, B, D) unit-scale P_N ε
+        default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
+        cap = cfg.alpha_max if cfg.alpha_max is not None else default
+        alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)
+    return _assemble(z, y, weight, cfg, alpha, noise, features=None, bias=bias)
+
+
+def _stale_alpha(
+    slack: Tensor,
+    eligible: Tensor,
+    geo: Competitors,
+    wc: Tensor,
+    cfg: CarrotConfig,
+    factor_y: Tensor | None,
+    scale: Tensor | None,
+    work: torch.dtype,
+) -> Tensor:
+    """(B,) float64 α when ``geo`` was built from another weight than the current ``wc``.
+
+    The noise is ``P_N ε`` with the OLD projector, so for the CURRENT differences
+    ``d_c = d_c⁰ + Δ_c`` every margin c ≠ y moves by ``√α·d_cᵀ P_N ε``, with variance
+    ``s_c = ‖P_N d_c‖²`` (``‖L_yᵀ P_N d_c‖²`` for class_cov noise). The union bound runs over all
+    C − 1 classes. Kset classes (``P_N d_k⁰ = 0``): ``s_k = ‖P_N Δ_k‖²`` exactly (K directions
+    per distinct geometry row, i.e. per class in "class" mode). Others:
+    ``s_c ≤ (√s_c⁰ + ‖Δ_c‖)²`` (triangle inequality, cached ``s_c⁰``); for class_cov noise
+    (whose bound uses σ_max(L_y)) the ``cfg.refine`` binding ones are recomputed exactly.
+    Only eligible rows are computed (the others get 0).
+    """
+    alpha = torch.zeros_like(slack[:, 0])
+    rows = torch.nonzero(eligible).squeeze(1)  # host sync
+    if rows.numel() == 0:
+        return alpha
+    geo, slack = geo.take(rows), slack.index_select(0, rows)
+    first, inverse = distinct_rows(geo)  # per-class quantities once per class
+    uniq = geo.take(first)
+    y, kset = uniq.labels, uniq.kset
+    c = wc.shape[0]
+    eta = ETA_PER_COMPETITOR * kset.shape[1]
+    use_basis = work == torch.float32  # the operator the noise is projected with
+    scale = 1.0 if scale is None else scale.index_select(0, rows)  # (R, 1), per class
+    factor = None if factor_y is None else factor_y.index_select(0, rows)
+
+    def variance(where: Competitors, dirs: Tensor, at: Tensor) -> Tensor:
+        """(N, r) per unit α of directions dirs (N, r, D) float64 for rows ``at`` of R."""
+        if factor is None:
+            return nuisance_sq(where, dirs, use_basis=use_basis)
+        proj = project_out(where, dirs.transpose(0, 1), use_basis=use_basis).to(torch.float64)
+        return torch.einsum("bdq,rbd->rbq", factor[at], proj).square().sum(-1).T
+
+    drift = wc - geo.weight  # (C, D) Δw
+    moved = row_difference_sq(drift, y)  # (U, C) ≥ ‖Δ_c‖²
+    scale_u = scale if isinstance(scale, float) else scale[first]
+    bound = (uniq.nuisance_var.sqrt() + moved.sqrt()).square() * (1 + 8 * _EPS64) * scale_u
+    moved_k = moved.gather(1, kset)
+    if factor is None and use_basis and uniq.basis is not None:  # float32 basis: cheap, rigorous
+        kvar = kset_drift_sq(uniq, drift, moved_k)
+    else:
+        kvar = variance(uniq, drift[y][:, None, :] - drift[kset], first) + eta * scale_u * moved_k
+    bound = bound.scatter(1, kset, kvar.minimum(bound.gather(1, kset))).index_select(0, inverse)
+    labels = geo.labels
+    constrained = torch.ones_like(geo.outside).scatter_(1, labels[:, None], False)
+    q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
+    if factor is None:  # isotropic: the triangle bound is within a few % of exact (measured)
+        found = chance_alpha(slack, bound, constrained, n_out=c - 1, q2=q2)
+        return alpha.index_copy(0, rows, found)
+    length = row_difference_sq(wc, y).index_select(0, inverse)  # (R, C) ≥ ‖d_c‖²
+    everyone = torch.arange(labels.shape[0], device=labels.device)
+
+    def exact_var(idx: Tensor) -> Tensor:  # (R, r) classes → (R, r) exact s_c, rounded up
+        dirs = wc[labels][:, None, :] - wc[idx]
+        return variance(geo, dirs, everyone) + eta * scale * length.gather(1, idx)
+
+    found = chance_alpha(
+        slack, bound, constrained, n_out=c - 1, q2=q2, refine=cfg.refine, exact_var=exact_var
+    )
+    return alpha.index_copy(0, rows, found)
+
+
+def carrot_augment_pre_ln(
+    x: Tensor,
+    y: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    ln: nn.LayerNorm,
+    cfg: CarrotConfig,
+    *,
+    generator: torch.Generator | None = None,
+    bias: Tensor | None = None,
+) -> CarrotOutput:
+    """Pre-LN injection: noise on raw embeddings ``x`` (B, D) before the LayerNorm ``ln``.
+
+    With J the Jacobian of ``ln`` at x, the noise ε_x is projected orthogonally to
+    ``u_k = Jᵀ d_k`` (k ∈ Kset), so the first-order change ``J ε_x`` of z leaves the Kset
+    margins unchanged; α uses the union bound on ``u_cᵀ ε_x`` for the other classes, refined
+    exactly for the ``cfg.refine`` binding ones. First-order safe only: the noise is always
+    capped at ``alpha_max`` (default ``PRE_LN_DEFAULT_CAP``) relative to ``‖x − mean(x)‖``.
+    Returns x̃ rows in ``out.z`` (input dtype, differentiable w.r.t. x). Isotropic noise only.
+    """
+    _check_inputs(x, y, weight)
+    if cfg.noise != "isotropic":
+        raise ValueError('carrot_augment_pre_ln supports noise="isotropic" only')
+    if tuple(ln.normalized_shape) != (x.shape[1],):
+        raise ValueError(f"ln normalizes {tuple(ln.normalized_shape)}, x has D={x.shape[1]}")
+    b, d = x.shape
+    c = weight.shape[0]
+    k = min(cfg.topk, c - 1)
+    n_out = c - 1 - k
+    with torch.no_grad():
+        wc = centered_weight(weight)
+        gram = wc @ wc.T
+        jac = LayerNormJacobian.at(x, ln)
+        slack = margin_slack(jac.output(), y, weight, cfg.gamma, x.dtype, bias)
+        if cfg.mode == "sample":
+            kset = top_competitors(logits, y, k)
+        else:
+            kset = nearest_classes(gram, k).index_select(0, y)
+
+        def pull_back(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r, D) Jᵀ d_c
+            return jac.pull_back(wc[y][:, None, :] - wc[idx])
+
+        basis, rank = orthonormal_rows(pull_back(kset))
+        eligible = (slack > 0).all(dim=1) & (rank < d)
+        bound = difference_sq(gram, y, d) * jac.gain_sq_bound()  # ≥ ‖P_N Jᵀ d_c‖²
+
+        def exact_var(idx: Tensor) -> Tensor:
+            dirs = pull_back(idx).transpose(0, 1)
+            return project_out_explicit(basis, dirs).square().sum(-1).T
+
+        alpha = chance_alpha(
+            slack,
+            bound,
+            outside_mask(y, kset, c),
+            n_out=n_out,
+            q2=tail_quantile_sq(cfg.delta, n_out, cfg.quantile) if n_out else math.inf,
+            refine=cfg.refine,
+            exact_var=exact_var,
+            eta=ETA_PER_COMPETITOR * k,
+        )
+        eps = torch.randn((cfg.aug_per_sample, b, d), generator=generator, device=x.device)
+        noise = project_out_explicit(basis, eps.to(torch.float64))
+        cap = cfg.alpha_max if cfg.alpha_max is not None else PRE_LN_DEFAULT_CAP
+        alpha = cap_alpha(alpha, eligible, noise, jac.centred_norm(), cap)
+    return _assemble(x, y, weight, cfg, alpha, noise, features=ln, bias=bias)
+
+
+def carrot_loss(
+    head_weight: Tensor,
+    z: Tensor,
+    y: Tensor,
+    out: CarrotOutput,
+    aug_weight: float,
+    *,
+    logits: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``CE(W z + b, y) + aug_weight · CE(W z̃ + b, ỹ)``, a scalar.
+
+    ``out.z`` is already normalized: it goes through ``W`` directly (no second LayerNorm).
+    Pass ``logits = W z + b`` if already computed. With no augmented rows, the plain CE.
+    """
+    real = F.cross_entropy(logits if logits is not None else F.linear(z, head_weight, bias), y)
+    if out.z.shape[0] == 0 or aug_weight == 0:
+        return real
+    return real + aug_weight * F.cross_entropy(F.linear(out.z, head_weight, bias), out.y)
+
+
+class CarrotAugment(nn.Module):
+    """CARROT as a module. "class" mode caches the class geometry (Kset, projector pieces and the
+    nuisance variances of every class pair) and recomputes it every ``cfg.refresh`` calls, or
+    when the weight's shape, dtype or device changes.
+
+    Between refreshes the noise is orthogonal to the competitor differences of the cached
+    weight: Kset margins are exact for that weight only. The chance constraint still holds for
+    the CURRENT weight: with a stale geometry the Kset classes join the union bound with their
+    exact variance ``‖P_N (d_k − d_k⁰)‖²`` (see :func:`augment_with_geometry`), so drift costs
+    some α, never safety; ``refresh=1`` also keeps the Kset margins exact. "sample" mode and
+    pre-LN injection are stateless and call :func:`carrot_augment` / :func:`carrot_augment_pre_ln`.
+    """
+
+    def __init__(self, cfg: CarrotConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.refresh_count = 0  # how many times the class geometry was computed
+        self._geometry: Competitors | None = None
+        self._key: tuple | None = None
+        self._calls = 0  # calls served by the current geometry
+        self._workspace: dict = {}  # scratch buffers reused between calls
+
+    def forward(
+        self,
+        z: Tensor,
+        y: Tensor,
+        logits: Tensor,
+        weight: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        class_factor: Tensor | None = None,
+        ln: nn.LayerNorm | None = None,
+        bias: Tensor | None = None,
+    ) -> CarrotOutput:
+        """Same as :func:`carrot_augment` (``ln`` and raw ``x`` as ``z`` for pre-LN injection)."""
+        cfg = self.cfg
+        if cfg.injection == "pre_ln":
+            if ln is None:
+                raise ValueError('injection="pre_ln" needs the head LayerNorm: pass ln=...')
+            return carrot_augment_pre_ln(
+                z, y, logits, weight, ln, cfg, generator=generator, bias=bias
+            )
+        if cfg.mode == "sample":
+            return carrot_augment(
+                z, y, logits, weight, cfg, generator=generator, class_factor=class_factor, bias=bias
+            )
+        _check_inputs(z, y, weight)
+        geo = self.class_geometry(weight).take(y)
+        return augment_with_geometry(
+            z,
+            y,
+            weight,
+            cfg,
+            geo,
+            generator=generator,
+            class_factor=class_factor,
+            workspace=self._workspace,
+            bias=bias,
+        )
+
+    def class_geometry(self, weight: Tensor) -> Competitors:
+        """Cached geometry of all C classes (N = C rows); counts one call toward the refresh."""
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        if self._geometry is None or key != self._key or self._calls >= self.cfg.refresh:
+            self.refresh(weight)
+        self._calls += 1
+        return self._geometry
+
+    @torch.no_grad()
+    def refresh(self, weight: Tensor) -> None:
+        """Recompute the class geometry from ``weight`` (C, D) now."""
+        wc = centered_weight(weight)
+        gram = wc @ wc.T
+        classes = torch.arange(weight.shape[0], device=weight.device)
+        kset = nearest_classes(gram, min(self.cfg.topk, weight.shape[0] - 1))
+        self._geometry = competitor_geometry(wc, gram, classes, kset, basis=True)
+        self._key = (tuple(weight.shape), weight.dtype, weight.device)
+        self._calls = 0
+        self.refresh_count += 1
+        log.debug("CARROT class geometry refreshed (C=%d)", weight.shape[0])
+
+
+def _assemble(
+    z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features, bias=None
+) -> CarrotOutput:
+    """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D)."""
+    rows = torch.nonzero(alpha > 0).squeeze(1)  # host sync: M is data-dependent
+    scale = alpha.sqrt().to(noise.dtype)
+    if rows.numel() < z.shape[0]:
+        noise, scale, z_rows = (
+            noise.index_select(1, rows),
+            scale.index_select(0, rows),
+            z.index_select(0, rows),
+        )
+    else:  # every row augmented: no gathers
+        z_rows = z
+    delta = (noise * scale[None, :, None]).to(z.dtype)  # (a, M, D)
+    z_aug = (z_rows.unsqueeze(0) + delta).reshape(-1, z.shape[1])
+    source = rows.repeat(cfg.aug_per_sample)
+    y_aug = y.index_select(0, source)
+    zero = torch.zeros((), device=z.device)
+    diag = {"frac_augmented": (alpha > 0).float().mean()}
+    if rows.numel() == 0:
+        diag |= {"median_alpha": zero, "median_noise_ratio": zero, "violation_rate": zero}
+        return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
+    with torch.no_grad():
+        base = z_rows.detach().float().norm(dim=-1).clamp_min(1e-30)
+        feats = z_aug.detach() if features is None else features(z_aug.detach())
+        logits = feats.float() @ weight.detach().float().T
+        if bias is not None:
+            logits = logits + bias.detach().float()
+        margin = logits.gather(1, y_aug[:, None]) - logits
+        margin.scatter_(1, y_aug[:, None], float("inf"))
+        diag |= {
+            "median_alpha": alpha.index_select(0, rows).float().median(),
+            "median_noise_ratio": (delta.float().norm(dim=-1) / base).median(),
+            "violation_rate": (margin < cfg.gamma).any(dim=1).float().mean(),
+        }
+    return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
+
+
+def _check_inputs(z: Tensor, y: Tensor, weight: Tensor) -> None:
+    if z.ndim != 2 or weight.ndim != 2 or z.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"need z (B, D) and weight (C, D); got {tuple(z.shape)} and {tuple(weight.shape)}"
+        )
+    if y.shape != (z.shape[0],) or y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"need integer labels y of shape ({z.shape[0]},); got {tuple(y.shape)} {y.dtype}"
+        )
+    if weight.shape[0] < 2:
+        raise ValueError(f"CARROT needs at least 2 classes; weight has {weight.shape[0]}")

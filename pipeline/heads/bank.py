@@ -1,0 +1,470 @@
+"""The classification head (LayerNorm + Linear) and a bank of H heads trained in one pass.
+
+A `HeadBank` holds H heads over the same features. Their parameters are per-head tensors (so an
+optimizer can give each head its own parameter group, as in DINOv2's linear evaluation), stacked
+for the forward pass. The forward pass is fast because
+
+* the LayerNorm *normalization* ``x̂ = (x - mean) / std`` is head-independent: it is computed once
+  per batch; only the affine ``z_h = γ_h ⊙ x̂ + β_h`` differs per head;
+* the affine folds into the linear layer: ``W_h z_h = (W_h diag γ_h) x̂ + W_h β_h``, so all heads'
+  logits come out of ONE matmul ``x̂ (B, D) @ W'ᵀ (D, H·C)`` plus a bias ``(H·C,)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.defaults import INIT_STD, LN_EPS
+from pipeline.errors import InputError
+
+
+class Head(nn.Module):
+    """One head: ``LayerNorm(D, affine) → Linear(D, C)`` (with bias).
+
+    ``forward(x (B, D) float32) -> logits (B, C)``; ``features(x) -> z (B, D)`` (post-LN).
+    Trained heads carry their input preconditioning in the LayerNorm affine (γ = 1/σ, β = −μ/σ
+    of the train split's normalized features), so a head file is self-contained.
+    """
+
+    def __init__(self, dim: int, num_classes: int, *, eps: float = LN_EPS) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc = nn.Linear(dim, num_classes)
+
+    @property
+    def dim(self) -> int:
+        return self.fc.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-LN features ``z (B, D)``."""
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Settings of one head in a bank (one grid point)."""
+
+    lr: float = 1e-3  # peak learning rate (after warm-up)
+    weight_decay: float = 0.0  # decoupled (AdamW) / L2 (SGD) decay of the linear weight only
+    aug: str = "none"  # augmentation name (see pipeline.augment.registry.augmentation_names())
+    aug_settings: Any = None  # that augmentation's frozen settings object; None = its defaults
+    label_smoothing: float | None = None  # None = TrainConfig.label_smoothing
+    seed: int = 0  # seeds the head's initial weights (and its own augmentation noise)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise InputError(f"head lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise InputError(f"head weight_decay must be >= 0, got {self.weight_decay}")
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def aug_key(self) -> tuple[str, Any]:
+        """Heads with equal keys share one augmentation group."""
+        return (self.aug, self.aug_settings)
+
+    @property
+    def name(self) -> str:
+        """Short readable label, e.g. ``lr=0.001 wd=0 aug=carrot``."""
+        parts = [f"lr={self.lr:g}", f"wd={self.weight_decay:g}", f"aug={self.aug}"]
+        if self.label_smoothing:
+            parts.append(f"ls={self.label_smoothing:g}")
+        if self.seed:
+            parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (settings as a dict of their fields)."""
+        d = dataclasses.asdict(dataclasses.replace(self, aug_settings=None))
+        s = self.aug_settings
+        d["aug_settings"] = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadSpec:
+        """Inverse of `to_dict` (rebuilds the settings object through the registry)."""
+        from pipeline.augment.registry import settings_from_dict
+
+        d = dict(d)
+        d["aug_settings"] = settings_from_dict(d.get("aug", "none"), d.get("aug_settings"))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class HeadGrid:
+    """The grid of heads as data: one `HeadSpec` per head."""
+
+    specs: tuple[HeadSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            raise InputError("the head grid is empty; give at least one lr")
+
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        lrs: Sequence[float],
+        weight_decays: Sequence[float] = (0.0,),
+        augmentations: Sequence[tuple[str, Any]] = (("none", None),),
+        label_smoothings: Sequence[float | None] = (None,),
+        seeds: Sequence[int] = (0,),
+    ) -> HeadGrid:
+        """Cartesian product lr × weight decay × augmentation × label smoothing × seed."""
+        specs = tuple(
+            HeadSpec(lr=lr, weight_decay=wd, aug=aug, aug_settings=st, label_smoothing=ls, seed=s)
+            for (aug, st), lr, wd, ls, s in itertools.product(
+                augmentations, lrs, weight_decays, label_smoothings, seeds
+            )
+        )
+        return cls(specs)
+
+    @classmethod
+    def default(cls, *, augmentations: Sequence[tuple[str, Any]] = (("none", None),)) -> HeadGrid:
+        """The default grid (`pipeline.defaults`): every lr × λ per augmentation."""
+        from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
+
+        return cls.from_lists(
+            lrs=DEFAULT_LRS, weight_decays=DEFAULT_WEIGHT_DECAYS, augmentations=augmentations
+        )
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __iter__(self) -> Iterator[HeadSpec]:
+        return iter(self.specs)
+
+    def __getitem__(self, i: int) -> HeadSpec:
+        return self.specs[i]
+
+    def groups(self) -> dict[tuple[str, Any], list[int]]:
+        """Head indices grouped by augmentation setting (insertion order)."""
+        out: dict[tuple[str, Any], list[int]] = {}
+        for i, spec in enumerate(self.specs):
+            out.setdefault(spec.aug_key, []).append(i)
+        return out
+
+
+class _Workspace:
+    """Reusable scratch tensors by shape. Fresh multi-MB CPU allocations page-fault on every
+    step (measured: an out-of-place ``(16, 200, 768)`` multiply took 10x its in-place time), so
+    the bank's temporaries live here. Only for values consumed within one forward or backward.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
+
+
+class _BankLogits(torch.autograd.Function):
+    """All heads' logits in one matmul, with a hand-written backward that touches the
+    ``(H, C, D)`` weights as few times as possible.
+
+    ``x̂ (B, D)``, ``W (H, C, D)``, ``γ (H, D)``, ``β (H, D)``, bias ``c (H, C)`` → logits
+    ``(B, H·C)`` with ``logits[:, h·C + k] = Σ_d W[h, k, d] (γ[h, d] x̂[b, d] + β[h, d]) + c[h, k]``.
+    Under autocast the two big matmuls run in the autocast dtype; everything else in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, xhat, W, g, b, c, ws):  # type: ignore[override]
+        H, C, D = W.shape
+        keep_wp = ctx.needs_input_grad[0]  # backward needs W' only for the gradient of x̂
+        tmp = ws.get(W) if ws is not None else torch.empty_like(W)
+        bias = torch.mul(W, b[:, None, :], out=tmp).sum(-1).view(H * C)  # (H*C,): W_h β_h
+        bias = bias + c.reshape(H * C)
+        Wp = W * g[:, None, :] if keep_wp else torch.mul(W, g[:, None, :], out=tmp)  # W ⊙ γ
+        dt = _autocast_dtype(xhat)
+        if dt is not None:
+            out = torch.addmm(bias.to(dt), xhat.to(dt), Wp.view(H * C, D).t().to(dt)).float()
+        else:
+            out = torch.addmm(bias, xhat, Wp.view(H * C, D).t())
+        ctx.save_for_backward(xhat, W, g, b, Wp if keep_wp else None)
+        ctx.mm_dtype = dt
+        ctx.ws = ws
+        return out
+
+    @staticmethod
+    def backward(ctx, G):  # type: ignore[override]
+        xhat, W, g, b, Wp = ctx.saved_tensors
+        H, C, D = W.shape
+        dt = ctx.mm_dtype
+        gx = gW = gg = gb = gc = None
+        gbias = G.sum(0).view(H, C)  # (H, C)
+        if ctx.needs_input_grad[4]:
+            gc = gbias
+        if ctx.needs_input_grad[0]:
+            gx = (G.to(dt) @ Wp.view(H * C, D).to(dt)).float() if dt else G @ Wp.view(H * C, D)
+        if any(ctx.needs_input_grad[1:4]):
+            if dt is not None:
+                gWp = (G.t().to(dt) @ xhat.to(dt)).float().view(H, C, D)
+            else:
+                gWp = (G.t() @ xhat).view(H, C, D)  # (H, C, D): the only fresh big tensor
+            if ctx.needs_input_grad[2]:
+                tmp = ctx.ws.get(W) if ctx.ws is not None else torch.empty_like(W)
+                gg = torch.mul(gWp, W, out=tmp).sum(1)  # (H, D): Σ_c gWp·W
+            if ctx.needs_input_grad[3]:
+                gb = torch.bmm(gbias[:, None, :], W).view(H, D)  # (H, D): Σ_c gbias·W
+            if ctx.needs_input_grad[1]:
+                gW = gWp.mul_(g[:, None, :]).addcmul_(gbias[:, :, None], b[:, None, :])
+        return gx, gW, gg, gb, gc, None
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        dt = torch.get_autocast_dtype(kind)
+        return None if dt == torch.float32 else dt
+    return None
+
+
+class HeadBank(nn.Module):
+    """H heads ``LayerNorm(D) + Linear(D, C)`` trained at once over shared feature batches.
+
+    Parameters are stacked: ``weight (H, C, D)``, ``bias (H, C)``, ``ln_weight (H, D)``,
+    ``ln_bias (H, D)``; the
+    fused forward uses them directly. For per-head optimizer parameter groups,
+    `head_parameters(h)` returns per-head *aliases* (leaf tensors sharing the stacked storage);
+    after each backward a hook hands each alias its slice of the stacked gradient (a view, no
+    copy), so an optimizer stepping the aliases updates the stacked parameters in place. Build
+    the optimizer after moving the bank to its device.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        dim: int,
+        num_classes: int,
+        *,
+        seeds: Sequence[int] | None = None,
+        eps: float = LN_EPS,
+        init_std: float = INIT_STD,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or dim < 1 or num_classes < 2:
+            raise InputError(
+                f"need num_heads >= 1, dim >= 1, num_classes >= 2; got "
+                f"{num_heads}, {dim}, {num_classes}"
+            )
+        seeds = list(seeds) if seeds is not None else list(range(num_heads))
+        if len(seeds) != num_heads:
+            raise InputError(f"{len(seeds)} seeds given for {num_heads} heads")
+        self.num_heads, self.dim, self.num_classes, self.eps = num_heads, dim, num_classes, eps
+        dev = torch.device(device)
+        # init on the CPU with one seeded generator per head: the same on every device
+        W = torch.stack(
+            [
+                torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(int(s)))
+                * init_std
+                for s in seeds
+            ]
+        )
+        self.weight = nn.Parameter(W.to(dev))  # (H, C, D)
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, dim, device=dev))  # (H, D)
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, dim, device=dev))  # (H, D)
+        self.bias = nn.Parameter(torch.zeros(num_heads, num_classes, device=dev))  # (H, C)
+        self._install()
+
+    # ---------------------------------------------------------------- aliases and hooks
+    _STACKED = ("weight", "bias", "ln_weight", "ln_bias")
+    _TRANSIENT = ("_aliases", "_workspace", "_hooked")
+
+    def _install(self) -> None:
+        """(Re)build the per-head aliases, the scratch workspace, and the gradient hooks (once
+        per parameter object): after construction, a device move, a copy or unpickling."""
+        self._aliases = {
+            name: [nn.Parameter(getattr(self, name).data[h]) for h in range(self.num_heads)]
+            for name in self._STACKED
+        }
+        self._workspace = _Workspace()
+        hooked = getattr(self, "_hooked", {})
+        for name in self._STACKED:
+            param = getattr(self, name)
+            if hooked.get(name) is not param:
+                param.register_post_accumulate_grad_hook(self._split_grad_hook(name))
+                hooked[name] = param
+        self._hooked = hooked
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._install()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        out = super()._apply(fn, recurse)
+        self._install()  # storage (or the parameter objects) may have changed
+        return out
+
+    # ---------------------------------------------------------------- parameters
+
+    def _split_grad_hook(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad is None:
+                return
+            for h, alias in enumerate(self._aliases[name]):
+                if alias.grad is None:
+                    alias.grad = grad[h]
+                else:
+                    alias.grad.add_(grad[h])
+            param.grad = None  # the aliases own the gradient now
+
+        return hook
+
+    def head_parameters(self, h: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Head ``h``'s trainable per-head aliases: ``([linear weight (C, D)], [linear bias (C,),
+        LN weight, LN bias])`` — the first list is the one weight decay applies to; the LN
+        affine is left out while frozen (see `freeze_layer_norm`)."""
+        a = self._aliases
+        rest = [a["bias"][h]]
+        if self.ln_weight.requires_grad:
+            rest += [a["ln_weight"][h], a["ln_bias"][h]]
+        return [a["weight"][h]], rest
+
+    def freeze_layer_norm(self, frozen: bool = True) -> None:
+        """Keep every head's LayerNorm affine fixed (no gradient) or let it train."""
+        for name in ("ln_weight", "ln_bias"):
+            getattr(self, name).requires_grad_(not frozen)
+            for alias in self._aliases[name]:
+                alias.requires_grad_(not frozen)
+
+    @torch.no_grad()
+    def set_layer_norm(self, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+        """Set every head's LayerNorm affine to ``gamma``/``beta`` ``(D,)`` (or ``(H, D)``)."""
+        self.ln_weight.copy_(gamma.expand_as(self.ln_weight))
+        self.ln_bias.copy_(beta.expand_as(self.ln_bias))
+
+    @classmethod
+    @torch.no_grad()
+    def _of(cls, stacked: dict[str, torch.Tensor], *, eps: float, frozen: bool) -> HeadBank:
+        """A bank holding copies of the stacked tensors (``weight (H, C, D)`` and the rest)."""
+        H, C, D = stacked["weight"].shape
+        out = cls(H, D, C, seeds=[0] * H, eps=eps, device=stacked["weight"].device)
+        for name in cls._STACKED:
+            getattr(out, name).copy_(stacked[name])
+        out.freeze_layer_norm(frozen)
+        return out
+
+    def subset(self, heads: Sequence[int]) -> HeadBank:
+        """A new bank holding copies of ``heads`` (same device, LayerNorm frozen or not)."""
+        idx = torch.as_tensor(list(heads), dtype=torch.int64, device=self.weight.device)
+        stacked = {name: getattr(self, name).index_select(0, idx) for name in self._STACKED}
+        return self._of(stacked, eps=self.eps, frozen=not self.ln_weight.requires_grad)
+
+    @classmethod
+    def cat(cls, banks: Sequence[HeadBank]) -> HeadBank:
+        """One bank holding the heads of ``banks`` in order (same D, C, device)."""
+        stacked = {name: torch.cat([getattr(b, name) for b in banks]) for name in cls._STACKED}
+        first = banks[0]
+        return cls._of(stacked, eps=first.eps, frozen=not first.ln_weight.requires_grad)
+
+    @torch.no_grad()
+    def assign(self, heads: Sequence[int], other: HeadBank) -> None:
+        """Copy ``other``'s heads (in order) into this bank's ``heads``."""
+        for j, h in enumerate(heads):
+            for name in self._STACKED:
+                getattr(self, name)[h].copy_(getattr(other, name)[j])
+
+    @torch.no_grad()
+    def set_head_linear(self, h: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set head ``h``'s linear layer: ``weight (C, D)``, ``bias (C,)``."""
+        self.weight[h].copy_(weight)
+        self.bias[h].copy_(bias)
+
+    @torch.no_grad()
+    def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set every head's linear layer: ``weight (H, C, D)``, ``bias (H, C)``."""
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+
+    # ---------------------------------------------------------------- forward
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Head-independent LayerNorm without affine: ``x (B, D) -> x̂ (B, D)``."""
+        return F.layer_norm(x, (self.dim,), eps=self.eps)
+
+    def head_logits(self, xhat: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
+        """``x̂ (B, D)`` → logits ``(B, h, C)`` (batch-major, contiguous) of the heads in
+        ``heads`` (a slice; all by default), from one matmul."""
+        if heads is None or heads == slice(None):  # no slicing: no SliceBackward copies
+            W, g, b, c = self.weight, self.ln_weight, self.ln_bias, self.bias
+        else:
+            W, g, b = self.weight[heads], self.ln_weight[heads], self.ln_bias[heads]
+            c = self.bias[heads]
+        out = _BankLogits.apply(xhat, W, g, b, c, self._workspace)  # (B, h*C)
+        return out.view(xhat.shape[0], -1, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features ``x (B, D)`` → logits ``(H, B, C)`` (a transposed view)."""
+        return self.head_logits(self.normalize(x)).transpose(0, 1)
+
+    def head_features(self, xhat: torch.Tensor, h: int) -> torch.Tensor:
+        """Head ``h``'s post-LN features ``z (B, D) = γ_h ⊙ x̂ + β_h``, differentiable w.r.t.
+        head h's parameters (through its aliases: no ``(H, D)`` gradient is formed)."""
+        a = self._aliases
+        return torch.addcmul(a["ln_bias"][h], xhat, a["ln_weight"][h])
+
+    def head_weight(self, h: int) -> torch.Tensor:
+        """Head ``h``'s linear weight ``(C, D)`` for use in a graph: its gradient goes straight to
+        the head's alias (no ``(H, C, D)`` gradient is formed)."""
+        return self._aliases["weight"][h]
+
+    def head_bias(self, h: int) -> torch.Tensor:
+        """Head ``h``'s linear bias ``(C,)`` for use in a graph (like `head_weight`)."""
+        return self._aliases["bias"][h]
+
+    # ---------------------------------------------------------------- single heads
+    @torch.no_grad()
+    def layer_norm(self, h: int) -> nn.LayerNorm:
+        """A detached copy of head ``h``'s LayerNorm (for code that needs an ``nn.LayerNorm``)."""
+        ln = nn.LayerNorm(self.dim, eps=self.eps).to(self.weight.device)
+        ln.weight.copy_(self.ln_weight[h])
+        ln.bias.copy_(self.ln_bias[h])
+        return ln.requires_grad_(False)
+
+    def head(self, h: int) -> Head:
+        """Head ``h`` as a plain `Head` module (a copy, on the bank's device)."""
+        head = Head(self.dim, self.num_classes, eps=self.eps).to(self.weight.device)
+        head.load_state_dict(self.head_state(h))
+        return head
+
+    def head_state(self, h: int) -> dict[str, torch.Tensor]:
+        """Detached copies of head ``h``'s tensors (keys as in `Head`'s state dict)."""
+        return {
+            "norm.weight": self.ln_weight[h].detach().clone(),
+            "norm.bias": self.ln_bias[h].detach().clone(),
+            "fc.weight": self.weight[h].detach().clone(),
+            "fc.bias": self.bias[h].detach().clone(),
+        }
+
+    @torch.no_grad()
+    def load_head_state(self, h: int, state: dict[str, torch.Tensor]) -> None:
+        """Copy a `head_state` dict into head ``h``."""
+        self.ln_weight[h].copy_(state["norm.weight"])
+        self.ln_bias[h].copy_(state["norm.bias"])
+        self.weight[h].copy_(state["fc.weight"])
+        self.bias[h].copy_(state["fc.bias"])

@@ -1,0 +1,159 @@
+"""Metrics against scikit-learn, the logistic-regression baseline, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sklearn import metrics as skm
+from sklearn.datasets import load_digits
+
+from pipeline.errors import InputError
+from pipeline.heads import metrics as M
+from pipeline.heads.baseline import BaselineConfig, fit_logistic_baseline, layernorm_rows
+from pipeline.heads.features import FeatureSet
+from pipeline.plots import plot_confusion, plot_learning_curves
+
+
+@st.composite
+def scored_labels(draw):
+    n = draw(st.integers(1, 40))
+    c = draw(st.integers(3, 8))
+    y = draw(arrays(np.int64, n, elements=st.integers(0, c - 1)))
+    # small integer scores make ties common: the tie rule must match scikit-learn's
+    scores = draw(arrays(np.float64, (n, c), elements=st.integers(-3, 3).map(float)))
+    return y, scores, c
+
+
+@settings(deadline=None, max_examples=80)
+@given(data=scored_labels(), k=st.integers(1, 10))
+def test_top_k_matches_sklearn(data, k):
+    y, scores, c = data
+    k = min(k, c)
+    with warnings.catch_warnings():  # k == C: sklearn warns that the score is trivially 1
+        warnings.simplefilter("ignore")
+        expected = skm.top_k_accuracy_score(y, scores, k=k, labels=np.arange(c))
+    assert M.top_k_accuracy(y, scores, k) == pytest.approx(expected)
+    assert 0.0 <= M.top_k_accuracy(y, scores, k) <= 1.0
+
+
+@settings(deadline=None, max_examples=80)
+@given(data=scored_labels())
+def test_mean_per_class_top1_confusion_match_sklearn(data):
+    y, scores, c = data
+    pred = scores.argmax(1)
+    with warnings.catch_warnings():  # sklearn warns when y_pred has classes absent from y_true
+        warnings.simplefilter("ignore")
+        expected_bal = skm.balanced_accuracy_score(y, pred)
+    assert M.mean_per_class_accuracy(y, pred) == pytest.approx(expected_bal)
+    assert M.accuracy(y, pred) == pytest.approx(skm.accuracy_score(y, pred))
+    cm = M.confusion_matrix(y, pred, num_classes=c)
+    assert np.array_equal(cm, skm.confusion_matrix(y, pred, labels=np.arange(c)))
+    assert cm.sum() == len(y)
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    n=st.integers(1, 30),
+    c=st.integers(2, 6),
+    seed=st.integers(0, 10_000),
+)
+def test_nll_matches_sklearn_log_loss(n, c, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, c)) * 4
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, c, n)
+    expected = skm.log_loss(y, probs, labels=np.arange(c))
+    assert M.nll(y, probs) == pytest.approx(expected, rel=1e-9)
+
+
+def test_classification_metrics_accepts_tensors_and_clips_k():
+    y = torch.tensor([0, 1, 2, 2])
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    m = M.classification_metrics(y, probs)
+    assert m["top1"] == 0.75 and m["top5"] == 1.0  # k clipped to C = 3
+    assert m["mean_per_class"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["n"] == 4 and m["nll"] > 0
+
+
+def _digits(seed=0):
+    X, y = load_digits(return_X_y=True)
+    p = np.random.default_rng(seed).permutation(len(y))
+    X, y = X[p].astype(np.float32), y[p]
+    a, b = int(0.6 * len(y)), int(0.8 * len(y))
+    return FeatureSet.from_arrays(
+        {"train": (X[:a], y[:a]), "val": (X[a:b], y[a:b]), "test": (X[b:], y[b:])}
+    )
+
+
+FAST = BaselineConfig(lambdas=(1e-4, 1e-3, 1e-2, 1e-1), max_iter=500, tol=1e-4)
+
+
+@pytest.mark.parametrize("preprocess", ["layernorm", "standardize", "none"])
+def test_baseline_c_search_on_digits(preprocess):
+    fs = _digits()
+    r = fit_logistic_baseline(fs, dataclasses.replace(FAST, preprocess=preprocess))
+    assert r.test["top1"] > 0.9
+    assert r.best_lambda in FAST.lambdas
+    assert r.best_C == pytest.approx(1 / (r.best_lambda * fs.num_rows("train")))
+    best = max(s["balanced_accuracy"] for s in r.val_scores)
+    assert r.val["mean_per_class"] == pytest.approx(best)
+    assert [s["lambda"] for s in r.val_scores] == sorted(FAST.lambdas, reverse=True)
+    assert r.seconds > 0
+
+
+def test_baseline_over_folds_chooses_on_the_fold_means_and_refits_on_the_final_rows():
+    from pipeline.heads.baseline import select_logistic
+
+    fs = _digits()
+    X, y = fs.get("train").X.numpy(), fs.get("train").y.numpy()
+    half = len(y) // 2
+    folds = [(X[:half], y[:half], X[half:], y[half:]), (X[half:], y[half:], X[:half], y[:half])]
+    r = select_logistic(folds, (X, y), None, num_classes=10, cfg=FAST)
+    assert r.test is None and r.best_C == pytest.approx(1 / (r.best_lambda * len(y)))
+    one = [select_logistic([f], (f[0], f[1]), None, num_classes=10, cfg=FAST) for f in folds]
+    for i, s in enumerate(r.val_scores):
+        mean = np.mean([o.val_scores[i]["balanced_accuracy"] for o in one])
+        assert s["balanced_accuracy"] == pytest.approx(mean)
+
+
+def test_baseline_chooses_on_validation_not_test():
+    fs = _digits()
+    clean = fit_logistic_baseline(fs, FAST)
+    test = fs.splits["test"]
+    poisoned = dataclasses.replace(fs, splits=dict(fs.splits))
+    poisoned.splits["test"] = dataclasses.replace(test, y=(test.y + 1) % 10)
+    dirty = fit_logistic_baseline(poisoned, FAST)
+    assert dirty.best_C == clean.best_C and dirty.val_scores == clean.val_scores
+    assert dirty.test["top1"] < 0.2
+
+
+def test_layernorm_rows_is_the_heads_normalization():
+    X = np.random.default_rng(0).standard_normal((5, 9)) * 3 + 2
+    ref = torch.nn.functional.layer_norm(torch.as_tensor(X), (9,), eps=1e-5).numpy()
+    np.testing.assert_allclose(layernorm_rows(X), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_baseline_config_is_an_input_error():
+    with pytest.raises(InputError):
+        BaselineConfig(preprocess="pca")
+    with pytest.raises(InputError):
+        BaselineConfig(lambdas=(0.0,))
+
+
+def test_plots_write_pngs(tmp_path):
+    curves = {
+        "train_loss": [[1.0, 2.0], [0.5, 1.5]],
+        "val_balanced_accuracy": [[0.5, 0.4], [0.7, 0.6]],
+    }
+    p = plot_learning_curves(curves, tmp_path / "lc.png", best_index=0, labels=["a", "b"])
+    cm = np.array([[3, 1], [0, 4]])
+    q = plot_confusion(cm, tmp_path / "cm.png", class_names=["x", "y"])
+    for path in (p, q):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

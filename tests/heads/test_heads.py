@@ -1,0 +1,228 @@
+"""HeadBank: fused forward/backward, per-head gradient isolation, aliases, grid as data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.augment import GaussianSettings, MixupSettings
+from pipeline.errors import InputError
+from pipeline.heads.bank import Head, HeadBank, HeadGrid, HeadSpec, _BankLogits, _Workspace
+
+
+def _perturbed_bank(H: int, D: int, C: int, seed: int = 0) -> HeadBank:
+    bank = HeadBank(H, D, C, seeds=range(seed, seed + H))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # move LN affine away from (1, 0) so it matters
+        bank.ln_weight.add_(0.3 * torch.randn(bank.ln_weight.shape, generator=g))
+        bank.ln_bias.add_(0.3 * torch.randn(bank.ln_bias.shape, generator=g))
+        bank.bias.add_(0.3 * torch.randn(bank.bias.shape, generator=g))
+    return bank
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    H=st.integers(1, 5),
+    D=st.integers(1, 12),
+    C=st.integers(2, 7),
+    B=st.integers(1, 9),
+    seed=st.integers(0, 1000),
+)
+def test_bank_logits_equal_single_heads(H, D, C, B, seed):
+    bank = _perturbed_bank(H, D, C, seed)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    logits = bank(x)
+    assert logits.shape == (H, B, C)
+    for h in range(H):
+        torch.testing.assert_close(logits[h], bank.head(h)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backward_matches_numerical_gradient():
+    g = torch.Generator().manual_seed(0)
+    H, C, D, B = 3, 4, 5, 6
+    args = [
+        torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(H, C, D, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(H, C, generator=g, dtype=torch.float64, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(lambda *a: _BankLogits.apply(*a, None), args)
+    ws = _Workspace()  # with the reusable scratch buffers
+    assert torch.autograd.gradcheck(lambda *a: _BankLogits.apply(*a, ws), args)
+
+
+def test_fused_backward_matches_plain_autograd():
+    H, C, D, B = 4, 6, 8, 10
+    bank = _perturbed_bank(H, D, C)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(2))
+    bank(x).log_softmax(-1).gather(-1, y.view(1, -1, 1).expand(H, -1, 1)).sum().backward()
+    for h in range(H):
+        head = bank.head(h)
+        head(x).log_softmax(-1).gather(-1, y[:, None]).sum().backward()
+        lin, (gc, gw, gb) = bank.head_parameters(h)
+        torch.testing.assert_close(lin[0].grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gc.grad, head.fc.bias.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_isolate_per_head():
+    H, C, D = 4, 5, 6
+    bank = _perturbed_bank(H, D, C)
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(7) % C
+    h0 = 2
+    F.cross_entropy(bank(x)[h0], y).backward()
+    for h in range(H):
+        lin, norm = bank.head_parameters(h)
+        total = sum(float(p.grad.abs().sum()) for p in [*lin, *norm])
+        if h == h0:
+            assert total > 0
+        else:
+            assert total == 0.0
+
+
+def test_aliases_share_storage_and_gradients_accumulate():
+    bank = _perturbed_bank(3, 4, 3)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.SGD(
+        [p for h in range(3) for ps in bank.head_parameters(h) for p in ps], lr=0.1
+    )
+    bank(x).sum().backward()
+    first = bank.head_parameters(1)[0][0].grad.clone()
+    bank(x).sum().backward()  # no zero_grad: gradients add up, as in plain PyTorch
+    torch.testing.assert_close(bank.head_parameters(1)[0][0].grad, 2 * first)
+    assert bank.weight.grad is None  # handed to the aliases
+    before = bank.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(bank.weight[1].detach(), before[1] - 0.1 * 2 * first)
+
+
+def test_head_state_roundtrip_and_extraction():
+    bank = _perturbed_bank(3, 6, 4)
+    state = bank.head_state(2)
+    head = bank.head(2)
+    assert isinstance(head, Head) and head.dim == 6 and head.num_classes == 4
+    torch.testing.assert_close(head.fc.weight, bank.weight[2])
+    with torch.no_grad():
+        bank.weight.zero_()
+    bank.load_head_state(2, state)
+    torch.testing.assert_close(bank.weight[2], state["fc.weight"])
+    assert float(bank.weight[0].detach().abs().sum()) == 0.0
+
+
+def test_freezing_the_layer_norm_leaves_it_out_of_the_parameters_and_the_gradient():
+    bank = _perturbed_bank(2, 4, 3)
+    bank.freeze_layer_norm()
+    lin, rest = bank.head_parameters(1)
+    assert len(lin) == 1 and len(rest) == 1  # weight; bias only
+    gamma = bank.ln_weight.detach().clone()
+    z = bank.head_features(bank.normalize(torch.randn(5, 4)), 1)
+    (bank(torch.randn(5, 4)).sum() + z.sum()).backward()
+    assert bank.ln_weight.grad is None and all(a.grad is None for a in bank._aliases["ln_weight"])
+    torch.testing.assert_close(bank.ln_weight.detach(), gamma)
+    bank.freeze_layer_norm(False)
+    assert len(bank.head_parameters(1)[1]) == 3
+
+
+def test_init_is_seeded_per_head():
+    a = HeadBank(2, 8, 3, seeds=[5, 6])
+    b = HeadBank(1, 8, 3, seeds=[6])
+    torch.testing.assert_close(a.weight[1], b.weight[0])
+    assert not torch.equal(a.weight[0], a.weight[1])
+
+
+def test_bank_subset_logits_by_slice():
+    bank = _perturbed_bank(5, 6, 3)
+    xhat = bank.normalize(torch.randn(4, 6))
+    torch.testing.assert_close(bank.head_logits(xhat, slice(1, 4)), bank.head_logits(xhat)[:, 1:4])
+
+
+def test_grid_from_lists_is_a_product_grouped_by_augmentation():
+    grid = HeadGrid.from_lists(
+        lrs=[1e-3, 1e-2],
+        weight_decays=[0.0, 0.1, 1.0],
+        augmentations=[("none", None), ("gaussian", GaussianSettings(sigma=0.2))],
+    )
+    assert len(grid) == 12
+    groups = grid.groups()
+    assert list(groups) == [("none", None), ("gaussian", GaussianSettings(sigma=0.2))]
+    assert groups[("gaussian", GaussianSettings(sigma=0.2))] == list(range(6, 12))
+    assert {s.lr for s in grid} == {1e-3, 1e-2}
+
+
+def test_spec_dict_roundtrip_rebuilds_settings():
+    spec = HeadSpec(lr=0.01, weight_decay=0.1, aug="mixup", aug_settings=MixupSettings(alpha=0.4))
+    again = HeadSpec.from_dict(spec.to_dict())
+    assert again == spec
+    assert isinstance(again.aug_settings, MixupSettings)
+    assert "aug=mixup" in spec.name
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0.0}, {"lr": 1e-3, "weight_decay": -1.0}, {"label_smoothing": 1.0}]
+)
+def test_bad_spec_is_an_input_error(kwargs):
+    with pytest.raises(InputError):
+        HeadSpec(**kwargs)
+
+
+def test_bank_rejects_bad_shapes():
+    with pytest.raises(InputError):
+        HeadBank(0, 4, 3)
+    with pytest.raises(InputError):
+        HeadBank(2, 4, 3, seeds=[1])
+
+
+@pytest.mark.parametrize("alias_first", [False, True])
+def test_alias_path_and_stacked_path_gradients_add_up(alias_first):
+    """The per-head path (aliases, as for CARROT rows) and the fused path meet in one gradient."""
+    H, C, D = 3, 4, 5
+    bank = _perturbed_bank(H, D, C)
+    g = torch.Generator().manual_seed(6)
+    x, x2 = torch.randn(6, D, generator=g), torch.randn(4, D, generator=g)
+    y, y2 = torch.arange(6) % C, torch.arange(4) % C
+    h = 1
+    fused = F.cross_entropy(bank(x)[h], y)
+    z = bank.head_features(bank.normalize(x2), h)
+    extra = F.cross_entropy(z @ bank.head_weight(h).t() + bank.head_bias(h), y2)
+    (extra + fused if alias_first else fused + extra).backward()
+    head = bank.head(h)
+    (F.cross_entropy(head(x), y) + F.cross_entropy(head(x2), y2)).backward()
+    (lin,), (gc, gw, gb) = bank.head_parameters(h)
+    torch.testing.assert_close(lin.grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gc.grad, head.fc.bias.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
+    other = bank.head_parameters(0)[0][0].grad
+    assert other is not None and float(other.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "to"])
+def test_copies_get_their_own_aliases_and_hooks(how):
+    import copy
+    import pickle
+
+    bank = _perturbed_bank(2, 4, 3)
+    if how == "deepcopy":
+        other = copy.deepcopy(bank)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(bank))
+    else:
+        other = bank.to(torch.float64).to(torch.float32)
+    before = bank.weight.detach().clone()
+    opt = torch.optim.SGD(
+        [p for h in range(2) for ps in other.head_parameters(h) for p in ps], lr=1.0
+    )
+    other(torch.randn(5, 4)).sum().backward()
+    assert all(other.head_parameters(h)[0][0].grad is not None for h in range(2))
+    snapshot = other.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(other.weight.detach(), snapshot)  # the copy's stacked params moved
+    if how != "to":
+        torch.testing.assert_close(bank.weight.detach(), before)  # the original did not
