@@ -33,7 +33,6 @@ DEFAULT_AUGS: tuple[str, ...] = ("none", "carrot")
 
 SOLVERS = ("auto", "lbfgs", "minibatch")
 OPTIMIZERS = ("adam", "sgd")
-OPTIMIZER_IMPLS = ("auto", "torch", "multi_tensor")
 DTYPES = ("float32", "bfloat16", "float16")
 GTOL = 1e-8  # stop when max |gradient| ≤ GTOL (the objective is a mean over rows); float64
 # makes it reachable: in float32 the line search stalls near 1e-6, and scikit-learn's 1e-4 stops
@@ -73,7 +72,6 @@ class TrainConfig:
     train_layer_norm: bool = False  # let the minibatch path train the LN affine (non-convex)
     lbfgs: LbfgsSettings = field(default_factory=LbfgsSettings)  # plain heads' solver
     optimizer: str = "adam"  # minibatch path: "adam" | "sgd" (weight decay = L2 for both)
-    optimizer_impl: str = "auto"  # "auto" | "torch" | "multi_tensor" (see create_optimizer)
     epochs: int = 100  # minibatch path: maximum epochs
     batch_size: int = 256  # rows per minibatch step (shared by all heads)
     warmup_epochs: float = 1.0  # linear lr warm-up, then cosine decay to min_lr_ratio·lr
@@ -98,10 +96,6 @@ class TrainConfig:
             (
                 self.optimizer in OPTIMIZERS,
                 f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
-            ),
-            (
-                self.optimizer_impl in OPTIMIZER_IMPLS,
-                f"optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}",
             ),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (

@@ -1,8 +1,9 @@
 """The classification head (LayerNorm + Linear) and a bank of H heads trained in one pass.
 
-A `HeadBank` holds H heads over the same features. Their parameters are per-head tensors (so an
-optimizer can give each head its own parameter group, as in DINOv2's linear evaluation), stacked
-for the forward pass. The forward pass is fast because
+A `HeadBank` holds H heads over the same features as stacked parameters (``weight (H, C, D)``
+and friends); per-head optimizer settings are vectors over the head axis (DINOv2's linear
+evaluation gives each head a parameter group instead: 2·H groups). The forward pass is fast
+because
 
 * the LayerNorm *normalization* ``x̂ = (x - mean) / std`` is head-independent: it is computed once
   per batch; only the affine ``z_h = γ_h ⊙ x̂ + β_h`` differs per head;
@@ -243,12 +244,9 @@ class HeadBank(nn.Module):
     """H heads ``LayerNorm(D) + Linear(D, C)`` trained at once over shared feature batches.
 
     Parameters are stacked: ``weight (H, C, D)``, ``bias (H, C)``, ``ln_weight (H, D)``,
-    ``ln_bias (H, D)``; the
-    fused forward uses them directly. For per-head optimizer parameter groups,
-    `head_parameters(h)` returns per-head *aliases* (leaf tensors sharing the stacked storage);
-    after each backward a hook hands each alias its slice of the stacked gradient (a view, no
-    copy), so an optimizer stepping the aliases updates the stacked parameters in place. Build
-    the optimizer after moving the bank to its device.
+    ``ln_bias (H, D)``. Per-head settings (learning rate, weight decay) are vectors over the
+    leading head axis (`pipeline.heads.optim.BankOptimizer`), not parameter groups; a group of
+    heads is an index into that axis (`group_features`, `group_logits`).
     """
 
     def __init__(
@@ -285,73 +283,29 @@ class HeadBank(nn.Module):
         self.ln_weight = nn.Parameter(torch.ones(num_heads, dim, device=dev))  # (H, D)
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, dim, device=dev))  # (H, D)
         self.bias = nn.Parameter(torch.zeros(num_heads, num_classes, device=dev))  # (H, C)
-        self._install()
-
-    # ---------------------------------------------------------------- aliases and hooks
-    _STACKED = ("weight", "bias", "ln_weight", "ln_bias")
-    _TRANSIENT = ("_aliases", "_workspace", "_hooked")
-
-    def _install(self) -> None:
-        """(Re)build the per-head aliases, the scratch workspace, and the gradient hooks (once
-        per parameter object): after construction, a device move, a copy or unpickling."""
-        self._aliases = {
-            name: [nn.Parameter(getattr(self, name).data[h]) for h in range(self.num_heads)]
-            for name in self._STACKED
-        }
         self._workspace = _Workspace()
-        hooked = getattr(self, "_hooked", {})
-        for name in self._STACKED:
-            param = getattr(self, name)
-            if hooked.get(name) is not param:
-                param.register_post_accumulate_grad_hook(self._split_grad_hook(name))
-                hooked[name] = param
-        self._hooked = hooked
 
-    def __getstate__(self) -> dict[str, Any]:
+    _STACKED = ("weight", "bias", "ln_weight", "ln_bias")
+
+    def __getstate__(self) -> dict[str, Any]:  # scratch buffers are not state
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in self._TRANSIENT}
+        return {k: v for k, v in state.items() if k != "_workspace"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._install()
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        out = super()._apply(fn, recurse)
-        self._install()  # storage (or the parameter objects) may have changed
-        return out
+        self._workspace = _Workspace()
 
     # ---------------------------------------------------------------- parameters
-
-    def _split_grad_hook(self, name: str):
-        def hook(param: torch.Tensor) -> None:
-            grad = param.grad
-            if grad is None:
-                return
-            for h, alias in enumerate(self._aliases[name]):
-                if alias.grad is None:
-                    alias.grad = grad[h]
-                else:
-                    alias.grad.add_(grad[h])
-            param.grad = None  # the aliases own the gradient now
-
-        return hook
-
-    def head_parameters(self, h: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Head ``h``'s trainable per-head aliases: ``([linear weight (C, D)], [linear bias (C,),
-        LN weight, LN bias])`` — the first list is the one weight decay applies to; the LN
-        affine is left out while frozen (see `freeze_layer_norm`)."""
-        a = self._aliases
-        rest = [a["bias"][h]]
-        if self.ln_weight.requires_grad:
-            rest += [a["ln_weight"][h], a["ln_bias"][h]]
-        return [a["weight"][h]], rest
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The stacked parameters that train: ``weight`` (the one weight decay applies to),
+        ``bias``, and the LayerNorm affine unless frozen (see `freeze_layer_norm`)."""
+        names = self._STACKED if self.ln_weight.requires_grad else ("weight", "bias")
+        return {name: getattr(self, name) for name in names}
 
     def freeze_layer_norm(self, frozen: bool = True) -> None:
         """Keep every head's LayerNorm affine fixed (no gradient) or let it train."""
-        for name in ("ln_weight", "ln_bias"):
-            getattr(self, name).requires_grad_(not frozen)
-            for alias in self._aliases[name]:
-                alias.requires_grad_(not frozen)
+        self.ln_weight.requires_grad_(not frozen)
+        self.ln_bias.requires_grad_(not frozen)
 
     @torch.no_grad()
     def set_layer_norm(self, gamma: torch.Tensor, beta: torch.Tensor) -> None:
@@ -422,20 +376,24 @@ class HeadBank(nn.Module):
         """Raw features ``x (B, D)`` → logits ``(H, B, C)`` (a transposed view)."""
         return self.head_logits(self.normalize(x)).transpose(0, 1)
 
-    def head_features(self, xhat: torch.Tensor, h: int) -> torch.Tensor:
-        """Head ``h``'s post-LN features ``z (B, D) = γ_h ⊙ x̂ + β_h``, differentiable w.r.t.
-        head h's parameters (through its aliases: no ``(H, D)`` gradient is formed)."""
-        a = self._aliases
-        return torch.addcmul(a["ln_bias"][h], xhat, a["ln_weight"][h])
+    def group_features(self, xhat: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+        """Post-LN features ``z (h, B, D) = γ_g ⊙ x̂ + β_g`` of the heads ``heads`` (a slice or
+        an index tensor) for shared rows ``x̂ (B, D)`` or per-head rows ``x̂ (h, B, D)``,
+        differentiable w.r.t. their LayerNorm affine."""
+        g, b = self._take(self.ln_weight, heads), self._take(self.ln_bias, heads)
+        return torch.addcmul(b[:, None, :], xhat, g[:, None, :])
 
-    def head_weight(self, h: int) -> torch.Tensor:
-        """Head ``h``'s linear weight ``(C, D)`` for use in a graph: its gradient goes straight to
-        the head's alias (no ``(H, C, D)`` gradient is formed)."""
-        return self._aliases["weight"][h]
+    def group_logits(self, z: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+        """Logits ``(h, M, C)`` of post-LN rows ``z (h, M, D)`` (row block j through head
+        ``heads[j]``): one batched matmul, differentiable w.r.t. those heads' linear layers."""
+        W, c = self._take(self.weight, heads), self._take(self.bias, heads)
+        return torch.baddbmm(c[:, None, :], z, W.transpose(1, 2))
 
-    def head_bias(self, h: int) -> torch.Tensor:
-        """Head ``h``'s linear bias ``(C,)`` for use in a graph (like `head_weight`)."""
-        return self._aliases["bias"][h]
+    @staticmethod
+    def _take(param: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(heads, slice):
+            return param if heads == slice(None) else param[heads]
+        return param.index_select(0, heads)
 
     # ---------------------------------------------------------------- single heads
     @torch.no_grad()

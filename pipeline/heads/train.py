@@ -40,7 +40,7 @@ from pipeline.errors import InputError
 from pipeline.heads.bank import HeadBank, HeadGrid, HeadSpec
 from pipeline.heads.features import FeatureSet, Split
 from pipeline.heads.lbfgs import solve_softmax_lbfgs
-from pipeline.heads.optim import create_optimizer, lr_at
+from pipeline.heads.optim import BankOptimizer, lr_at
 from pipeline.heads.precondition import standardizing_affine
 
 logger = logging.getLogger(__name__)
@@ -392,13 +392,7 @@ class _MinibatchRun:
     ) -> tuple[list[dict[str, Any]], dict[str, list[list[float]]], list, int]:
         bank, cfg, H = self.bank, self.cfg, len(self.specs)
         device = bank.weight.device
-        opt = create_optimizer(
-            bank,
-            self.specs,
-            optimizer=cfg.optimizer,
-            impl=cfg.optimizer_impl,
-            momentum=cfg.momentum,
-        )
+        opt = BankOptimizer(bank, self.specs, optimizer=cfg.optimizer, momentum=cfg.momentum)
         n_train = self.features.num_rows("train")
         steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
         cfg = scale_for_min_steps(cfg, steps_per_epoch)
@@ -421,6 +415,7 @@ class _MinibatchRun:
         step = 0
         epochs_run = 0
         steps = [0] * H
+        running = torch.ones(H, device=device)  # 1 while a head trains, 0 once it stopped
         for epoch in range(cfg.epochs):
             aug_on = epoch >= cfg.aug_warmup_epochs
             loss_sum = torch.zeros(H, device=device, dtype=torch.float64)
@@ -433,8 +428,7 @@ class _MinibatchRun:
                     warmup_steps=warmup_steps,
                     min_ratio=cfg.min_lr_ratio,
                 )
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * mult if active[g["head"]] else 0.0
+                opt.set_lr(opt.base_lr * (mult * running))
                 amp = torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
                 with amp:
                     losses = self._loss(X, y, aug_on, diag_acc, active)
@@ -464,6 +458,7 @@ class _MinibatchRun:
                 history[h].append(objective[h])
                 if windowed_converged(history[h], tol=cfg.tol, window=cfg.window):
                     active[h], converged[h] = False, True
+                    running[h] = 0.0
             if val is not None:
                 m = evaluate_bank(bank, val, batch_size=cfg.eval_batch_size)
                 for key in ("balanced_accuracy", "accuracy", "loss"):
@@ -505,39 +500,7 @@ class _MinibatchRun:
             return losses
         for g in self.groups:
             if g.per_head:
-                for j, (aug, gen, h) in enumerate(zip(g.augs, g.generators, g.heads, strict=True)):
-                    if not active[h]:
-                        continue
-                    W, b = bank.head_weight(h), bank.head_bias(h)  # gradients to head h only
-                    if getattr(aug, "pre_ln", False):  # noise on the raw x, then the head's LN
-                        out = aug(
-                            X,
-                            y,
-                            logits[:, h].detach(),
-                            W.detach(),
-                            generator=gen,
-                            ln=bank.layer_norm(h),
-                            bias=b.detach(),
-                        )
-                        z_aug = bank.head_features(bank.normalize(out.z), h)
-                    else:
-                        z = bank.head_features(xhat, h)  # (B, D) post-LN
-                        out = aug(
-                            z, y, logits[:, h].detach(), W.detach(), generator=gen, bias=b.detach()
-                        )
-                        z_aug = out.z
-                    if out.diagnostics:
-                        acc = diag_acc.setdefault(h, {})
-                        for k, v in out.diagnostics.items():
-                            if isinstance(v, (int, float, torch.Tensor)):  # no host sync per step
-                                acc.setdefault(k, []).append(
-                                    torch.as_tensor(v, device=X.device).detach()
-                                )
-                    if len(out) == 0:
-                        continue
-                    la = torch.addmm(b, z_aug, W.t())[:, None]  # (M, 1, C): z̃ is post-LN
-                    ce = cross_entropy(la, out.y, smoothing[h : h + 1], y_soft=out.y_soft)
-                    losses = losses.index_add(0, g.index[j : j + 1], aug.aug_weight * ce)
+                losses = self._per_head_loss(g, X, y, xhat, logits, losses, diag_acc, active)
                 continue
             aug = g.augs[0]
             out = aug(self.space.to_z(xhat), y, None, None, generator=g.generators[0])
@@ -549,6 +512,65 @@ class _MinibatchRun:
             ce = cross_entropy(la, out.y, smoothing[g.index], y_soft=out.y_soft)
             losses = losses.index_add(0, g.index, aug.aug_weight * ce)
         return losses
+
+
+    def _per_head_loss(
+        self,
+        g: _Group,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        xhat: torch.Tensor,
+        logits: torch.Tensor,
+        losses: torch.Tensor,
+        diag_acc: dict[int, dict[str, list[torch.Tensor]]],
+        active: Sequence[bool],
+    ) -> torch.Tensor:
+        """``losses (H,)`` plus the group's augmented CE for a per-head augmentation (CARROT):
+        each running head augments its own rows (its z, logits, weight, bias); the augmented rows
+        of all of them go through ONE batched matmul (padded to the largest count, masked)."""
+        bank = self.bank
+        run = [j for j, h in enumerate(g.heads) if active[h]]
+        if not run:
+            return losses
+        idx = g.index[run] if len(run) < len(g.heads) else g.index
+        W, b = bank.weight.detach(), bank.bias.detach()
+        z = None if getattr(g.augs[0], "pre_ln", False) else bank.group_features(xhat, idx)
+        rows: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        for i, j in enumerate(run):
+            aug, gen, h = g.augs[j], g.generators[j], g.heads[j]
+            if z is None:  # noise on the raw x, then the head's LayerNorm
+                ln = bank.layer_norm(h)
+                out = aug(X, y, logits[:, h].detach(), W[h], generator=gen, ln=ln, bias=b[h])
+                out_rows = bank.normalize(out.z)  # x̂ of the augmented rows
+            else:
+                out = aug(z[i], y, logits[:, h].detach(), W[h], generator=gen, bias=b[h])
+                out_rows = out.z
+            if out.diagnostics:
+                acc = diag_acc.setdefault(h, {})
+                for k, v in out.diagnostics.items():
+                    if isinstance(v, (int, float, torch.Tensor)):  # no host sync per step
+                        acc.setdefault(k, []).append(torch.as_tensor(v, device=X.device).detach())
+            if out.y_soft is not None:
+                raise ValueError(f"per-head augmentation {aug.name!r} returned soft labels")
+            rows.append(out_rows)
+            labels.append(out.y)
+        counts = torch.tensor([len(r) for r in labels], device=X.device)
+        width = int(counts.max())
+        if width == 0:
+            return losses
+        pad = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # (h, M, D)
+        y_pad = torch.stack([F.pad(t, (0, width - len(t))) for t in labels])  # (h, M)
+        if z is None:  # each head's affine on its augmented x̂ rows
+            pad = bank.group_features(pad, idx)
+        la = bank.group_logits(pad, idx)  # (h, M, C): one batched matmul
+        logp = F.log_softmax(la.float(), dim=-1)
+        s = self.smoothing[idx].to(logp.dtype)[:, None]
+        per_row = (1 - s) * -logp.gather(-1, y_pad[..., None]).squeeze(-1) + s * -logp.mean(-1)
+        mask = torch.arange(width, device=X.device)[None, :] < counts[:, None]
+        ce = (per_row * mask).sum(1) / counts.clamp_min(1)
+        weight = torch.tensor([g.augs[j].aug_weight for j in run], device=X.device)
+        return losses.index_add(0, idx, weight * ce)
 
 
 # ----------------------------------------------------------------------------- entry point

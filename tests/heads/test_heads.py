@@ -1,4 +1,4 @@
-"""HeadBank: fused forward/backward, per-head gradient isolation, aliases, grid as data."""
+"""HeadBank: fused forward/backward, per-head gradient isolation, head groups, grid as data."""
 
 from __future__ import annotations
 
@@ -64,11 +64,19 @@ def test_fused_backward_matches_plain_autograd():
     for h in range(H):
         head = bank.head(h)
         head(x).log_softmax(-1).gather(-1, y[:, None]).sum().backward()
-        lin, (gc, gw, gb) = bank.head_parameters(h)
-        torch.testing.assert_close(lin[0].grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gc.grad, head.fc.bias.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
+        _assert_head_grads(bank, h, head)
+
+
+def _assert_head_grads(bank: HeadBank, h: int, head: Head) -> None:
+    """Head ``h``'s slices of the stacked gradients equal the single head's gradients."""
+    pairs = [
+        (bank.weight, head.fc.weight),
+        (bank.bias, head.fc.bias),
+        (bank.ln_weight, head.norm.weight),
+        (bank.ln_bias, head.norm.bias),
+    ]
+    for stacked, single in pairs:
+        torch.testing.assert_close(stacked.grad[h], single.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_isolate_per_head():
@@ -79,28 +87,20 @@ def test_gradients_isolate_per_head():
     h0 = 2
     F.cross_entropy(bank(x)[h0], y).backward()
     for h in range(H):
-        lin, norm = bank.head_parameters(h)
-        total = sum(float(p.grad.abs().sum()) for p in [*lin, *norm])
+        total = sum(float(p.grad[h].abs().sum()) for p in bank.parameters())
         if h == h0:
             assert total > 0
         else:
             assert total == 0.0
 
 
-def test_aliases_share_storage_and_gradients_accumulate():
+def test_gradients_accumulate_across_backward_calls():
     bank = _perturbed_bank(3, 4, 3)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
-    opt = torch.optim.SGD(
-        [p for h in range(3) for ps in bank.head_parameters(h) for p in ps], lr=0.1
-    )
     bank(x).sum().backward()
-    first = bank.head_parameters(1)[0][0].grad.clone()
+    first = bank.weight.grad.clone()
     bank(x).sum().backward()  # no zero_grad: gradients add up, as in plain PyTorch
-    torch.testing.assert_close(bank.head_parameters(1)[0][0].grad, 2 * first)
-    assert bank.weight.grad is None  # handed to the aliases
-    before = bank.weight.detach().clone()
-    opt.step()
-    torch.testing.assert_close(bank.weight[1].detach(), before[1] - 0.1 * 2 * first)
+    torch.testing.assert_close(bank.weight.grad, 2 * first)
 
 
 def test_head_state_roundtrip_and_extraction():
@@ -119,15 +119,14 @@ def test_head_state_roundtrip_and_extraction():
 def test_freezing_the_layer_norm_leaves_it_out_of_the_parameters_and_the_gradient():
     bank = _perturbed_bank(2, 4, 3)
     bank.freeze_layer_norm()
-    lin, rest = bank.head_parameters(1)
-    assert len(lin) == 1 and len(rest) == 1  # weight; bias only
+    assert list(bank.trainable()) == ["weight", "bias"]
     gamma = bank.ln_weight.detach().clone()
-    z = bank.head_features(bank.normalize(torch.randn(5, 4)), 1)
+    z = bank.group_features(bank.normalize(torch.randn(5, 4)), slice(1, 2))
     (bank(torch.randn(5, 4)).sum() + z.sum()).backward()
-    assert bank.ln_weight.grad is None and all(a.grad is None for a in bank._aliases["ln_weight"])
+    assert bank.ln_weight.grad is None and bank.ln_bias.grad is None
     torch.testing.assert_close(bank.ln_weight.detach(), gamma)
     bank.freeze_layer_norm(False)
-    assert len(bank.head_parameters(1)[1]) == 3
+    assert list(bank.trainable()) == ["weight", "bias", "ln_weight", "ln_bias"]
 
 
 def test_init_is_seeded_per_head():
@@ -179,34 +178,38 @@ def test_bank_rejects_bad_shapes():
         HeadBank(2, 4, 3, seeds=[1])
 
 
-@pytest.mark.parametrize("alias_first", [False, True])
-def test_alias_path_and_stacked_path_gradients_add_up(alias_first):
-    """The per-head path (aliases, as for CARROT rows) and the fused path meet in one gradient."""
-    H, C, D = 3, 4, 5
+@pytest.mark.parametrize("group_first", [False, True])
+@pytest.mark.parametrize("heads", [slice(1, 3), torch.tensor([2, 0])])
+def test_group_path_and_fused_path_gradients_add_up(group_first, heads):
+    """The group path (per-head rows through a few heads, as for CARROT rows) and the fused
+    path meet in one stacked gradient; heads outside the group get none from the group path."""
+    H, C, D = 4, 4, 5
     bank = _perturbed_bank(H, D, C)
     g = torch.Generator().manual_seed(6)
-    x, x2 = torch.randn(6, D, generator=g), torch.randn(4, D, generator=g)
+    members = list(range(H))[heads] if isinstance(heads, slice) else heads.tolist()
+    x = torch.randn(6, D, generator=g)
+    x2 = torch.randn(len(members), 4, D, generator=g)  # each member's own rows
     y, y2 = torch.arange(6) % C, torch.arange(4) % C
-    h = 1
-    fused = F.cross_entropy(bank(x)[h], y)
-    z = bank.head_features(bank.normalize(x2), h)
-    extra = F.cross_entropy(z @ bank.head_weight(h).t() + bank.head_bias(h), y2)
-    (extra + fused if alias_first else fused + extra).backward()
-    head = bank.head(h)
-    (F.cross_entropy(head(x), y) + F.cross_entropy(head(x2), y2)).backward()
-    (lin,), (gc, gw, gb) = bank.head_parameters(h)
-    torch.testing.assert_close(lin.grad, head.fc.weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gc.grad, head.fc.bias.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw.grad, head.norm.weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gb.grad, head.norm.bias.grad, rtol=1e-5, atol=1e-6)
-    other = bank.head_parameters(0)[0][0].grad
-    assert other is not None and float(other.abs().sum()) == 0.0
+    fused = F.cross_entropy(bank(x).reshape(-1, C), y.repeat(H), reduction="sum")
+    z = bank.group_features(bank.normalize(x2), heads)  # (h, 4, D)
+    la = bank.group_logits(z, heads)  # (h, 4, C)
+    extra = F.cross_entropy(la.reshape(-1, C), y2.repeat(len(members)), reduction="sum")
+    (extra + fused if group_first else fused + extra).backward()
+    for h in range(H):
+        head = bank.head(h)
+        loss = F.cross_entropy(head(x), y, reduction="sum")
+        if h in members:
+            loss = loss + F.cross_entropy(head(x2[members.index(h)]), y2, reduction="sum")
+        loss.backward()
+        _assert_head_grads(bank, h, head)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "to"])
-def test_copies_get_their_own_aliases_and_hooks(how):
+def test_copies_train_on_their_own(how):
     import copy
     import pickle
+
+    from pipeline.heads.optim import BankOptimizer
 
     bank = _perturbed_bank(2, 4, 3)
     if how == "deepcopy":
@@ -216,11 +219,8 @@ def test_copies_get_their_own_aliases_and_hooks(how):
     else:
         other = bank.to(torch.float64).to(torch.float32)
     before = bank.weight.detach().clone()
-    opt = torch.optim.SGD(
-        [p for h in range(2) for ps in other.head_parameters(h) for p in ps], lr=1.0
-    )
+    opt = BankOptimizer(other, [HeadSpec(lr=1.0)] * 2, optimizer="sgd", momentum=0.0)
     other(torch.randn(5, 4)).sum().backward()
-    assert all(other.head_parameters(h)[0][0].grad is not None for h in range(2))
     snapshot = other.weight.detach().clone()
     opt.step()
     assert not torch.equal(other.weight.detach(), snapshot)  # the copy's stacked params moved
