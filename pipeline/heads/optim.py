@@ -30,14 +30,17 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float = 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class BankOptimizer(torch.optim.Optimizer):
+class BankOptimizer:
     """Adam or SGD with momentum over a `HeadBank`'s stacked parameters, with a learning rate and
     an L2 coefficient per head: vectors over the leading head axis instead of 2·H groups.
 
     Per head, the update is torch's ``Adam`` (bias-corrected moments, coupled L2: ``λ·W`` is added
     to the gradient, no amsgrad) or ``SGD`` (momentum, no dampening or Nesterov) with that head's
     ``lr`` and ``λ``; L2 applies to ``weight`` only. A head with ``lr = 0`` does not move.
-    ``set_lr(lr (H,))`` changes every head's rate (a schedule, stopped heads).
+    ``set_lr(lr (H,))`` changes every head's rate (a schedule, stopped heads). Duck-types the
+    parts of ``torch.optim.Optimizer`` that training uses (``param_groups``, ``state``,
+    ``zero_grad``, ``step``; enough for ``torch.amp.GradScaler``) without subclassing it:
+    ``Optimizer.__init__`` imports ``torch._dynamo``, 1.1–1.6 s of every command's start here.
     """
 
     def __init__(
@@ -55,8 +58,8 @@ class BankOptimizer(torch.optim.Optimizer):
         if len(specs) != bank.num_heads:
             raise ValueError(f"{len(specs)} specs for a bank of {bank.num_heads} heads")
         dev = bank.weight.device
-        groups = [{"params": [p], "name": n} for n, p in bank.trainable().items()]
-        super().__init__(groups, {"lr": 0.0})
+        self.param_groups = [{"params": [p], "name": n} for n, p in bank.trainable().items()]
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self.kind, self.betas, self.eps, self.momentum = optimizer, betas, eps, momentum
         self.base_lr = torch.tensor([s.lr for s in specs], dtype=torch.float32, device=dev)
         self.weight_decay = torch.tensor(
@@ -64,6 +67,15 @@ class BankOptimizer(torch.optim.Optimizer):
         )
         self.lr = self.base_lr.clone()
         self.steps = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (``set_to_none``, or zero them in place)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
 
     def set_lr(self, lr: torch.Tensor) -> None:
         """Every head's learning rate now: ``lr (H,)``."""
@@ -86,7 +98,7 @@ class BankOptimizer(torch.optim.Optimizer):
             if group["name"] == "weight":
                 grad = torch.addcmul(grad, p, self.weight_decay.view(per_head))
             lr = self.lr.view(per_head)
-            state = self.state[p]
+            state = self.state.setdefault(p, {})
             if self.kind == "sgd":
                 buf = state.get("momentum_buffer")
                 if buf is None:
