@@ -14,7 +14,7 @@ For each data set, on the same train/val/test rows and in the same run:
 Reported: test top-1 of each, ours − LR in points (target ≥ −0.5), and wall times (target: ours
 ≤ LR's sweep; the ratio is printed). Both run single-threaded (one torch thread, one BLAS
 thread), so neither gains from the other's idle core, and both after one untimed warm-up fit
-(one-time imports: torch.optim's first use alone imports torch._dynamo, about 1.6 s here).
+(one-time imports and allocations).
 
     python -m benchmarks.probe_parity [--quick] [--store URL ...] [--json PATH]
 """
