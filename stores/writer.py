@@ -195,11 +195,6 @@ class StoreWriter:
         self._arrays["errors"][sl] = errors_arr
         self._arrays["progress"][i] = True  # only after all of the chunk's rows
 
-    def touch(self) -> None:
-        """Renew the lock's heartbeat (a coordinator waiting on workers calls this now and then)."""
-        if self._lock is not None:
-            self._lock.refresh()
-
     # -- finishing ----------------------------------------------------------------------------
     def finalize(self, *, timings: dict[str, Any]) -> None:
         """Check every chunk and the whole store, record ``skipped`` and ``timings``, then set

@@ -76,14 +76,14 @@ def _carrot_settings_class() -> type:
     return CarrotConfig
 
 
-_Factory = Callable[[Any, int, int], FeatureAugmentation]
+_Factory = Callable[[Any, int], FeatureAugmentation]
 _REGISTRY: dict[str, tuple[Callable[[], type | None], _Factory]] = {
-    "none": (lambda: None, lambda s, c, d: NoAugmentation()),
-    "gaussian": (lambda: GaussianSettings, lambda s, c, d: GaussianAugmentation(s)),
-    "isda": (lambda: IsdaSettings, lambda s, c, d: IsdaAugmentation(s, num_classes=c)),
-    "dc": (lambda: DCSettings, lambda s, c, d: DCAugmentation(s, num_classes=c)),
-    "mixup": (lambda: MixupSettings, lambda s, c, d: MixupAugmentation(s, num_classes=c)),
-    "carrot": (_carrot_settings_class, lambda s, c, d: CarrotAugmentation(s, num_classes=c)),
+    "none": (lambda: None, lambda s, c: NoAugmentation()),
+    "gaussian": (lambda: GaussianSettings, lambda s, c: GaussianAugmentation(s)),
+    "isda": (lambda: IsdaSettings, lambda s, c: IsdaAugmentation(s, num_classes=c)),
+    "dc": (lambda: DCSettings, lambda s, c: DCAugmentation(s, num_classes=c)),
+    "mixup": (lambda: MixupSettings, lambda s, c: MixupAugmentation(s, num_classes=c)),
+    "carrot": (_carrot_settings_class, lambda s, c: CarrotAugmentation(s, num_classes=c)),
 }
 
 
@@ -120,7 +120,7 @@ def settings_from_dict(name: str, d: dict[str, Any] | None) -> Any:
 
 
 def create_augmentation(
-    name: str, settings: Any = None, *, num_classes: int, dim: int
+    name: str, settings: Any = None, *, num_classes: int
 ) -> FeatureAugmentation:
     """Build augmentation ``name`` with ``settings`` (None = defaults)."""
     cls = settings_class(name)
@@ -130,4 +130,4 @@ def create_augmentation(
         raise InputError(
             f"augmentation {name!r} takes {cls.__name__} settings, got {type(settings).__name__}"
         )
-    return _REGISTRY[name][1](settings, num_classes, dim)
+    return _REGISTRY[name][1](settings, num_classes)

@@ -151,7 +151,9 @@ class ImageSource:
         keeps the size and restores the mtime is not seen; ``mode="content"`` adds the sha256 of
         its bytes instead (every file is read, by ``workers`` threads, default ``min(8, cpus)``;
         touching a file does not change it). A missing file counts as missing in either mode.
-        In-memory sets hash their pixels in both modes. The two modes never give the same value.
+        For files the two modes never give the same value; in-memory sets hash their pixels, the
+        same value in both modes (the store key still differs: ``plan_embedding`` records
+        ``fingerprint: "content"`` in the identity).
         """
         check_fingerprint_mode(mode)
         if self.kind == "sklearn":

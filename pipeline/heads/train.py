@@ -123,18 +123,17 @@ class _Group:
 
 
 def _build_groups(
-    specs: Sequence[HeadSpec], cfg: TrainConfig, *, num_classes: int, dim: int, device: torch.device
+    specs: Sequence[HeadSpec], cfg: TrainConfig, *, num_classes: int, device: torch.device
 ) -> list[_Group]:
     groups = []
     for key, heads in HeadGrid(tuple(specs)).groups().items():
         name, settings = key
         if name == "none":
             continue
-        first = create_augmentation(name, settings, num_classes=num_classes, dim=dim)
+        first = create_augmentation(name, settings, num_classes=num_classes)
         if first.per_head:
             augs = [first] + [
-                create_augmentation(name, settings, num_classes=num_classes, dim=dim)
-                for _ in heads[1:]
+                create_augmentation(name, settings, num_classes=num_classes) for _ in heads[1:]
             ]
             seeds = [_stable_seed(cfg.seed, specs[h].seed, key) for h in heads]
         else:
@@ -381,9 +380,7 @@ class _MinibatchRun:
         )
         self.smoothing = smoothing
         device = bank.weight.device
-        self.groups = _build_groups(
-            specs, cfg, num_classes=bank.num_classes, dim=bank.dim, device=device
-        )
+        self.groups = _build_groups(specs, cfg, num_classes=bank.num_classes, device=device)
         _fit_augmentations(self.groups, features, bank, space, cfg.seed)
         self.lam = torch.tensor([s.weight_decay for s in specs], device=device)
 
@@ -512,7 +509,6 @@ class _MinibatchRun:
             ce = cross_entropy(la, out.y, smoothing[g.index], y_soft=out.y_soft)
             losses = losses.index_add(0, g.index, aug.aug_weight * ce)
         return losses
-
 
     def _per_head_loss(
         self,

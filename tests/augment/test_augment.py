@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import pytest
 import torch
+from binomial_bounds import binomial_upper
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +39,7 @@ def _data(n=200, seed=0):
 
 
 def _make(name, settings=None):
-    aug = create_augmentation(name, settings, num_classes=C, dim=D)
+    aug = create_augmentation(name, settings, num_classes=C)
     X, y = _data()
     if aug.needs_fit:
         aug.fit(normalize(X), y)
@@ -53,7 +55,7 @@ def _call(aug, z, y, seed, weight=None):
 def test_registry_lists_every_augmentation():
     assert augmentation_names() == ["none", "gaussian", "isda", "dc", "mixup", "carrot"]
     for name in augmentation_names():
-        aug = create_augmentation(name, num_classes=C, dim=D)
+        aug = create_augmentation(name, num_classes=C)
         assert isinstance(aug, FeatureAugmentation)
     assert isinstance(default_settings("carrot"), CarrotConfig)
     assert default_settings("none") is None
@@ -61,9 +63,9 @@ def test_registry_lists_every_augmentation():
 
 def test_registry_errors_name_the_problem():
     with pytest.raises(InputError, match="unknown augmentation"):
-        create_augmentation("cutmix", num_classes=C, dim=D)
+        create_augmentation("cutmix", num_classes=C)
     with pytest.raises(InputError, match="GaussianSettings"):
-        create_augmentation("gaussian", MixupSettings(), num_classes=C, dim=D)
+        create_augmentation("gaussian", MixupSettings(), num_classes=C)
     with pytest.raises(InputError, match="unknown isda settings"):
         settings_from_dict("isda", {"strenght": 1.0})
     assert settings_from_dict("dc", {"k": 3}) == DCSettings(k=3)
@@ -101,10 +103,33 @@ def test_none_adds_nothing():
     assert len(out) == 0 and out.z.shape == (0, D)
 
 
+def _mix_partners(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    mixed: torch.Tensor,
+    soft: torch.Tensor,
+    s: int,
+    tol: float = 1e-4,
+) -> list[int]:
+    """Batch rows j with ``mixed`` ≈ λ·z_s + (1−λ)·z_j for some λ in [0, 1] (λ fitted by least
+    squares per j, float64) and ``soft`` = λ·e_{y_s} + (1−λ)·e_{y_j} for the same λ."""
+    x, m = z.double(), mixed.double()
+    one = torch.nn.functional.one_hot(y, num_classes).double()
+    d = x[s] - x  # (B, D): direction from each candidate partner to the source row
+    dd = d.square().sum(1)
+    same = dd < tol**2  # z_j = z_s: the mix is z_s whatever λ
+    lam = torch.where(same, torch.ones_like(dd), ((m - x) * d).sum(1) / dd.clamp_min(tol**2))
+    row_err = (m - (lam[:, None] * x[s] + (1 - lam[:, None]) * x)).abs().amax(1)
+    label_err = (soft.double() - (lam[:, None] * one[s] + (1 - lam[:, None]) * one)).abs().amax(1)
+    ok = (lam >= -tol) & (lam <= 1 + tol) & (row_err <= tol) & (label_err <= tol)
+    return torch.nonzero(ok).flatten().tolist()
+
+
 @settings(deadline=None, max_examples=30)
 @given(alpha=st.floats(0.05, 5.0), B=st.integers(1, 40), seed=st.integers(0, 10_000))
 def test_mixup_soft_labels_sum_to_one_and_match_the_mix(alpha, B, seed):
-    aug = create_augmentation("mixup", MixupSettings(alpha=alpha), num_classes=C, dim=D)
+    aug = create_augmentation("mixup", MixupSettings(alpha=alpha), num_classes=C)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, D, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
@@ -115,15 +140,17 @@ def test_mixup_soft_labels_sum_to_one_and_match_the_mix(alpha, B, seed):
     # the hard label carries the larger share of the soft label
     share = out.y_soft.gather(1, out.y[:, None]).squeeze(1)
     assert (share >= 0.5 - 1e-6).all()
-    # every mixed row is a convex combination of two batch rows
+    # every mixed row is a convex combination λ·x_i + (1−λ)·x_j of its recorded source row i and
+    # some batch row j, and its soft label is the same mix of the two one-hot labels
     assert torch.equal(out.source, torch.arange(B))
+    for i, s in enumerate(out.source.tolist()):
+        partners = _mix_partners(z, y, C, out.z[i], out.y_soft[i], s)
+        assert partners, f"mixed row {i} is no convex mix of source row {s} and a batch row"
 
 
 def test_isda_noise_has_the_class_covariance():
     X, y = _data(n=400)
-    aug = create_augmentation(
-        "isda", IsdaSettings(strength=1.0, rank=D, copies=1), num_classes=C, dim=D
-    )
+    aug = create_augmentation("isda", IsdaSettings(strength=1.0, rank=D, copies=1), num_classes=C)
     aug.fit(normalize(X), y)
     cls = 1
     Z = normalize(X[y == cls])
@@ -149,7 +176,7 @@ def test_class_stats_factor_reproduces_covariance_at_full_rank():
 def test_dc_samples_centre_on_the_calibrated_mean():
     X, y = _data(n=400)
     aug = create_augmentation(
-        "dc", DCSettings(k=1, include_own=True, alpha=0.0, rank=D), num_classes=C, dim=D
+        "dc", DCSettings(k=1, include_own=True, alpha=0.0, rank=D), num_classes=C
     )
     aug.fit(normalize(X), y)
     Z = normalize(X)
@@ -166,7 +193,7 @@ def test_dc_samples_centre_on_the_calibrated_mean():
 def test_dc_excluding_own_class_uses_other_means():
     X, y = _data(n=400)
     aug = create_augmentation(
-        "dc", DCSettings(k=1, include_own=False, alpha=0.0, rank=D), num_classes=C, dim=D
+        "dc", DCSettings(k=1, include_own=False, alpha=0.0, rank=D), num_classes=C
     )
     aug.fit(normalize(X), y)
     Z = normalize(X)
@@ -186,13 +213,13 @@ def test_dc_excluding_own_class_uses_other_means():
 
 
 def test_fit_is_required_before_use():
-    aug = create_augmentation("isda", num_classes=C, dim=D)
+    aug = create_augmentation("isda", num_classes=C)
     with pytest.raises(RuntimeError, match="fit"):
         aug(torch.zeros(2, D), torch.zeros(2, dtype=torch.int64), None, None, generator=None)
 
 
 def test_gaussian_noise_scale_follows_sigma():
-    aug = create_augmentation("gaussian", GaussianSettings(sigma=0.2), num_classes=C, dim=D)
+    aug = create_augmentation("gaussian", GaussianSettings(sigma=0.2), num_classes=C)
     z = normalize(torch.randn(2000, D, generator=torch.Generator().manual_seed(0)))
     out = _call(aug, z, torch.zeros(2000, dtype=torch.int64), seed=3)
     std = float((out.z - z).std())
@@ -200,24 +227,32 @@ def test_gaussian_noise_scale_follows_sigma():
 
 
 def test_carrot_wrapper_is_per_head_deterministic_and_label_safe():
-    aug = create_augmentation("carrot", CarrotConfig(topk=2), num_classes=C, dim=D)
+    """Same generator state, same rows; labels are the source rows'; and each augmented copy
+    keeps every margin under the head's own W with probability ≥ 1 − δ: the count of copies
+    with a margin < γ is below the binomial(M, δ) upper quantile (error 1e-6)."""
+    draws = 200
+    cfg = CarrotConfig(topk=2, aug_per_sample=draws)
+    aug = create_augmentation("carrot", cfg, num_classes=C)
     assert aug.per_head and not aug.needs_fit
     X, y = _data(n=64)
     z = normalize(X)
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(C, D, generator=g)
-    z = z + 0.0
+    W = torch.randn(C, D, generator=torch.Generator().manual_seed(0))
     a = _call(aug, z, y, seed=5, weight=W)
     b = _call(aug, z, y, seed=5, weight=W)
-    assert torch.equal(a.z, b.z) and torch.equal(a.y, y[a.source])
+    c = _call(aug, z, y, seed=6, weight=W)
+    assert torch.equal(a.z, b.z) and torch.equal(a.source, b.source)
+    assert not torch.equal(a.z, c.z)
+    assert len(a) > 0 and torch.equal(a.y, y[a.source])
     assert {"frac_augmented", "violation_rate"} <= set(a.diagnostics)
-    assert float(a.diagnostics["violation_rate"]) <= 0.2
+    logits = a.z.double() @ W.double().T
+    margin = (logits.gather(1, a.y[:, None]) - logits).scatter(1, a.y[:, None], float("inf"))
+    bad = (margin < cfg.gamma).any(dim=1)
+    assert float(a.diagnostics["violation_rate"]) == pytest.approx(float(bad.double().mean()))
+    assert int(bad.sum()) <= binomial_upper(len(a), cfg.delta, 1e-6), float(bad.double().mean())
 
 
 def test_carrot_class_cov_is_fitted_from_training_features():
-    aug = create_augmentation(
-        "carrot", CarrotConfig(topk=2, noise="class_cov"), num_classes=C, dim=D
-    )
+    aug = create_augmentation("carrot", CarrotConfig(topk=2, noise="class_cov"), num_classes=C)
     assert aug.needs_fit
     X, y = _data()
     aug.fit(normalize(X), y)
@@ -227,9 +262,15 @@ def test_carrot_class_cov_is_fitted_from_training_features():
     assert torch.isfinite(out.z).all()
 
 
-def test_settings_are_frozen_and_hashable():
-    s = IsdaSettings()
-    with pytest.raises(AttributeError):
-        s.rank = 3  # type: ignore[misc]
+@pytest.mark.parametrize("name", [n for n in augmentation_names() if n != "none"])
+def test_settings_are_frozen_and_hashable(name):
+    """Every augmentation's settings: no attribute can be set, and equal settings hash equal
+    (a grid groups heads by them)."""
+    s = default_settings(name)
+    field = next(iter(dataclasses.fields(s))).name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(s, field, getattr(s, field))
+    same = settings_from_dict(name, dataclasses.asdict(s))
+    assert same == s and hash(same) == hash(s) and same is not s
+    assert len({s, same}) == 1
     assert len({IsdaSettings(), IsdaSettings(), IsdaSettings(rank=2)}) == 2
-    assert np.isfinite(GaussianSettings().sigma)

@@ -647,7 +647,10 @@ def test_step_benchmark_and_report_on_a_tiny_problem(tmp_path, monkeypatch, caps
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {"plain", "carrot_class", "carrot_sample", "seed_loop"}
     assert rows["plain"]["ratio"] == 1.0 and all(row["median_ms"] > 0 for row in rows.values())
-    assert rows["carrot_class"]["frac_aug"] > 0 and rows["carrot_class"]["target"] == 2.5
+    assert (
+        rows["carrot_class"]["frac_aug"] > 0
+        and rows["carrot_class"]["target"] == carrot_step.TARGETS["carrot_class"]
+    )
     path = tmp_path / "step.json"
     _report.write_report("tiny", result["rows"], json_path=path, extra={"sizes": result["sizes"]})
     record = json.loads(path.read_text())

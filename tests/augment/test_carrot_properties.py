@@ -1,14 +1,20 @@
 """Property tests of CARROT's guarantees: exact Kset margins, the δ chance constraint, gating,
-no NaN — on random and adversarial geometries; and the seed's bound failing the same test."""
+no NaN — on random and adversarial geometries; and the seed's bound failing the same test.
+
+The δ tests count violations over many independent noise draws of fixed rows (seeded, so
+deterministic) and compare each count with the binomial(n, δ) upper quantile at a family-wise
+error of :data:`FAMILY_ERROR` (Bonferroni over every comparison of the δ tests); with
+:data:`DRAWS` draws per row a true rate of 2δ fails that bound (see
+``test_the_delta_bounds_fail_a_rate_of_twice_delta``)."""
 
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from binomial_bounds import binomial_power_miss, binomial_upper
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -145,22 +151,58 @@ SAFETY_CASES = [
     ("tiny_margin", 8, 32, 40, 5, "class"),
     ("random", 6, 4, 30, 10, "sample"),  # D < K: the competitors span everything
 ]
+DELTA = 0.05
+DRAWS = 4000  # noise draws per row: a rate of 2δ fails the per-row bound (tested below)
+BIAS_ROWS, BIAS_MODES = 8, ("sample", "class")
+FAMILY_ERROR = 1e-6  # P(any δ comparison of this file fails | every true rate ≤ δ)
+# one count per row that can be augmented, plus the pooled count, per case (Bonferroni)
+COMPARISONS = sum(b + 1 for _, b, *_ in SAFETY_CASES) + len(BIAS_MODES) * (BIAS_ROWS + 1)
+ALPHA = FAMILY_ERROR / COMPARISONS
+
+
+def assert_violations_within_delta(bad: torch.Tensor, draws: int, delta: float) -> None:
+    """``bad`` (draws·R,) 0/1, copy-major (row r's draws at r, R + r, ...): each row's count of
+    violations over its ``draws`` independent draws, and the pooled count, are at most the
+    binomial(n, δ) upper quantile at level :data:`ALPHA`."""
+    per_row = bad.view(draws, -1).sum(dim=0)
+    row_limit = binomial_upper(draws, delta, ALPHA)
+    worst = int(per_row.argmax())
+    assert int(per_row[worst]) <= row_limit, (
+        f"row {worst}: {int(per_row[worst])} violations in {draws} draws "
+        f"(rate {float(per_row[worst]) / draws:.4f}) > binomial bound {row_limit} for δ={delta}"
+    )
+    pooled_limit = binomial_upper(bad.numel(), delta, ALPHA)
+    assert int(bad.sum()) <= pooled_limit, (int(bad.sum()), bad.numel(), pooled_limit)
+
+
+def test_the_delta_bounds_fail_a_rate_of_twice_delta():
+    """The counts below can fail: a row whose true violation rate is 2δ passes its bound with
+    probability < 1e-9, and the bound sits well below 2δ·n (it is not a loose tolerance)."""
+    assert binomial_power_miss(DRAWS, DELTA, 2 * DELTA, ALPHA) < 1e-9
+    assert binomial_upper(DRAWS, DELTA, ALPHA) < 1.5 * DELTA * DRAWS
+    assert binomial_power_miss(DRAWS * BIAS_ROWS, DELTA, 1.5 * DELTA, ALPHA) < 1e-9  # pooled
+    g = torch.Generator().manual_seed(0)
+    at_delta = (torch.rand(DRAWS * BIAS_ROWS, generator=g) < DELTA).double()
+    assert_violations_within_delta(at_delta, DRAWS, DELTA)  # a rate of exactly δ passes
+    one_row_twice = at_delta.clone().view(DRAWS, BIAS_ROWS)
+    one_row_twice[:, 3] = (torch.rand(DRAWS, generator=g) < 2 * DELTA).double()
+    with pytest.raises(AssertionError, match="row 3"):
+        assert_violations_within_delta(one_row_twice.flatten(), DRAWS, DELTA)
 
 
 @pytest.mark.parametrize(("kind", "b", "d", "c", "topk", "mode"), SAFETY_CASES)
 def test_violation_rate_within_delta(kind, b, d, c, topk, mode):
     z, y, w, logits = make_problem(kind, b=b, d=d, c=c, seed=7)
-    delta, draws = 0.05, 2000
-    cfg = CarrotConfig(topk=topk, mode=mode, delta=delta, aug_per_sample=draws)
+    cfg = CarrotConfig(topk=topk, mode=mode, delta=DELTA, aug_per_sample=DRAWS)
     out = carrot_augment(z, y, logits, w, cfg, generator=torch.Generator().manual_seed(1))
     if d < min(topk, c - 1):
         assert out.z.shape[0] == 0  # no nuisance subspace left: nothing augmented
         return
     assert out.z.shape[0] > 0, "the geometry should leave some rows eligible"
-    rates = violation_rate(out.z, out.y, w, cfg.gamma).view(draws, -1).mean(dim=0)  # per row
-    per_row_limit = delta + 3 * math.sqrt(delta * (1 - delta) / draws)
-    assert rates.max() <= per_row_limit, rates
-    assert out.diagnostics["violation_rate"] <= per_row_limit
+    assert out.z.shape[0] <= DRAWS * b  # at most b rows: the Bonferroni count holds
+    bad = violation_rate(out.z, out.y, w, cfg.gamma)
+    assert_violations_within_delta(bad, DRAWS, DELTA)
+    assert float(out.diagnostics["violation_rate"]) == pytest.approx(float(bad.mean()), abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -196,8 +238,6 @@ def test_class_mode_keeps_the_guarantee_for_the_current_weight_while_training(p)
     ``CarrotAugment`` in class mode at its defaults (refresh=50: the geometry is up to 49 steps
     old). At every step the augmented rows must keep P(any margin of the CURRENT weight < γ)
     ≤ δ: the violation count is below the binomial upper quantile (Bonferroni over steps)."""
-    from scipy.stats import binom
-
     c, d, steps, draws, n = p["c"], p["d"], 60, 50, 64
     g = torch.Generator().manual_seed(p["seed"])
     means = torch.randn(c, d, generator=g)
@@ -219,7 +259,7 @@ def test_class_mode_keeps_the_guarantee_for_the_current_weight_while_training(p)
         if out.z.shape[0]:
             augmented_steps += 1
             bad = violation_rate(out.z.detach(), out.y, head.weight.detach(), cfg.gamma)
-            limit = binom.ppf(1 - 1e-3 / steps, bad.numel(), cfg.delta)
+            limit = binomial_upper(bad.numel(), cfg.delta, 1e-3 / steps)
             assert int(bad.sum()) <= limit, (step, float(bad.mean()), limit / bad.numel())
         loss = carrot_loss(head.weight, z, y, out, cfg.aug_weight, logits=logits)
         opt.zero_grad()
@@ -242,16 +282,14 @@ def _biased_margins(z, y, w, b):
 def test_the_guarantee_holds_for_heads_with_a_bias(mode):
     """A head ``W z + b`` (the probe's heads have a bias): passing ``b`` keeps Kset margins exact
     and the violation rate ≤ δ against the biased margins; ignoring it breaks the guarantee."""
-    from scipy.stats import binom
-
-    z, y, w, _ = make_problem("random", b=8, d=32, c=40, seed=11)
+    assert mode in BIAS_MODES
+    z, y, w, _ = make_problem("random", b=BIAS_ROWS, d=32, c=40, seed=11)
     # the bias takes 70 % of each row's smallest margin away (true classes lowered)
     smallest = margins64(z, y, w).min(dim=1).values
     bias = torch.zeros(40)
     bias[y] = -0.7 * smallest.float()
     logits = z @ w.T + bias
-    delta, draws = 0.05, 2000
-    cfg = CarrotConfig(topk=5, mode=mode, delta=delta, aug_per_sample=draws)
+    cfg = CarrotConfig(topk=5, mode=mode, delta=DELTA, aug_per_sample=DRAWS)
     out = carrot_augment(
         z, y, logits, w, cfg, generator=torch.Generator().manual_seed(1), bias=bias
     )
@@ -262,12 +300,9 @@ def test_the_guarantee_holds_for_heads_with_a_bias(mode):
     kset = expected_kset(cfg, y, w, logits, 5)[out.source]
     before = m[out.source].gather(1, kset)
     assert ((after.gather(1, kset) - before).abs() <= 1e-4 * (1 + before.abs())).all()
-    bad = (after < 0).any(dim=1)
-    limit = binom.ppf(1 - 1e-4, bad.numel(), delta) / bad.numel()
-    per_row = bad.double().view(draws, -1).mean(0)
-    assert per_row.max() <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
-    assert bad.double().mean() <= limit
-    assert out.diagnostics["violation_rate"] == pytest.approx(float(bad.double().mean()), abs=1e-6)
+    bad = (after < 0).any(dim=1).double()
+    assert_violations_within_delta(bad, DRAWS, DELTA)
+    assert out.diagnostics["violation_rate"] == pytest.approx(float(bad.mean()), abs=1e-6)
     blind = carrot_augment(z, y, logits, w, cfg, generator=torch.Generator().manual_seed(1))
     blind_bad = (_biased_margins(blind.z, blind.y, w, bias) < 0).any(dim=1).double().mean()
-    assert blind_bad > 2 * delta  # the bias matters: without it the noise is far too large
+    assert blind_bad > 2 * DELTA  # the bias matters: without it the noise is far too large

@@ -297,3 +297,16 @@ def test_an_animated_gif_is_embedded(tmp_path):
     s = run_embedding(_settings(data, tmp_path / "stores"))
     store = open_store(s.store)
     assert s.n == 7 and not s.skipped and "square/anim.gif" in list(store.ids())
+
+
+def test_in_memory_data_gets_one_fingerprint_but_two_keys(tmp_path):
+    """sklearn digits hash their pixels in both modes (the same input fingerprint); the store
+    key still tells the modes apart, through ``fingerprint: "content"`` in the identity."""
+    from pipeline.embed.run import check_settings
+
+    stat = check_settings(_settings("sklearn:digits", tmp_path))
+    content = check_settings(_settings("sklearn:digits", tmp_path, fingerprint="content"))
+    assert stat.identity.input_fingerprint == content.identity.input_fingerprint
+    assert "fingerprint" not in stat.identity.extra
+    assert content.identity.extra["fingerprint"] == "content"
+    assert stat.identity.key() != content.identity.key() and stat.url != content.url

@@ -145,7 +145,7 @@ def test_non_finite_features_name_the_images(digits):
     assert str(copy) == message and copy.ids == err.value.ids
 
 
-def test_config_validation_and_workers():
+def test_config_validation_and_workers(monkeypatch):
     with pytest.raises(InputError, match="batch_size"):
         ExtractConfig(batch_size=0)
     with pytest.raises(InputError, match="num_workers"):
@@ -153,9 +153,12 @@ def test_config_validation_and_workers():
     with pytest.raises(InputError, match="views"):
         ExtractConfig(views=-1)
     assert resolve_num_workers(3, n_images=1, batch_size=64) == 3
-    assert resolve_num_workers("auto", n_images=100, batch_size=64) == 0  # tiny job
-    auto = resolve_num_workers("auto", n_images=10_000, batch_size=64)
-    assert 0 <= auto <= 4
+    assert resolve_num_workers("auto", n_images=128, batch_size=64) == 0  # at most two batches
+    for cpus, expect in ((1, 0), (2, 1), (3, 2), (8, 4), (64, 4)):  # min(4, cpus − 1)
+        monkeypatch.setattr(
+            os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)), raising=False
+        )
+        assert resolve_num_workers("auto", n_images=129, batch_size=64) == expect, cpus
 
 
 def test_view_seeds_are_distinct():

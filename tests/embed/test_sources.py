@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -152,7 +153,6 @@ def test_cub_root(cub_root):
     # train_test_split.txt: even image index → train (1), odd → test (0); val only from train
     for r in src.records:
         i = int(r.id.rsplit("_", 1)[1].split(".")[0])
-        assert r.split == ("test" if i % 2 else r.split)
         assert r.split in (("train", "val") if i % 2 == 0 else ("test",))
     assert _splits(src)["val"] == 2  # ceil(0.2 × 6 train images)
     assert by_id["002.Square_Shape/square_0001.jpg"].label == 1
@@ -258,6 +258,19 @@ def test_sklearn_unknown_name():
 # --------------------------------------------------------------------------- splits
 
 
+def _carve_bounds(pool_labels: list[int], fraction: float) -> tuple[int, int]:
+    """(fewest, most) images ``carve`` may take from a pool with these labels: at most
+    ⌈fraction·n⌉ (and one fewer than the images of classes with ≥ 2 in the pool, which alone
+    are carved); at least that minus one image per such class (the put-back that keeps every
+    class in the pool)."""
+    counts = Counter(pool_labels)
+    eligible = sum(k for k in counts.values() if k >= 2)
+    if fraction <= 0 or len(pool_labels) < 2 or eligible < 2:
+        return 0, 0
+    most = min(math.ceil(fraction * len(pool_labels)), len(pool_labels) - 1, eligible - 1)
+    return max(0, most - sum(k >= 2 for k in counts.values())), most
+
+
 @settings(deadline=None, max_examples=60)
 @given(
     counts=st.lists(st.integers(1, 25), min_size=1, max_size=6),
@@ -266,19 +279,18 @@ def test_sklearn_unknown_name():
     seed=st.integers(0, 1000),
 )
 def test_property_assign_splits(counts, val, test, seed):
-    """Every image gets one split; same seed → same splits; sizes follow the fractions;
-    every class keeps at least one training image."""
+    """Every image gets one split; same seed → same splits; sizes follow the fractions (test:
+    ⌈test·N⌉ of all images, val: ⌈val/(1 − test)·rest⌉ of the rest, less what the fallbacks
+    put back); every class keeps at least one training image."""
     labels = [c for c, n in enumerate(counts) for _ in range(n)]
     out = assign_splits(labels, None, val_fraction=val, test_fraction=test, seed=seed)
     assert out == assign_splits(labels, None, val_fraction=val, test_fraction=test, seed=seed)
     assert len(out) == len(labels) and set(out) <= {"train", "val", "test"}
-    n = len(labels)
-    n_test = out.count("test")
-    assert n_test <= max(0, int(np.ceil(test * n)))
-    if test == 0:
-        assert n_test == 0
-    if val == 0:
-        assert "val" not in out
+    lo, hi = _carve_bounds(labels, test)
+    assert lo <= out.count("test") <= hi, (out.count("test"), lo, hi)
+    rest = [lab for s, lab in zip(out, labels, strict=True) if s != "test"]
+    lo, hi = _carve_bounds(rest, val / (1.0 - test))
+    assert lo <= out.count("val") <= hi, (out.count("val"), lo, hi)
     for c in range(len(counts)):
         assert "train" in [s for s, lab in zip(out, labels, strict=True) if lab == c]
 

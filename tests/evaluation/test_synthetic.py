@@ -50,6 +50,19 @@ def test_nuisance_dominates_and_is_shared() -> None:
     assert sv[cfg.signal_rank] < 0.35 * sv[cfg.signal_rank - 1]
     within = d.features - means[d.labels]
     assert np.sqrt((within**2).sum(1).mean()) == pytest.approx(5.0 * np.sqrt(8), rel=0.1)
+    # shared: with noise=0 every class varies in the same nuisance_rank directions ...
+    m = cfg.nuisance_rank
+    basis = np.linalg.svd(within, full_matrices=False)[2][:m].T  # (D, m) pooled over classes
+    assert np.linalg.svd(within, compute_uv=False)[m] < 1e-4 * np.linalg.norm(within)
+    for c in (0, cfg.classes // 2, cfg.classes - 1):
+        own = within[d.labels == c]
+        own_basis = np.linalg.svd(own, full_matrices=False)[2][:m].T
+        np.testing.assert_allclose(own_basis @ own_basis.T, basis @ basis.T, atol=1e-4)
+    # ... orthogonal to the signal: with the nuisance removed the means span signal_rank dims
+    signal = centred - (centred @ basis) @ basis.T
+    sv_signal = np.linalg.svd(signal, compute_uv=False)
+    assert sv_signal[cfg.signal_rank] < 1e-4 * sv_signal[0]
+    assert sv_signal[cfg.signal_rank - 1] > 0.1 * sv_signal[0]
 
 
 def test_bad_config_names_the_knob() -> None:

@@ -104,10 +104,12 @@ def test_several_seeds_give_mean_and_std():
     fs = _features()
     r = run_fewshot(fs, GRID, CFG, shots=2, seeds=[0, 1, 2])
     assert [run.seed for run in r.runs] == [0, 1, 2]
-    tops = [run.test["top1"] for run in r.runs]
-    assert r.mean["top1"] == pytest.approx(np.mean(tops))
-    assert r.std["top1"] == pytest.approx(np.std(tops))
-    assert 0.0 <= r.mean["mean_per_class"] <= 1.0
+    assert r.mean.keys() == r.std.keys() == {k for k in r.runs[0].test if k != "n"}
+    for key in r.mean:  # population std (ddof=0) over the seeds, for every test metric
+        values = [run.test[key] for run in r.runs]
+        assert r.mean[key] == pytest.approx(np.mean(values)), key
+        assert r.std[key] == pytest.approx(np.std(values)), key
+    assert len({run.test["top1"] for run in r.runs}) > 1  # seeds differ: the std is not 0
     assert r.mean["top1"] > 0.5  # well-separated classes: even 2 shots beat chance (0.25)
     summary = r.summary()
     assert summary["shots"] == 2 and len(summary["runs"]) == 3

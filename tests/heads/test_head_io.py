@@ -27,9 +27,22 @@ def _saved_head(path: Path, dim: int = 6, classes: int = 3) -> Path:
 
 
 def test_saved_head_round_trips(tmp_path):
-    _saved_head(tmp_path)
+    """Every tensor (LayerNorm affine included, moved off its init), the eps and the logits
+    come back exactly."""
+    torch.manual_seed(0)
+    saved = Head(6, 3)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.copy_(torch.randn_like(p))
+    save_head(saved, tmp_path, class_names=["c0", "c1", "c2"])
     head, config = load_head(tmp_path)
     assert (head.dim, head.num_classes) == (6, 3) and config["class_names"] == ["c0", "c1", "c2"]
+    assert head.state_dict().keys() == saved.state_dict().keys()
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(head.state_dict()[name], tensor), name
+    assert head.norm.eps == saved.norm.eps and not head.training
+    x = torch.randn(5, 6)
+    assert torch.equal(head(x), saved(x))
 
 
 @pytest.mark.parametrize(

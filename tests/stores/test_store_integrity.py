@@ -367,13 +367,32 @@ def test_incomplete_store_message_names_the_command(tmp_path):
     assert "carrot embed" in str(err.value)
 
 
-def test_open_store_stays_cheap(tmp_path):
+def test_open_store_stays_cheap(tmp_path, monkeypatch):
     """The open-time checks list each array once; they never read chunks (200 chunks here)."""
+    import builtins
+
     data = synthetic_data(200 * 4, dim=4, seed=3)
     url = write_synthetic_store(
         str(tmp_path / "s.zarr"), data, synthetic_identity(data), chunk_rows=4
     )
+    read: list[str] = []
+    zarr_get, plain_open = zarr.storage.LocalStore.get, builtins.open
+
+    async def recording_get(self, key, *args, **kwargs):
+        if Path(self.root) == Path(url):  # this store only (other threads may read others)
+            read.append(key)
+        return await zarr_get(self, key, *args, **kwargs)
+
+    def recording_open(file, *args, **kwargs):
+        if isinstance(file, str | Path) and Path(file).is_relative_to(url):
+            read.append(Path(file).relative_to(url).as_posix())
+        return plain_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", recording_get)
+    monkeypatch.setattr(builtins, "open", recording_open)
     open_store(url)
+    monkeypatch.undo()
+    assert read and all(k.endswith("zarr.json") for k in read), sorted(set(read))[:5]
     best = min(_timed(lambda: open_store(url)) for _ in range(5))
     assert best < 0.25, best  # measured ~10 ms; generous for a loaded machine
 

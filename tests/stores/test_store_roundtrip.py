@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import dask.array as da
@@ -197,12 +198,23 @@ def chunked_store(tmp_path_factory):
     return open_store(url), data
 
 
+def _prefetchers() -> set[threading.Thread]:
+    """The live producer threads of `iter_chunks` (`stores.prefetch`)."""
+    return {t for t in threading.enumerate() if t.name == "stores-prefetch" and t.is_alive()}
+
+
 def test_iter_chunks_stops_cleanly_when_consumer_breaks(chunked_store):
-    store, _ = chunked_store
+    store, data = chunked_store
+    before = _prefetchers()
     it = store.iter_chunks(rows=96, prefetch=2)
     first = next(it)
-    it.close()  # stops the producer thread
-    assert first[0].shape[1] == store.dim
+    started = _prefetchers() - before
+    assert len(started) == 1  # a producer runs ahead of the consumer ...
+    it.close()
+    assert not any(t.is_alive() for t in started)  # ... and is stopped (joined) by close()
+    np.testing.assert_array_equal(
+        first[0], expected_features(data, "float16")[:96][data.valid[:96]]
+    )
 
 
 @settings(deadline=None, max_examples=40)
