@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from binomial_bounds import binomial_upper
 from torch import nn
 
 from pipeline.augment import nuisance
@@ -511,8 +512,8 @@ def test_class_cov_noise_is_shaped_stays_in_nuisance_subspace_and_is_safe():
     rows_noise = noise[out.source == row]
     assert torch.linalg.matrix_rank(rows_noise, rtol=1e-4) <= rank
     margins = margins64(out.z, out.y, w).scatter(1, out.y[:, None], 1.0)
-    rates = (margins < 0).any(1).double().view(draws, -1).mean(0)
-    assert rates.max() <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / draws)
+    counts = (margins < 0).any(1).view(draws, -1).sum(0)  # per row: Binomial(draws, ≤ δ)
+    assert int(counts.max()) <= binomial_upper(draws, 0.05, 1e-6 / counts.numel())
 
 
 def test_class_factor_from_features_reproduces_the_covariance():
@@ -629,9 +630,8 @@ def test_pre_ln_gradient_safety_and_module_dispatch():
     out.z.sum().backward()
     assert xr.grad.abs().sum() > 0
     margins = margins64(ln(out.z.detach()), out.y, w).scatter(1, out.y[:, None], 1.0)
-    assert (margins < 0).any(1).double().mean() <= 0.05 + 3 * math.sqrt(
-        0.05 * 0.95 / out.z.shape[0]
-    )
+    bad = int((margins < 0).any(1).sum())  # independent rows, each P ≤ δ: ≤ Binomial(M, δ)
+    assert bad <= binomial_upper(out.z.shape[0], 0.05, 1e-6)
     with pytest.raises(ValueError, match="ln="):
         CarrotAugment(cfg)(x, y, logits, w)
 
