@@ -39,6 +39,7 @@ from pipeline.augment.nuisance import (
     project_out,
     project_out_explicit,
     row_difference_sq,
+    shared_geometry,
     tail_quantile_sq,
     top_competitors,
 )
@@ -173,7 +174,9 @@ def carrot_augment(
         wc = centered_weight(weight)
         gram = wc @ wc.T
         k = min(cfg.topk, weight.shape[0] - 1)
-        if cfg.mode == "sample":
+        if cfg.mode == "sample" and k == weight.shape[0] - 1:  # every other class competes
+            geo = shared_geometry(wc, y)
+        elif cfg.mode == "sample":
             geo = competitor_geometry(wc, gram, y, top_competitors(logits, y, k))
         else:
             classes, inverse = torch.unique(y, return_inverse=True)

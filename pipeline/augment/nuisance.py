@@ -141,6 +141,33 @@ def competitor_geometry(
     return Competitors(y, kset, pinv, rank, nuisance, outside, wc, q)
 
 
+def shared_geometry(wc: Tensor, labels: Tensor) -> Competitors:
+    """:func:`competitor_geometry` when every row's Kset is all other classes (K = C − 1).
+
+    Then ``span{w_y − w_k : k ≠ y}`` is the span of the centred weight rows whatever y is, so
+    ONE orthonormal basis (1, R, D) float64 of ``wc`` (C, D) serves every row (``basis_rows``
+    all 0; ``pinv`` None): one eigendecomposition instead of one per row. No class lies
+    outside the Kset, so ``nuisance_var`` is 0 and ``outside`` all False.
+    """
+    n = labels.shape[0]
+    c = wc.shape[0]
+    basis, rank = orthonormal_rows(wc.unsqueeze(0))
+    others = torch.arange(c - 1, device=labels.device).expand(n, c - 1)
+    kset = others + (others >= labels[:, None])  # (N, C − 1): every class but y
+    zeros = torch.zeros(n, c, dtype=wc.dtype, device=wc.device)
+    return Competitors(
+        labels,
+        kset,
+        None,
+        rank.expand(n),
+        zeros,
+        zeros.bool(),
+        wc,
+        basis,
+        torch.zeros(n, dtype=torch.int64, device=labels.device),
+    )
+
+
 def _feature_space_geometry(
     wc: Tensor, gram: Tensor, labels: Tensor, kset: Tensor, *, basis: bool
 ) -> Competitors:
@@ -260,6 +287,9 @@ def project_out(
     """
     if geo.basis is not None and (v.dtype == torch.float32 or use_basis or geo.pinv is None):
         basis = geo.basis
+        if basis.shape[0] == 1:  # one basis shared by every row (`shared_geometry`)
+            q = basis[0].to(v.dtype)  # (R, D)
+            return v - (v @ q.T) @ q
         if geo.basis_rows is not None:
             out = _buffer(workspace, "basis", (geo.basis_rows.shape[0], *basis.shape[1:]), basis)
             basis = torch.index_select(basis, 0, geo.basis_rows, out=out)
