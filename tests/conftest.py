@@ -16,6 +16,12 @@ os.environ.setdefault("CARROT_HOME", tempfile.mkdtemp(prefix="carrot-test-home-"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (no example database between runs):
+# a failure reproduces, and a pass today is a pass tomorrow.
+settings.register_profile("carrot", derandomize=True, database=None)
+settings.load_profile("carrot")
 
 # One thread: tiny matmuls under OpenMP slow down 10×+ when another process holds a core.
 torch.set_num_threads(1)
