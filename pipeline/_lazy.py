@@ -14,9 +14,9 @@ from typing import Any
 
 def lazy_surface(
     package: str, exports: Mapping[str, str]
-) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package``: ``exports`` maps a public name to the
-    sub-module (relative to ``package``) that defines it."""
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``(__getattr__, __dir__, __all__)`` for ``package``: ``exports`` maps a public name to
+    the sub-module (relative to ``package``) that defines it."""
 
     def getattr_(name: str) -> Any:
         module = exports.get(name)
@@ -27,4 +27,4 @@ def lazy_surface(
     def dir_() -> list[str]:
         return sorted(exports)
 
-    return getattr_, dir_
+    return getattr_, dir_, sorted(exports)

@@ -7,27 +7,28 @@ compared with) · ``registry`` (names → settings and factories). Nothing here 
 
 from pipeline._lazy import lazy_surface
 
-_EXPORTS = {
-    "AugmentedBatch": "base",
-    "FeatureAugmentation": "base",
-    "CarrotConfig": "carrot",
-    "CarrotAugment": "carrot",
-    "CarrotOutput": "carrot",
-    "carrot_augment": "carrot",
-    "carrot_augment_pre_ln": "carrot",
-    "carrot_loss": "carrot",
-    "class_factor_from_features": "carrot",
-    "GaussianSettings": "peers",
-    "IsdaSettings": "peers",
-    "DCSettings": "peers",
-    "MixupSettings": "peers",
-    "ClassStats": "peers",
-    "normalize": "peers",
-    "augmentation_names": "registry",
-    "create_augmentation": "registry",
-    "default_settings": "registry",
-    "settings_class": "registry",
-    "settings_from_dict": "registry",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_surface(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_surface(
+    __name__,
+    {
+        "AugmentedBatch": "base",
+        "FeatureAugmentation": "base",
+        "CarrotConfig": "carrot",
+        "CarrotAugment": "carrot",
+        "CarrotOutput": "carrot",
+        "carrot_augment": "carrot",
+        "carrot_augment_pre_ln": "carrot",
+        "carrot_loss": "carrot",
+        "class_factor_from_features": "carrot",
+        "GaussianSettings": "peers",
+        "IsdaSettings": "peers",
+        "DCSettings": "peers",
+        "MixupSettings": "peers",
+        "ClassStats": "peers",
+        "normalize": "peers",
+        "augmentation_names": "registry",
+        "create_augmentation": "registry",
+        "default_settings": "registry",
+        "settings_class": "registry",
+        "settings_from_dict": "registry",
+    },
+)

@@ -7,24 +7,25 @@
 
 from pipeline._lazy import lazy_surface
 
-_EXPORTS = {
-    "ImageSource": "sources",
-    "ImageRecord": "sources",
-    "resolve_source": "sources",
-    "assign_splits": "splits",
-    "load_rgb": "images",
-    "ImageLoadError": "images",
-    "BackboneConfig": "backbone",
-    "Backbone": "backbone",
-    "create_backbone": "backbone",
-    "resolve_device": "backbone",
-    "load_checkpoint_file": "weights",
-    "ExtractConfig": "extract",
-    "extract_rows": "extract",
-    "EmbedSettings": "run",
-    "EmbedSummary": "run",
-    "run_embedding": "run",
-    "carrot_home": "run",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_surface(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_surface(
+    __name__,
+    {
+        "ImageSource": "sources",
+        "ImageRecord": "sources",
+        "resolve_source": "sources",
+        "assign_splits": "splits",
+        "load_rgb": "images",
+        "ImageLoadError": "images",
+        "BackboneConfig": "backbone",
+        "Backbone": "backbone",
+        "create_backbone": "backbone",
+        "resolve_device": "backbone",
+        "load_checkpoint_file": "weights",
+        "ExtractConfig": "extract",
+        "extract_rows": "extract",
+        "EmbedSettings": "run",
+        "EmbedSummary": "run",
+        "run_embedding": "run",
+        "carrot_home": "run",
+    },
+)

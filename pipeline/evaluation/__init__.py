@@ -8,14 +8,15 @@ nuisance subspace).
 
 from pipeline._lazy import lazy_surface
 
-_EXPORTS = {
-    "QualityConfig": "protocol",
-    "run_quality": "protocol",
-    "SuiteSettings": "suite",
-    "run_suite": "suite",
-    "write_quality_report": "report",
-    "SyntheticConfig": "synthetic",
-    "make_synthetic": "synthetic",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_surface(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_surface(
+    __name__,
+    {
+        "QualityConfig": "protocol",
+        "run_quality": "protocol",
+        "SuiteSettings": "suite",
+        "run_suite": "suite",
+        "write_quality_report": "report",
+        "SyntheticConfig": "synthetic",
+        "make_synthetic": "synthetic",
+    },
+)
