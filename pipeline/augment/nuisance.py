@@ -321,31 +321,6 @@ def nuisance_sq(geo: Competitors, v: Tensor, *, use_basis: bool = False) -> Tens
     return project_out(geo, v.transpose(0, 1)).square().sum(dim=-1).T
 
 
-def kset_drift_sq(geo: Competitors, drift: Tensor, drift_sq: Tensor) -> Tensor:
-    """(N, K) upper bound of ``‖P_N (Δ_y − Δ_k)‖²`` for each row's Kset, ``P_N`` the operator
-    of ``geo``'s float32 basis (the one float32 noise is projected with).
-
-    ``drift`` (C, D) float64 weight change Δ; ``drift_sq`` (N, K) ≥ ‖Δ_y − Δ_k‖². Computed in
-    float32 as ``‖v‖² − ‖Q v̂‖²`` (Q R near-orthonormal rows, v̂ the float32 difference), plus
-    a rounding allowance: ``|‖Q v̂‖² − ‖Q v‖²|`` and the non-orthogonality of Q are below
-    ``4·(√R·(D + 4) + R)·u·(‖Δ_y‖ + ‖Δ_k‖)²`` (u = 2⁻²⁴). Two small batched products per row,
-    no float64 (N, K, D) tensor. Requires a float32 ``geo.basis``.
-    """
-    basis = geo.basis if geo.basis_rows is None else geo.basis.index_select(0, geo.basis_rows)
-    y, kset = geo.labels, geo.kset
-    d32 = drift.float()
-    n, k = kset.shape
-    v = d32.index_select(0, kset.reshape(-1)).view(n, k, -1)  # (N, K, D) float32 Δ_k
-    v.sub_(d32.index_select(0, y).unsqueeze(1))  # Δ_k − Δ_y (the sign does not matter)
-    in_s = torch.bmm(v, basis.transpose(1, 2)).double().square().sum(dim=-1)  # (N, K) ‖Q v̂‖²
-    r, d = basis.shape[1:]
-    unit = torch.finfo(torch.float32).eps / 2
-    norms = drift.norm(dim=1)
-    scale = (norms[y][:, None] + norms[kset]).square()
-    allowance = 4 * (math.sqrt(r) * (d + 4) + r) * unit * scale
-    return (drift_sq - in_s + allowance).clamp_min(0).minimum(drift_sq)
-
-
 def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:
     """Rows of ``geo`` that are copies of one row (e.g. a class geometry taken per sample).
 
