@@ -27,6 +27,20 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def threads_or_auto(text: str) -> int | None:
+    """``auto`` → None (the thread policy of `pipeline.threads`), else an integer ≥ 1."""
+    if text.strip().lower() == "auto":
+        return None
+    expected = "a positive integer, or auto (one thread for small banks, all cores for large)"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def nonneg_float(text: str) -> float:
     value = _number(text, float, "a finite number ≥ 0")
     if not (math.isfinite(value) and value >= 0):

@@ -13,6 +13,7 @@ from flows.cli_args import (
     nonneg_int,
     positive_floats,
     positive_int,
+    threads_or_auto,
 )
 from pipeline.defaults import (
     DEFAULT_AUGS,
@@ -108,6 +109,7 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N",
     )
+    add_threads_option(g)
     g.add_argument(
         "--shots",
         type=positive_int,
@@ -152,6 +154,19 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="E",
         help="epochs without augmentation first",
+    )
+
+
+def add_threads_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads N|auto``: torch CPU threads of the training (auto: `pipeline.threads`)."""
+    p.add_argument(
+        "--threads",
+        type=threads_or_auto,
+        default="auto",
+        metavar="N",
+        help="torch CPU threads for training: auto = 1 for small banks (under 1e9 "
+        "multiply-adds per step, where threads slow down 2-10x beside a busy process), all "
+        "cores for large; N = exactly N (on a shared machine export OMP_WAIT_POLICY=PASSIVE)",
     )
 
 
@@ -220,6 +235,7 @@ def probe_settings_from_args(args: argparse.Namespace):
         shots=args.shots,
         seeds=tuple(range(args.seeds)),
         baseline=args.baseline,
+        threads=getattr(args, "threads", None),
     )
 
 
@@ -372,6 +388,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder; None: $CARROT_HOME/runs/demo")
     p.add_argument("--epochs", type=positive_int, default=30, metavar="E", help="epochs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_threads_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=run_demo)
 
@@ -394,7 +411,9 @@ def run_demo(args: argparse.Namespace) -> int:
         root=args.root or default_root(),
     )
     check_settings(embed)
-    probe = ProbeSettings(train=TrainConfig(epochs=args.epochs, device=device), baseline=True)
+    probe = ProbeSettings(
+        train=TrainConfig(epochs=args.epochs, device=device), baseline=True, threads=args.threads
+    )
     out = args.out or str(carrot_home() / "runs" / "demo")
     check_out_dir(out)
     with flow_settings():

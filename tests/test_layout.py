@@ -59,6 +59,9 @@ def test_imports_only_go_down():
 def test_every_public_name_resolves_to_its_module(package):
     pkg = importlib.import_module(package)
     assert pkg.__all__ and sorted(pkg.__all__) == pkg.__all__ == dir(pkg)
+    modules = {p.stem for p in (ROOT / package.replace(".", "/")).glob("*.py")}
+    # importing sub-module m sets attribute m on the package: an export named m would vanish
+    assert not modules & set(pkg.__all__), modules & set(pkg.__all__)
     for name in pkg.__all__:
         value = getattr(pkg, name)
         assert getattr(value, "__module__", "").startswith(package), (name, value)

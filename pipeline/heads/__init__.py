@@ -35,7 +35,6 @@ __getattr__, __dir__, __all__ = lazy_surface(
         "save_head": "io",
         "load_head": "io",
         "write_outputs": "io",
-        "predict": "predict",
         "ProbeSettings": "probe",
         "run_probe": "probe",
     },

@@ -32,8 +32,9 @@ from pipeline.errors import InputError
 from pipeline.heads.bank import Head, HeadGrid, HeadSpec
 from pipeline.heads.features import FeatureSet, Split
 from pipeline.heads.metrics import classification_metrics
-from pipeline.heads.search import search_grid
+from pipeline.heads.search import bank_step_work, search_grid
 from pipeline.heads.train import TrainConfig, fit_bank
+from pipeline.threads import thread_policy
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +183,34 @@ def run_fewshot(
     *,
     shots: int,
     seeds: Sequence[int] = (0,),
+    threads: int | None = None,
 ) -> FewShotResult:
-    """`run_fewshot_seed` for every seed; mean and std (population, ddof=0) of test metrics."""
+    """`run_fewshot_seed` for every seed; mean and std (population, ddof=0) of test metrics.
+
+    ``threads``: torch CPU threads for all of it; None: `pipeline.threads`' policy for a bank
+    over the ``shots × classes`` shot rows. Torch's thread count is restored afterwards."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    grid = grid if isinstance(grid, HeadGrid) else HeadGrid(tuple(grid))
+    work = math.nan
+    if features.splits and shots >= 1:
+        rows = shots * features.num_classes
+        work = bank_step_work(
+            grid.specs, cfg, rows=rows, dim=features.dim, classes=features.num_classes
+        )
+    with thread_policy(work, threads, device=cfg.device) as n:
+        logger.info("few-shot on %d torch thread(s): %.3g multiply-adds per step", n, work)
+        return _run_fewshot(features, grid, cfg, shots=shots, seeds=seeds)
+
+
+def _run_fewshot(
+    features: FeatureSet,
+    grid: HeadGrid | Sequence[HeadSpec],
+    cfg: TrainConfig | None = None,
+    *,
+    shots: int,
+    seeds: Sequence[int] = (0,),
+) -> FewShotResult:
+    """`run_fewshot` with the thread count already set."""
     cfg = cfg if cfg is not None else TrainConfig()
     grid = grid if isinstance(grid, HeadGrid) else HeadGrid(tuple(grid))
     if not seeds:

@@ -26,6 +26,7 @@ from pipeline.heads.features import FeatureSet
 from pipeline.heads.fewshot import FewShotResult, run_fewshot
 from pipeline.heads.search import TrainResult, train_head_bank
 from pipeline.heads.train import TrainConfig
+from pipeline.threads import check_threads
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ProbeSettings:
     shots: int | None = None  # k shots per class (few-shot mode); None = all training data
     seeds: tuple[int, ...] = (0,)  # few-shot seeds (mean ± std over them)
     baseline: bool = False  # also fit scikit-learn's logistic regression (C searched on val)
+    threads: int | None = None  # torch CPU threads for training; None: by size (pipeline.threads)
 
     def __post_init__(self) -> None:
         for option, values, ok, rule in (
@@ -57,6 +59,7 @@ class ProbeSettings:
             raise InputError("--aug: give at least one augmentation")
         if self.shots is not None and self.shots < 1:
             raise InputError(f"--shots {self.shots}: must be ≥ 1")
+        check_threads(self.threads, option="--threads")
 
 
 def build_grid(settings: ProbeSettings, *, plain_by_lbfgs: bool = True) -> HeadGrid:
@@ -91,7 +94,7 @@ def run_probe(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
     summary: dict[str, Any] = {"heads": len(grid), "augs": list(settings.augs)}
     report = ProbeReport(summary=summary)
     if settings.shots is None:
-        result = train_head_bank(features, grid, settings.train)
+        result = train_head_bank(features, grid, settings.train, threads=settings.threads)
         report.result = result
         test = result.test or {}
         summary.update(_test_fields(test))
@@ -102,7 +105,12 @@ def run_probe(features: FeatureSet, settings: ProbeSettings) -> ProbeReport:
         summary["carrot_diagnostics"] = _last_diagnostics(result)
     else:
         few = run_fewshot(
-            features, grid, settings.train, shots=settings.shots, seeds=settings.seeds
+            features,
+            grid,
+            settings.train,
+            shots=settings.shots,
+            seeds=settings.seeds,
+            threads=settings.threads,
         )
         report.fewshot = few
         summary.update(_test_fields(few.mean))

@@ -28,6 +28,7 @@ from pipeline.heads.bank import Head, HeadBank, HeadGrid, HeadSpec
 from pipeline.heads.features import FeatureSet
 from pipeline.heads.metrics import classification_metrics
 from pipeline.heads.train import FitOutput, TrainConfig, fit_bank, select_best
+from pipeline.threads import step_work, thread_policy
 
 logger = logging.getLogger(__name__)
 
@@ -190,19 +191,78 @@ class TrainResult:
         }
 
 
+def bank_step_work(
+    specs: Sequence[HeadSpec],
+    cfg: TrainConfig,
+    *,
+    rows: int,
+    dim: int,
+    classes: int,
+    in_memory: bool = True,
+) -> float:
+    """Multiply-adds of one training step of the bank (`pipeline.threads.step_work`), for the
+    thread policy: plain heads solved by L-BFGS step over all ``rows``, minibatch heads over one
+    batch; a bank with both is sized by the smaller step (one thread too few costs a large step
+    at most the core count; threads on a small step beside a busy process cost 2–10×). Stage 2
+    of the two-stage rule fits only the augmented heads near the best plain ``λ``: counted so."""
+    if not specs:
+        return math.nan
+    lbfgs = cfg.solver != "minibatch" and in_memory and not cfg.train_layer_norm
+    plain = [s for s in specs if s.aug == "none"] if lbfgs else []
+    minibatch = [s for s in specs if s.aug != "none"] if lbfgs else list(specs)
+    n_minibatch = len(minibatch)
+    if plain and minibatch and cfg.aug_near_best is not None:
+        lambdas = len({s.weight_decay for s in minibatch})
+        n_minibatch = math.ceil(n_minibatch * min(1.0, (2 * cfg.aug_near_best + 1) / lambdas))
+    works = []
+    if plain:
+        works.append(step_work(rows, dim, len(plain), classes))
+    if minibatch:
+        works.append(step_work(min(cfg.batch_size, rows), dim, n_minibatch, classes))
+    return min(works)
+
+
 def train_head_bank(
     features: FeatureSet,
     grid: HeadGrid | Sequence[HeadSpec],
     cfg: TrainConfig | None = None,
     *,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """Fit the heads of ``grid`` (two stages, see the module docstring), pick the best on
     validation, test it.
 
     ``features`` needs a ``train`` split; ``val`` is carved from it (class-balanced,
     ``cfg.val_fraction``) when missing; ``test`` is optional and only the chosen head sees it.
+    ``threads``: torch CPU threads for all of it; None: `pipeline.threads`' policy for the
+    bank's step size (`bank_step_work`). Torch's thread count is restored afterwards.
     """
+    cfg = cfg if cfg is not None else TrainConfig()
+    specs = tuple(grid.specs if isinstance(grid, HeadGrid) else grid)
+    work = math.nan
+    if features.has("train"):
+        work = bank_step_work(
+            specs,
+            cfg,
+            rows=features.num_rows("train"),
+            dim=features.dim,
+            classes=features.num_classes,
+            in_memory="train" in features.splits,
+        )
+    with thread_policy(work, threads, device=cfg.device) as n:
+        logger.info("training on %d torch thread(s): %.3g multiply-adds per step", n, work)
+        return _train_head_bank(features, specs, cfg, on_epoch=on_epoch)
+
+
+def _train_head_bank(
+    features: FeatureSet,
+    grid: HeadGrid | Sequence[HeadSpec],
+    cfg: TrainConfig | None = None,
+    *,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """`train_head_bank` with the thread count already set."""
     cfg = cfg if cfg is not None else TrainConfig()
     specs = tuple(grid.specs if isinstance(grid, HeadGrid) else grid)
     if not specs:

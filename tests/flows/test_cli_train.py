@@ -451,3 +451,45 @@ def test_a_head_scores_a_store_only_with_the_same_classes_in_the_same_order(head
     if head != store:
         with pytest.raises(InputError, match="--allow-other-classes"):
             check_head_fits(config, s, head_dir="h")
+
+
+# --------------------------------------------------------------------------- --threads
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", ""])
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_a_bad_thread_count_exits_2_naming_the_option(
+    no_server, class_stores, capsys, command, value
+):
+    argv = _train_argv(class_stores[3]) if command == "train" else ["demo"]
+    line = _exit_2_one_line(capsys, [*argv, "--threads", value])
+    assert "--threads" in line and "positive integer, or auto" in line
+
+
+def test_threads_default_to_the_policy_and_take_a_count():
+    from flows.cli import build_parser
+    from flows.cli_train import probe_settings_from_args
+
+    parser = build_parser()
+    for argv, expected in (
+        (["s"], None),
+        (["s", "--threads", "auto"], None),
+        (["s", "--threads", "3"], 3),
+    ):
+        args = parser.parse_args(["train", *argv, "--device", "cpu"])
+        assert args.threads == expected
+        assert probe_settings_from_args(args).threads == expected
+    assert parser.parse_args(["demo"]).threads is None
+    assert parser.parse_args(["demo", "--threads", "2"]).threads == 2
+
+
+def test_threads_help_shows_auto_and_the_policy_threshold(capsys):
+    from pipeline.threads import THREADS_FROM_WORK
+
+    for command in ("train", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--threads N" in text and "(default: auto)" in text
+        assert f"under {THREADS_FROM_WORK:.0e}".replace("e+0", "e") in text  # "under 1e9"
