@@ -1,15 +1,16 @@
 """The frozen timm backbone of stage 1: creation, weights, preprocessing and a batched forward.
 
 ``create_backbone(cfg)`` builds ``timm.create_model(name, num_classes=0)`` (the pre-logits
-embedding), loads weights (hub, a local checkpoint file, or a seeded random init), freezes it and
-measures the embedding width with a dummy forward. ``describe_backbone(cfg)`` gives the same
-identity (data config, weights, precision) without loading any weights, for cache look-ups;
+embedding) with its weights (hub, a local checkpoint file — both loaded by timm itself — or a
+seeded random init), freezes it and measures the embedding width with a dummy forward.
+``describe_backbone(cfg)`` gives the same identity (data config, weights, precision) without loading any weights, for cache look-ups;
 ``check_weights(cfg)`` fails fast on weights that cannot be used, without building the model.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ import torch
 from PIL import Image
 
 from pipeline.embed.weights import (
+    check_checkpoint_fits,
+    checkpoint_load_error,
+    checkpoint_overlay,
     ensure_hub_weights_available,
     file_sha256,
-    fit_state_dict,
     load_checkpoint_file,
-    load_state_dict_into,
     pretrained_cfg,
 )
 from pipeline.errors import InputError
@@ -182,22 +184,29 @@ def describe_backbone(cfg: BackboneConfig) -> tuple[dict[str, Any], dict[str, An
 def check_weights(cfg: BackboneConfig) -> None:
     """Fail fast on weights that cannot be used, before any work or server starts.
 
-    A checkpoint is read (tensors only; pickled code refused) and fitted to the model built on
-    the meta device — no memory, no init: missing keys, shape mismatches and NaN/Inf tensors
-    are caught here. Hub weights must be in the local cache or downloadable. A random init
-    needs nothing (cheap).
+    A checkpoint is read (tensors only; pickled code refused) and loaded by timm into the model
+    built on the meta device — no memory, no init: missing keys, shape mismatches and NaN/Inf
+    tensors are caught here (:func:`~pipeline.embed.weights.check_checkpoint_fits`). Hub weights
+    must be in the local cache or downloadable. A random init needs nothing (cheap).
 
     Raises:
         InputError: naming the checkpoint (and tensor) or ``--checkpoint``.
     """
     validate_backbone_name(cfg.name)
     if cfg.checkpoint is not None:
-        state_dict = load_checkpoint_file(cfg.checkpoint)
-        with torch.device("meta"):
-            model = _build_model(cfg, pretrained=False)
-        fit_state_dict(model, state_dict, cfg.checkpoint)
+        _check_checkpoint(cfg, cfg.checkpoint)
     elif cfg.pretrained:
         ensure_hub_weights_available(cfg.name)
+
+
+def _check_checkpoint(cfg: BackboneConfig, path: str) -> None:
+    """Read ``path`` and check that timm loads it into ``cfg``'s model (on the meta device)."""
+    state_dict = load_checkpoint_file(path)
+
+    def build(overlay: dict[str, Any]) -> torch.nn.Module:
+        return _build_model(cfg, pretrained=True, pretrained_cfg_overlay=overlay)
+
+    check_checkpoint_fits(build, state_dict, path)
 
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:
@@ -211,25 +220,30 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     use_hub = cfg.pretrained and cfg.checkpoint is None
-    if cfg.pretrained and cfg.checkpoint is not None:
-        logger.info("both pretrained and checkpoint given: loading %s", cfg.checkpoint)
-    state_dict = load_checkpoint_file(cfg.checkpoint) if cfg.checkpoint else None
-    if use_hub:
+    overlay: dict[str, Any] | None = None
+    if cfg.checkpoint is not None:
+        if cfg.pretrained:
+            logger.info("both pretrained and checkpoint given: loading %s", cfg.checkpoint)
+        _check_checkpoint(cfg, cfg.checkpoint)  # one-line errors before any real weights load
+        overlay = checkpoint_overlay(cfg.checkpoint)
+    elif use_hub:
         ensure_hub_weights_available(cfg.name)
     try:
         # random init (and anything timm leaves random) is seeded; the caller's RNG is restored
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = _build_model(cfg, pretrained=use_hub)
-    except RuntimeError as e:
-        if use_hub:
+            model = _build_model(
+                cfg, pretrained=overlay is not None or use_hub, pretrained_cfg_overlay=overlay
+            )
+    except Exception as e:
+        if overlay is not None:  # checked above: the file changed, or timm read it otherwise
+            raise checkpoint_load_error(cfg.checkpoint, e) from e  # type: ignore[arg-type]
+        if use_hub and isinstance(e, RuntimeError):
             raise InputError(
                 f"cannot load pretrained weights for {cfg.name!r}: {e}. Pass --checkpoint FILE "
                 "with a local .safetensors/.pth instead"
             ) from None
         raise
-    if state_dict is not None:
-        load_state_dict_into(model, state_dict, cfg.checkpoint)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         model = model.to(device, memory_format=torch.channels_last)
@@ -283,18 +297,36 @@ def validate_backbone_name(name: str) -> None:
             ) from None
 
 
-def _build_model(cfg: BackboneConfig, *, pretrained: bool) -> torch.nn.Module:
-    """``timm.create_model(name, num_classes=0)``; passes ``img_size`` to models that take it."""
+def _build_model(
+    cfg: BackboneConfig, *, pretrained: bool, pretrained_cfg_overlay: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """``timm.create_model(name, num_classes=0)``; passes ``img_size`` to models that take it.
+
+    With ``pretrained``, timm loads the weights ``pretrained_cfg_overlay`` points at (a local
+    ``file`` or an in-memory ``state_dict``), or else the hub's, through the model's own
+    checkpoint filter.
+    """
+    kwargs: dict[str, Any] = {"pretrained": pretrained, "num_classes": 0}
+    if pretrained_cfg_overlay is not None:
+        kwargs["pretrained_cfg_overlay"] = pretrained_cfg_overlay
     if cfg.image_size is not None:
         if cfg.image_size < 8:
             raise InputError(f"image_size={cfg.image_size} is too small; use e.g. 224")
-        try:
-            return timm.create_model(
-                cfg.name, pretrained=pretrained, num_classes=0, img_size=cfg.image_size
-            )
-        except TypeError:
-            pass  # the architecture has no fixed input size (e.g. CNNs)
-    return timm.create_model(cfg.name, pretrained=pretrained, num_classes=0)
+        if _takes_img_size(cfg.name, cfg.image_size):
+            kwargs["img_size"] = cfg.image_size
+    return timm.create_model(cfg.name, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_img_size(name: str, image_size: int) -> bool:
+    """Whether the architecture takes ``img_size`` (CNNs do not), asked without weights on the
+    meta device, so that a TypeError while loading a checkpoint is never mistaken for a no."""
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+    except TypeError:
+        return False
+    return True
 
 
 def _data_config(model: torch.nn.Module, image_size: int | None) -> dict[str, Any]:

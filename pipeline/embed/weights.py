@@ -2,11 +2,15 @@
 
 - :func:`load_checkpoint_file` reads ``.safetensors`` or ``.pth``/``.pt`` safely (no pickled code),
   with one-line errors for files that are not checkpoints, are cut short or carry code.
-- :func:`fit_state_dict` checks a state dict against a ``num_classes=0`` timm model (missing
-  keys, shape mismatches, NaN/Inf values; works on a meta-device model) and
-  :func:`load_state_dict_into` loads it.
-- :func:`ensure_hub_weights_available` fails at once, naming ``--checkpoint``, when hub weights
-  are neither cached locally nor downloadable.
+- Loading is timm's own: ``timm.create_model(..., pretrained=True,
+  pretrained_cfg_overlay=checkpoint_overlay(path))`` runs the model's registered checkpoint filter
+  (e.g. resampled ViT position embeddings, DeiT-III layer-scale names), drops the classifier and
+  loads. :func:`check_checkpoint_fits` runs that same load on the meta device first (no memory,
+  no init), strictly, so missing keys, shape mismatches and NaN/Inf tensors are named before any
+  weights are read into a model.
+- :func:`ensure_hub_weights_available` asks huggingface_hub itself (its cache, then the Hub through
+  the client's own proxy, auth and offline settings) and fails at once, naming ``--checkpoint``,
+  when the weights can be neither found nor downloaded.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import logging
 import os
 import pickle
 import re
-import socket
-import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import timm
@@ -30,18 +35,25 @@ from pipeline.errors import InputError
 from pipeline.terminal import one_line
 
 __all__ = [
+    "check_checkpoint_fits",
+    "checkpoint_load_error",
+    "checkpoint_overlay",
     "ensure_hub_weights_available",
     "file_sha256",
-    "fit_state_dict",
     "load_checkpoint_file",
-    "load_state_dict_into",
     "pretrained_cfg",
 ]
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-_HUB_PROBE_SECONDS = 2.0
+_HUB_TIMEOUT_SECONDS = 10.0  # one metadata request, no retries: a check must fail fast
+# timm's order for a Hub repo (timm.models._hub.load_state_dict_from_hf): the safetensors
+# alternative of the file first, then the file itself.
+_SAFE_ALTERNATIVES = {
+    "pytorch_model.bin": "model.safetensors",
+    "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
+}
 
 
 def pretrained_cfg(name: str) -> dict[str, Any]:
@@ -53,16 +65,20 @@ def pretrained_cfg(name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- hub weights
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "ON", "YES", "TRUE"}
-
-
 def ensure_hub_weights_available(name: str) -> None:
-    """Fail at once, naming ``--checkpoint``, when hub weights can be neither found in the local
-    cache nor downloaded (``HF_HUB_OFFLINE=1`` or the host unreachable within 2 s)."""
+    """Fail at once, naming ``--checkpoint``, when the hub weights of ``name`` can be neither
+    found in the local cache nor downloaded.
+
+    For a Hugging Face repo: ``hf_hub_download(local_files_only=True)`` (the cache), then one
+    ``get_hf_file_metadata`` request (the start of a real download, through huggingface_hub's
+    own client: ``HTTPS_PROXY``, ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply).
+    For a plain URL (a few legacy models): torch hub's cache, then one HEAD request through
+    urllib (proxy variables apply).
+
+    Raises:
+        InputError: no pretrained weights exist, or they cannot be fetched (offline, host
+            unreachable, repository missing or gated, no weights file).
+    """
     pcfg = pretrained_cfg(name)
     hf_hub_id, url = pcfg.get("hf_hub_id"), pcfg.get("url")
     if not hf_hub_id and not url:
@@ -70,57 +86,102 @@ def ensure_hub_weights_available(name: str) -> None:
             f"timm has no pretrained weights for {name!r}; drop --pretrained (random init) or "
             "pass --checkpoint FILE with a local .safetensors/.pth"
         )
-    if hf_hub_id and _in_hf_cache(hf_hub_id, pcfg.get("hf_hub_filename")):
-        return
-    if url and _in_torch_hub_cache(url):
-        return
-    if hf_hub_id:
-        from huggingface_hub import constants
-
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    else:
-        host = urlparse(url).hostname or ""
-    why = "HF_HUB_OFFLINE is set" if _hub_offline() else None
-    if why is None and not _reachable(host):
-        why = f"{host} is unreachable"
+    why = (
+        _hf_hub_problem(hf_hub_id, pcfg.get("hf_hub_filename")) if hf_hub_id else _url_problem(url)
+    )
     if why is not None:
         raise InputError(
-            f"cannot download pretrained weights for {name!r} (offline: {why}) and they are not "
-            "in the local cache. Pass --checkpoint FILE with a local .safetensors/.pth, or "
-            "drop --pretrained for a random init, or run once with network access to cache them"
+            f"cannot download pretrained weights for {name!r} ({why}) and they are not in the "
+            "local cache. Pass --checkpoint FILE with a local .safetensors/.pth, or drop "
+            "--pretrained for a random init, or run once with network access to cache them"
         )
 
 
-def _in_hf_cache(hf_hub_id: str, filename: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+def _hf_candidates(filename: str | None) -> list[str]:
+    """The files timm tries, in its order, for a repo whose weights file is ``filename``."""
+    filename = filename or "pytorch_model.bin"
+    safe = _SAFE_ALTERNATIVES.get(filename)
+    if safe is None and filename.endswith(".bin"):
+        safe = filename[: -len(".bin")] + ".safetensors"
+    return [safe, filename] if safe else [filename]
+
+
+def _hf_hub_problem(hf_hub_id: str, filename: str | None) -> str | None:
+    """None when one of the repo's weights files is cached or downloadable, else why not."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, _, revision = hf_hub_id.partition("@")
-    names = [filename] if filename else []
-    names += [
-        "model.safetensors",
-        "pytorch_model.bin",
-        "open_clip_model.safetensors",
-        "open_clip_pytorch_model.bin",
-    ]
-    for fname in names:
-        found = try_to_load_from_cache(repo, fname, revision=revision or None)
-        if isinstance(found, str):
-            return True
-    return False
+    candidates = _hf_candidates(filename)
+    for fname in candidates:
+        try:
+            hf_hub_download(repo, fname, revision=revision or None, local_files_only=True)
+            return None
+        except LocalEntryNotFoundError:
+            continue
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    for fname in candidates:
+        url = hf_hub_url(repo, fname, revision=revision or None)
+        try:
+            get_hf_file_metadata(url, timeout=_HUB_TIMEOUT_SECONDS)
+            return None
+        except OfflineModeIsEnabled:
+            return "offline: HF_HUB_OFFLINE is set"
+        except GatedRepoError:  # before RepositoryNotFoundError, its base class
+            return (
+                f"{repo} is a gated repository: accept its terms on {host} and log in "
+                "(hf auth login, or set HF_TOKEN)"
+            )
+        except RepositoryNotFoundError:
+            return f"{repo} is not a repository on {host}, or it is private: log in"
+        except RevisionNotFoundError:
+            return f"{repo} has no revision {revision!r}"
+        except LocalEntryNotFoundError as e:  # a network failure, as hf_hub_download reports it
+            return f"offline: cannot reach {host}{_via_proxy()} ({_quote(e.__cause__ or e)})"
+        except EntryNotFoundError:
+            continue  # try timm's next file name
+        except Exception as e:  # httpx/requests connection, proxy, TLS and HTTP errors
+            if isinstance(e.__cause__, OfflineModeIsEnabled):
+                return "offline: HF_HUB_OFFLINE is set"
+            return f"offline: cannot reach {host}{_via_proxy()} ({_quote(e)})"
+    return f"{repo} has none of the weights files {candidates}"
 
 
-def _in_torch_hub_cache(url: str) -> bool:
+def _via_proxy() -> str:
+    """`` through proxy HOST:PORT`` when an HTTPS proxy is configured (no credentials shown)."""
+    proxy = urllib.request.getproxies().get("https")
+    if not proxy:
+        return ""
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    where = f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname
+    return f" through proxy {where}"
+
+
+def _url_problem(url: str) -> str | None:
+    """None when the file at ``url`` is in torch hub's cache or answers a HEAD request."""
+    from huggingface_hub import constants
+
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-    return path.is_file()
-
-
-@functools.lru_cache(maxsize=8)
-def _reachable(host: str) -> bool:
+    if path.is_file():
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "offline: HF_HUB_OFFLINE is set"
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "torch.hub"})
     try:
-        with socket.create_connection((host, 443), timeout=_HUB_PROBE_SECONDS):
-            return True
-    except OSError:
-        return False
+        with urllib.request.urlopen(request, timeout=_HUB_TIMEOUT_SECONDS):
+            return None
+    except urllib.error.HTTPError as e:
+        return f"{url} answers HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        host = urlparse(url).hostname or url
+        return f"offline: cannot reach {host}{_via_proxy()} ({_quote(e)})"
 
 
 # --------------------------------------------------------------------------- checkpoint files
@@ -137,8 +198,9 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """Read a local checkpoint safely into a flat ``{name: tensor}`` state dict (CPU).
 
     ``.safetensors`` via safetensors; ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``
-    (pickled code is refused, never run). A dict nested under ``"state_dict"`` or ``"model"`` is
-    unwrapped; a ``"module."`` prefix (DataParallel) is stripped.
+    (pickled code is refused, never run). The entry timm's loader takes is unwrapped
+    (``"state_dict_ema"``, ``"model_ema"``, ``"state_dict"`` or ``"model"``, in that order) and
+    ``"module."`` / ``"_orig_mod."`` prefixes (DataParallel, torch.compile) are stripped.
 
     Raises:
         InputError: one line naming the file: missing, not a checkpoint (text, empty, another
@@ -156,7 +218,8 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
         )
     obj = _read_safetensors(p, path) if suffix == ".safetensors" else _read_torch(p, path)
     if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
+        # the entry timm's own loader (timm.models.load_state_dict) takes, EMA weights first
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -165,7 +228,9 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
             f"checkpoint {path!r} is not a state dict of tensors (nor one under 'state_dict' or "
             "'model'); save model.state_dict()"
         )
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+    if not obj:
+        raise InputError(f"checkpoint {path!r} holds no tensors; save model.state_dict()")
+    return timm.models.clean_state_dict(obj)  # DataParallel / torch.compile prefixes, as timm
 
 
 def _read_safetensors(p: Path, path: str) -> dict[str, torch.Tensor]:
@@ -231,65 +296,128 @@ def _quote(e: BaseException) -> str:
     return type(e).__name__ if "weights_only" in text else f"{type(e).__name__}: {text}"
 
 
-def fit_state_dict(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str
-) -> dict[str, torch.Tensor]:
-    """The entries of ``state_dict`` that ``model`` (num_classes=0) takes, checked.
+# Every local load: never the hub, and the file's classifier is of unknown size, so timm drops
+# the classifier keys and loads non-strictly — as it does for any model whose pretrained
+# config has a classifier of another size (also those, like DINOv2's, whose config has none).
+_LOCAL_OVERLAY: dict[str, Any] = {"url": None, "hf_hub_id": None, "num_classes": -1}
 
-    timm's checkpoint filter of the model family runs first (e.g. resampled ViT position
-    embeddings); classifier keys are dropped; other extra keys are logged. Works on a model
-    built on the meta device (only names and shapes are compared).
+
+def checkpoint_overlay(path: str) -> dict[str, Any]:
+    """``pretrained_cfg_overlay`` that makes timm load the local file ``path``."""
+    return {**_LOCAL_OVERLAY, "file": str(Path(path).expanduser())}
+
+
+Builder = Callable[[dict[str, Any]], torch.nn.Module]
+"""``pretrained_cfg_overlay`` → the model, built by ``timm.create_model(..., pretrained=True)``."""
+
+
+def check_checkpoint_fits(build: Builder, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Check that timm loads ``state_dict`` into the model ``build`` makes, without weights.
+
+    ``build`` runs on the meta device with a shape-only copy of ``state_dict``, twice at most:
+    timm's checkpoint filter of the model, then a strict load that keeps the classifier keys
+    (so nothing is dropped unseen): missing keys and shape mismatches are errors. If the only
+    complaint is keys the model does not have (a classifier, extras), the load the real model
+    gets (:func:`checkpoint_overlay`) must accept them. Then the tensors the model takes must be
+    finite.
 
     Raises:
-        InputError: missing backbone keys, shape mismatches, or NaN/Inf values in a kept
-            tensor (named).
+        InputError: missing keys or shape mismatches (named), a filter that fails on this
+            checkpoint, keys timm will not drop, or NaN/Inf in a tensor the model takes.
     """
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:  # timm's own conversion (e.g. resampled ViT position embeddings)
+    overlay = {**_LOCAL_OVERLAY, "state_dict": {k: v.to("meta") for k, v in state_dict.items()}}
+    unexpected: list[str] = []
+    try:
+        with torch.device("meta"):
+            build({**overlay, "classifier": None})
+    except InputError:
+        raise
+    except RuntimeError as e:
+        problems = _load_problems(e)
+        if problems is None or problems.missing or problems.mismatched or problems.other:
+            raise _fit_error(path, e) from e
+        unexpected = problems.unexpected
         try:
-            state_dict = filter_fn(dict(state_dict), model)
-        except Exception as e:  # a filter written for another layout: check the raw keys below
-            logger.debug(
-                "checkpoint filter of %s failed (%s); using the keys as saved",
-                type(model).__name__,
-                e,
-            )
-    own = model.state_dict()
-    classifier = (
-        model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    )
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    extra = [k for k in state_dict if k not in own]
-    dropped = [k for k in extra if any(k == h or k.startswith(h + ".") for h in heads)]
-    unexpected = [k for k in extra if k not in dropped]
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
-    bad_shape = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or bad_shape:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
-        if bad_shape:
-            detail.append(f"{len(bad_shape)} shape mismatch(es), e.g. {bad_shape[:3]}")
-        raise InputError(
-            f"checkpoint {path!r} does not fit {type(model).__name__} ({'; '.join(detail)}); "
-            "check that the model name matches the checkpoint"
-        )
-    if dropped:
-        logger.info("checkpoint %s: dropped %d classifier key(s) (%s)", path, len(dropped), heads)
-    if unexpected:
-        logger.warning(
-            "checkpoint %s: ignoring %d key(s) the model does not have, e.g. %s",
+            with torch.device("meta"):
+                build(overlay)
+        except Exception as e2:
+            raise _fit_error(path, e2) from e2
+        logger.info(
+            "checkpoint %s: dropping %d key(s) the model does not have: %s",
             path,
             len(unexpected),
             unexpected[:5],
         )
-    keep = {k: v for k, v in state_dict.items() if k in own}
-    _refuse_non_finite(keep, path)
-    return keep
+    except Exception as e:  # a filter written for another layout (KeyError, ...)
+        raise _fit_error(path, e) from e
+    skip = set(unexpected)
+    _refuse_non_finite({k: v for k, v in state_dict.items() if k not in skip}, path)
+
+
+def checkpoint_load_error(path: str, error: BaseException) -> InputError:
+    """One-line InputError for timm failing to load checkpoint ``path`` (``error`` quoted)."""
+    return InputError(
+        f"cannot load checkpoint {path!r} ({_quote(error)}); check that the model name matches "
+        "the checkpoint"
+    )
+
+
+def _fit_error(path: str, error: BaseException) -> InputError:
+    """``does not fit`` naming the keys, for an error of torch's ``load_state_dict``."""
+    problems = _load_problems(error) if isinstance(error, RuntimeError) else None
+    if problems is None:
+        return checkpoint_load_error(path, error)
+    detail = []
+    if problems.missing:
+        detail.append(f"{len(problems.missing)} missing key(s), e.g. {problems.missing[:5]}")
+    if problems.mismatched:
+        n, some = len(problems.mismatched), problems.mismatched[:3]
+        detail.append(f"{n} shape mismatch(es), e.g. {some}")
+    if problems.unexpected and not detail:
+        n, some = len(problems.unexpected), problems.unexpected[:5]
+        detail.append(f"{n} key(s) the model does not have, e.g. {some}")
+    detail += [one_line(line, limit=200) for line in problems.other[:1]]
+    return InputError(
+        f"checkpoint {path!r} does not fit {problems.model} ({'; '.join(detail)}); "
+        "check that the model name matches the checkpoint"
+    )
+
+
+class _LoadProblems(NamedTuple):
+    """What torch's ``load_state_dict`` complained about, by kind (key names as in the model)."""
+
+    model: str  # class name
+    missing: list[str]
+    mismatched: list[str]  # "key (checkpoint shape) vs (model shape)"
+    unexpected: list[str]
+    other: list[str]
+
+
+_LOAD_ERROR = re.compile(r"Error\(s\) in loading state_dict for (\w+):")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)"
+)
+
+
+def _load_problems(error: RuntimeError) -> _LoadProblems | None:
+    """The complaints in the message of torch's ``load_state_dict``; None for another error."""
+    lines = str(error).split("\n\t")
+    head = _LOAD_ERROR.match(lines[0])
+    if head is None:
+        return None
+    problems = _LoadProblems(head.group(1), [], [], [], [])
+    for line in lines[1:]:
+        if line.startswith("Missing key(s) in state_dict:"):
+            problems.missing.extend(re.findall(r'"([^"]*)"', line))
+        elif line.startswith("Unexpected key(s) in state_dict:"):
+            problems.unexpected.extend(re.findall(r'"([^"]*)"', line))
+        elif m := _SIZE_MISMATCH.match(line):
+            key, have, want = m.groups()
+            problems.mismatched.append(f"{key} ({have}) vs ({want})")
+        else:
+            problems.other.append(line)
+    return problems
 
 
 def _refuse_non_finite(state_dict: dict[str, torch.Tensor], path: str) -> None:
@@ -305,13 +433,6 @@ def _refuse_non_finite(state_dict: dict[str, torch.Tensor], path: str) -> None:
             f"checkpoint {path!r} holds NaN/Inf in tensor {bad[0]!r}{more}; its features would "
             "be NaN/Inf: use weights saved before training diverged, or another --checkpoint"
         )
-
-
-def load_state_dict_into(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str
-) -> None:
-    """Check ``state_dict`` with :func:`fit_state_dict` and load it into ``model``."""
-    model.load_state_dict(fit_state_dict(model, state_dict, path), strict=False)
 
 
 def file_sha256(path: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 
 import numpy as np
@@ -87,7 +88,9 @@ def _reference(model, backbone):
         return model(_x(backbone))
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "plain", "state_dict", "model", "module"])
+@pytest.mark.parametrize(
+    "layout", ["safetensors", "plain", "state_dict", "model", "module", "compiled", "ema"]
+)
 def test_checkpoint_loading(tmp_path, layout):
     src = _trained_like()
     sd = src.state_dict()
@@ -102,6 +105,9 @@ def test_checkpoint_loading(tmp_path, layout):
             "state_dict": {"state_dict": sd, "epoch": 3},
             "model": {"model": sd, "optimizer": {}},
             "module": {f"module.{k}": v for k, v in sd.items()},
+            "compiled": {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile'd model
+            # timm's loader takes the EMA weights of a training checkpoint: so does the check
+            "ema": {"state_dict": _trained_like(seed=12).state_dict(), "state_dict_ema": sd},
         }[layout]
         torch.save(obj, path)
     b = create_backbone(BackboneConfig("test_resnet", checkpoint=str(path), **CPU))
@@ -118,6 +124,44 @@ def test_vit_checkpoint_at_another_image_size(tmp_path):
     b = create_backbone(BackboneConfig("test_vit", checkpoint=str(path), image_size=96, **CPU))
     assert b.input_size == (3, 96, 96)
     assert b.forward(_x(b)).shape == (2, b.dim)
+
+
+def test_deit3_checkpoint_in_its_original_layout_goes_through_timms_own_filter(tmp_path):
+    """DeiT-III as its authors saved it (``blocks.N.gamma_1``), with a 5-class head, at 224 px:
+    timm registers DeiT's filter with ``adapt_layer_scale=True`` (``gamma_1`` → ``ls1.gamma``),
+    drops the head and resamples the position embeddings to 64 px."""
+    torch.manual_seed(3)
+    src = timm.create_model("deit3_small_patch16_224", num_classes=5).eval()
+    sd = src.state_dict()
+    original = {
+        re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", k): v.contiguous() for k, v in sd.items()
+    }
+    assert "blocks.0.gamma_1" in original and "head.weight" in original
+    path = tmp_path / "deit3_original.safetensors"
+    save_file(original, path)
+    cfg = BackboneConfig("deit3_small_patch16_224", checkpoint=str(path), image_size=64, **CPU)
+    check_weights(cfg)
+    b = create_backbone(cfg)
+    for i in (0, 11):
+        assert torch.equal(b.model.blocks[i].ls1.gamma, sd[f"blocks.{i}.ls1.gamma"])
+        assert torch.equal(b.model.blocks[i].ls2.gamma, sd[f"blocks.{i}.ls2.gamma"])
+    assert torch.equal(b.model.blocks[5].attn.qkv.weight, sd["blocks.5.attn.qkv.weight"])
+    assert b.model.pos_embed.shape == (1, 16, 384)  # 4 x 4 patches, resampled from 14 x 14
+    assert torch.isfinite(b.forward(_x(b))).all()
+
+
+def test_head_keys_are_dropped_when_the_pretrained_config_has_no_classifier(tmp_path):
+    """DINO's config says num_classes=0, so timm alone would refuse the head of a fine-tune."""
+    name = "vit_small_patch16_224.dino"
+    assert timm.models.get_pretrained_cfg(name).num_classes == 0
+    torch.manual_seed(4)
+    src = timm.create_model(name, num_classes=7, img_size=64).eval()
+    path = tmp_path / "dino_finetuned.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+    cfg = BackboneConfig(name, checkpoint=str(path), image_size=64, **CPU)
+    check_weights(cfg)
+    b = create_backbone(cfg)
+    torch.testing.assert_close(b.forward(_x(b)), _reference(src, b))
 
 
 def _one_clean_line(message: str) -> None:
@@ -202,8 +246,8 @@ def test_check_weights_catches_a_misfit_before_building_the_model(tmp_path, monk
 
     real_build = bb._build_model
 
-    def meta_only(cfg, *, pretrained):
-        model = real_build(cfg, pretrained=pretrained)
+    def meta_only(cfg, **kwargs):
+        model = real_build(cfg, **kwargs)
         assert next(model.parameters()).device.type == "meta", "check_weights built a real model"
         return model
 
