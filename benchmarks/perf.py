@@ -85,6 +85,14 @@ def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
                 "target": "<= 1",
             }
             for r in p["rows"]
+        ] + [
+            {
+                "metric": f"default bank / --aug none bank time, {r['data']}",
+                "value": r["default/plain"],
+                "unit": "time ratio",
+                "target": f"<= {probe_parity.TARGET_BANK_RATIO}",
+            }
+            for r in p["rows"]
         ]
         rows += _rows("stage 2: probe vs logistic regression", where, parity_rows)
     return {

@@ -94,9 +94,9 @@ class BankOptimizer:
             if p.grad is None:
                 continue
             per_head = (-1,) + (1,) * (p.ndim - 1)
-            grad = p.grad
+            grad = p.grad  # updated in place: it is this step's to consume
             if group["name"] == "weight":
-                grad = torch.addcmul(grad, p, self.weight_decay.view(per_head))
+                grad.addcmul_(p, self.weight_decay.view(per_head))  # coupled L2: g + λ·W
             lr = self.lr.view(per_head)
             state = self.state.setdefault(p, {})
             if self.kind == "sgd":
@@ -105,14 +105,18 @@ class BankOptimizer:
                     buf = state["momentum_buffer"] = grad.clone()
                 else:
                     buf.mul_(self.momentum).add_(grad)
-                p.sub_(buf * lr)
+                p.addcmul_(buf, lr, value=-1.0)
                 continue
-            if not state:
+            if not state:  # moments and one scratch tensor: no fresh allocation per step
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["scratch"] = torch.empty_like(p)
+            m, v, buf = state["exp_avg"], state["exp_avg_sq"], state["scratch"]
             m.lerp_(grad, 1.0 - b1)
             v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-            denom = v.sqrt().div_(math.sqrt(1.0 - b2**self.steps)).add_(self.eps)
-            p.sub_(m.div(denom).mul_(lr / (1.0 - b1**self.steps)))
+            # lr·m̂/(√v̂ + ε) = lr·(√bc2/bc1)·m/(√v + ε·√bc2): the bias corrections as scalars
+            root_bc2 = math.sqrt(1.0 - b2**self.steps)
+            torch.sqrt(v, out=buf).add_(self.eps * root_bc2)
+            torch.div(m, buf, out=buf)
+            p.addcmul_(buf, lr, value=-root_bc2 / (1.0 - b1**self.steps))
         return loss
