@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks._report import median_time, write_report
+from benchmarks.probe_parity import digits_pixels
 from pipeline.heads.bank import HeadGrid
 from pipeline.heads.features import FeatureSet
 from pipeline.heads.train import TrainConfig, fit_bank
@@ -110,19 +111,6 @@ def _row(metric: str, value: float, *, applies: bool = True, unit: str = "") -> 
     }
 
 
-def _digits_pixels() -> FeatureSet:
-    """scikit-learn's digits as 64 raw pixels: train/val/test 70/10/20 % (as `probe_parity`)."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    p = np.random.default_rng(0).permutation(len(y))
-    X, y = X[p].astype(np.float32), y[p]
-    a, b = int(0.7 * len(y)), int(0.8 * len(y))
-    return FeatureSet.from_arrays(
-        {"train": (X[:a], y[:a]), "val": (X[a:b], y[a:b]), "test": (X[b:], y[b:])}
-    )
-
-
 def _busy_loop(ready) -> None:  # the competing process: one core, pure Python
     ready.set()
     while True:
@@ -164,7 +152,7 @@ def _busy_machine(repeats: int) -> dict[str, Any]:
     from pipeline.heads.probe import ProbeSettings, build_grid
     from pipeline.heads.search import bank_step_work, train_head_bank
 
-    fs = _digits_pixels()
+    fs = digits_pixels()
     grid = build_grid(ProbeSettings(augs=("none",)))
     cfg = TrainConfig()
     default_threads = torch.get_num_threads()

@@ -44,7 +44,8 @@ DIGITS_BACKBONES = ("resnet18", "convnext_atto", "vit_tiny_patch16_224")  # rand
 QUICK_BACKBONES = ()
 
 
-def _digits_pixels() -> FeatureSet:
+def digits_pixels() -> FeatureSet:
+    """scikit-learn's digits as 64 raw pixels: train/val/test 70/10/20 % of a seeded shuffle."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -100,7 +101,7 @@ def datasets(quick: bool, stores: tuple[str, ...]) -> dict[str, Callable[[], Fea
     for backbone in QUICK_BACKBONES if quick else DIGITS_BACKBONES:
         out[f"digits/{backbone} 224px"] = _digits_store(backbone, 224)
     out["digits/test_vit"] = _digits_store("test_vit", None)
-    out["digits pixels"] = _digits_pixels
+    out["digits pixels"] = digits_pixels
     out["synthetic-nuisance"] = lambda: _synthetic("synthetic-nuisance")
     if not quick:
         out["synthetic-clean"] = lambda: _synthetic("synthetic-clean")
