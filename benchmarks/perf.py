@@ -70,30 +70,34 @@ def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     rows += _rows("stage 2: plain bank beside a busy process / idle", where, busy)
     if not cuda:  # the probe against scikit-learn (CPU, single-threaded on both sides)
         p = probe_parity.run(quick=quick, json_path=None)
-        parity_rows = [
-            {
-                "metric": f"probe − LR, {r['data']} (points)",
-                "value": r["Δ points"],
-                "target": f">= {probe_parity.TARGET_POINTS}",
-            }
-            for r in p["rows"]
-        ] + [
-            {
-                "metric": f"probe time / LR sweep time, {r['data']}",
-                "value": r["time ratio"],
-                "unit": "time ratio",
-                "target": "<= 1",
-            }
-            for r in p["rows"]
-        ] + [
-            {
-                "metric": f"default bank / --aug none bank time, {r['data']}",
-                "value": r["default/plain"],
-                "unit": "time ratio",
-                "target": f"<= {probe_parity.TARGET_BANK_RATIO}",
-            }
-            for r in p["rows"]
-        ]
+        parity_rows = (
+            [
+                {
+                    "metric": f"probe − LR, {r['data']} (points)",
+                    "value": r["Δ points"],
+                    "target": f">= {probe_parity.TARGET_POINTS}",
+                }
+                for r in p["rows"]
+            ]
+            + [
+                {
+                    "metric": f"probe time / LR sweep time, {r['data']}",
+                    "value": r["time ratio"],
+                    "unit": "time ratio",
+                    "target": "<= 1",
+                }
+                for r in p["rows"]
+            ]
+            + [
+                {
+                    "metric": f"default bank / --aug none bank time, {r['data']}",
+                    "value": r["default/plain"],
+                    "unit": "time ratio",
+                    "target": f"<= {probe_parity.TARGET_BANK_RATIO}",
+                }
+                for r in p["rows"]
+            ]
+        )
         rows += _rows("stage 2: probe vs logistic regression", where, parity_rows)
     return {
         "machine": machine,

@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import json
 import math
-import statistics
 
 import numpy as np
 import pytest
@@ -261,25 +260,9 @@ def test_windowed_convergence_rule(values, window, tol):
     if len(values) < 2 * window:
         assert not done
     else:
-        recent, before = values[-window:], values[-2 * window : -window]
-        se = 0.0
-        if window > 1:  # standard error of the difference of the two window means
-            se = math.sqrt((statistics.variance(recent) + statistics.variance(before)) / window)
-        drop = statistics.fmean(before) - statistics.fmean(recent)
-        threshold = max(tol * abs(statistics.fmean(recent)), 2.0 * se)
-        if abs(drop - threshold) > 1e-9:  # away from the boundary (rounding may differ there)
-            assert done == (drop <= threshold)
+        recent, before = np.mean(values[-window:]), np.mean(values[-2 * window : -window])
+        assert done == (abs(before - recent) <= tol * abs(recent))
     assert windowed_converged([1.0] * (2 * window), tol=0.0, window=window)
-
-
-def test_convergence_sees_through_noise_but_not_through_a_trend():
-    rng = np.random.default_rng(0)
-    flat = list(0.05 + 0.02 * rng.standard_normal(10))  # settled: only noise
-    assert windowed_converged(flat, tol=1e-3, window=5)
-    falling = list(np.linspace(1.0, 0.5, 10) + 0.01 * rng.standard_normal(10))  # a clear trend
-    assert not windowed_converged(falling, tol=1e-3, window=5)
-    rising = list(np.linspace(0.5, 1.0, 10))  # going up is not going down: stop
-    assert windowed_converged(rising, tol=0.0, window=5)
 
 
 def test_minibatch_heads_stop_when_their_objective_settles():
