@@ -11,11 +11,13 @@ spec's weight decay; plus ``aug_weight · CE`` of its augmented rows). The recip
    (max |gradient| ≤ tol, or no further decrease).
 3. **Augmented heads** (and every head when the train split is streamed, or with
    ``solver="minibatch"``) start from the L-BFGS solution of their own ``λ`` (for a streamed
-   split: solved on a class-stratified sample of ``warm_start_rows`` rows), then train by minibatch Adam/SGD (coupled L2, cosine schedule after a warm-up) until their
-   epoch objective stops changing (relative change below ``tol`` between two windows of
-   ``window`` epochs) or the epoch budget ends. A head-independent augmentation runs once per
-   group in the shared post-LN space; a per-head one (CARROT) per head with its own ``z``,
-   logits, weight and bias.
+   split: solved on a class-stratified sample of ``warm_start_rows`` rows), then train by
+   minibatch Adam/SGD (`pipeline.heads.optim.BankOptimizer`: per-head lr and L2 vectors over
+   the stacked parameters; coupled L2, cosine schedule after a warm-up) until their epoch
+   objective stops changing (relative change below ``tol`` between two windows of ``window``
+   epochs) or the epoch budget ends. A head-independent augmentation runs once per group in the
+   shared post-LN space; a per-head one (CARROT) augments each head's own ``z`` with its logits,
+   weight and bias, and the rows of all the group's heads go through one batched matmul.
 4. Every head is scored on the validation split (balanced accuracy; ties by validation loss);
    the best is chosen on validation only, and only it is evaluated on test.
 """
