@@ -171,13 +171,13 @@ def carrot_augment(
     _check_inputs(z, y, weight)
     with torch.no_grad():
         wc = centered_weight(weight)
-        gram = wc @ wc.T
         k = min(cfg.topk, weight.shape[0] - 1)
         if cfg.mode == "sample" and k == weight.shape[0] - 1:  # every other class competes
-            geo = shared_geometry(wc, y)
+            geo = shared_geometry(wc, y)  # needs no class Gram
         elif cfg.mode == "sample":
-            geo = competitor_geometry(wc, gram, y, top_competitors(logits, y, k))
+            geo = competitor_geometry(wc, wc @ wc.T, y, top_competitors(logits, y, k))
         else:
+            gram = wc @ wc.T
             classes, inverse = torch.unique(y, return_inverse=True)
             kset = nearest_classes(gram, k).index_select(0, classes)
             geo = competitor_geometry(wc, gram, classes, kset, basis=True).take(inverse)

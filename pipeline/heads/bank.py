@@ -364,11 +364,10 @@ class HeadBank(nn.Module):
     def head_logits(self, xhat: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
         """``x̂ (B, D)`` → logits ``(B, h, C)`` (batch-major, contiguous) of the heads in
         ``heads`` (a slice; all by default), from one matmul."""
-        if heads is None or heads == slice(None):  # no slicing: no SliceBackward copies
-            W, g, b, c = self.weight, self.ln_weight, self.ln_bias, self.bias
-        else:
-            W, g, b = self.weight[heads], self.ln_weight[heads], self.ln_bias[heads]
-            c = self.bias[heads]
+        sl = slice(None) if heads is None else heads
+        W, g, b, c = (
+            self._take(p, sl) for p in (self.weight, self.ln_weight, self.ln_bias, self.bias)
+        )
         out = _BankLogits.apply(xhat, W, g, b, c, self._workspace)  # (B, h*C)
         return out.view(xhat.shape[0], -1, self.num_classes)
 
@@ -391,6 +390,8 @@ class HeadBank(nn.Module):
 
     @staticmethod
     def _take(param: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+        """Rows ``heads`` of a stacked parameter (all of them: the parameter itself, so no
+        SliceBackward copy)."""
         if isinstance(heads, slice):
             return param if heads == slice(None) else param[heads]
         return param.index_select(0, heads)

@@ -204,15 +204,13 @@ def run_fewshot(
 
 def _run_fewshot(
     features: FeatureSet,
-    grid: HeadGrid | Sequence[HeadSpec],
-    cfg: TrainConfig | None = None,
+    grid: HeadGrid,
+    cfg: TrainConfig,
     *,
     shots: int,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int],
 ) -> FewShotResult:
-    """`run_fewshot` with the thread count already set."""
-    cfg = cfg if cfg is not None else TrainConfig()
-    grid = grid if isinstance(grid, HeadGrid) else HeadGrid(tuple(grid))
+    """`run_fewshot` with the thread count already set (and its arguments resolved)."""
     if not seeds:
         raise InputError("give at least one few-shot seed")
     runs = [run_fewshot_seed(features, grid, cfg, shots=shots, seed=s) for s in seeds]

@@ -257,14 +257,12 @@ def train_head_bank(
 
 def _train_head_bank(
     features: FeatureSet,
-    grid: HeadGrid | Sequence[HeadSpec],
-    cfg: TrainConfig | None = None,
+    specs: tuple[HeadSpec, ...],
+    cfg: TrainConfig,
     *,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """`train_head_bank` with the thread count already set."""
-    cfg = cfg if cfg is not None else TrainConfig()
-    specs = tuple(grid.specs if isinstance(grid, HeadGrid) else grid)
+    """`train_head_bank` with the thread count already set (and its arguments resolved)."""
     if not specs:
         raise InputError("the head grid is empty")
     if not features.has("train"):

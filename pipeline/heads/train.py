@@ -57,19 +57,24 @@ def cross_entropy(
     smoothing: torch.Tensor,
     *,
     y_soft: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-head mean CE: ``logits (M, h, C)`` (batch-major), ``y (M,)`` (or soft
-    ``y_soft (M, C)``), ``smoothing (h,)`` → ``(h,)``.
-    Same as ``F.cross_entropy(logits[:, i], y, label_smoothing=smoothing[i])`` per head."""
+    """Per-head mean CE: ``logits (M, h, C)`` (batch-major), labels ``y (M,)`` shared by the
+    heads or ``y (M, h)`` per head (or soft ``y_soft (M, C)``), ``smoothing (h,)`` → ``(h,)``.
+    Same as ``F.cross_entropy(logits[:, i], y, label_smoothing=smoothing[i])`` per head.
+    ``mask (M, h)`` bool: the mean runs over each head's True rows only (padding)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if y_soft is None:
-        idx = y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)
+        idx = y[..., None] if y.ndim == 2 else y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)
         nll = -logp.gather(-1, idx).squeeze(-1)  # (M, h)
     else:
         nll = -(logp * y_soft.to(logp.dtype)[:, None, :]).sum(-1)
     smooth = -logp.mean(-1)
     s = smoothing.to(logp.dtype)
-    return ((1 - s) * nll + s * smooth).mean(0)
+    per_row = (1 - s) * nll + s * smooth  # (M, h)
+    if mask is None:
+        return per_row.mean(0)
+    return (per_row * mask).sum(0) / mask.sum(0).clamp_min(1)
 
 
 @torch.no_grad()
@@ -414,11 +419,11 @@ class _MinibatchRun:
         step = 0
         epochs_run = 0
         steps = [0] * H
-        running = torch.ones(H, device=device)  # 1 while a head trains, 0 once it stopped
         for epoch in range(cfg.epochs):
             aug_on = epoch >= cfg.aug_warmup_epochs
             loss_sum = torch.zeros(H, device=device, dtype=torch.float64)
             n_steps = 0
+            running = torch.tensor(active, dtype=torch.float32, device=device)  # 0: stopped
             diag_acc: dict[int, dict[str, list[torch.Tensor]]] = {}
             for X, y in self.features.batches("train", cfg.batch_size, generator=shuffle_gen):
                 mult = lr_at(
@@ -457,7 +462,6 @@ class _MinibatchRun:
                 history[h].append(objective[h])
                 if windowed_converged(history[h], tol=cfg.tol, window=cfg.window):
                     active[h], converged[h] = False, True
-                    running[h] = 0.0
             if val is not None:
                 m = evaluate_bank(bank, val, batch_size=cfg.eval_batch_size)
                 for key in ("balanced_accuracy", "accuracy", "loss"):
@@ -553,8 +557,8 @@ class _MinibatchRun:
                 raise ValueError(f"per-head augmentation {aug.name!r} returned soft labels")
             rows.append(out_rows)
             labels.append(out.y)
-        counts = torch.tensor([len(r) for r in labels], device=X.device)
-        width = int(counts.max())
+        counts = [len(t) for t in labels]
+        width = max(counts)
         if width == 0:
             return losses
         pad = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # (h, M, D)
@@ -562,11 +566,8 @@ class _MinibatchRun:
         if z is None:  # each head's affine on its augmented x̂ rows
             pad = bank.group_features(pad, idx)
         la = bank.group_logits(pad, idx)  # (h, M, C): one batched matmul
-        logp = F.log_softmax(la.float(), dim=-1)
-        s = self.smoothing[idx].to(logp.dtype)[:, None]
-        per_row = (1 - s) * -logp.gather(-1, y_pad[..., None]).squeeze(-1) + s * -logp.mean(-1)
-        mask = torch.arange(width, device=X.device)[None, :] < counts[:, None]
-        ce = (per_row * mask).sum(1) / counts.clamp_min(1)
+        mask = torch.arange(width, device=X.device)[:, None] < torch.tensor(counts, device=X.device)
+        ce = cross_entropy(la.transpose(0, 1), y_pad.t(), self.smoothing[idx], mask=mask)
         weight = torch.tensor([g.augs[j].aug_weight for j in run], device=X.device)
         return losses.index_add(0, idx, weight * ce)
 
