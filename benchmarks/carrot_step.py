@@ -32,6 +32,7 @@ from torch import nn
 from benchmarks._report import median_time, write_report
 from benchmarks.seed_reference import SeedCarrotFeatureAug, seed_train_step
 from pipeline.augment.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
+from pipeline.augment.nuisance import linear_logits_error
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "carrot_step.json"
 DEFAULT_WIDE_JSON = Path(__file__).parent / "results" / "carrot_wide_k.json"
@@ -82,8 +83,9 @@ def _steps(x, y, ln, head, k: int, device: str) -> dict[str, Callable[[], dict]]
                 loss = F.cross_entropy(logits, y)
                 diag = {}
             else:
-                out = aug(z, y, logits.detach(), lin.weight, generator=gen)
-                loss = carrot_loss(lin.weight, z, y, out, 1.0, logits=logits)
+                err = linear_logits_error(z, lin.weight)  # margins read off the logits
+                out = aug(z, y, logits, lin.weight, generator=gen, logits_error=err, measure=False)
+                loss = carrot_loss(lin.weight, z, y, out, 1.0, logits=logits)  # + violations
                 diag = out.diagnostics
             loss.backward()
             opt.step()

@@ -34,13 +34,17 @@ import torch
 class AugmentedBatch:
     """Extra rows: ``z (M, D)``, hard labels ``y (M,) int64``, ``source (M,) int64`` (the input
     row each came from), optional soft labels ``y_soft (M, C)`` (rows sum to 1) and step
-    diagnostics."""
+    diagnostics. ``delta (M, D)``, when set: the rows are ``z[source] + delta`` with ``delta``
+    detached (so their logits are ``logits[source] + W·delta``); ``gamma``: the margin floor a
+    label-safe augmentation's violations are counted against."""
 
     z: torch.Tensor
     y: torch.Tensor
     source: torch.Tensor
     y_soft: torch.Tensor | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    delta: torch.Tensor | None = None
+    gamma: float = 0.0
 
     @classmethod
     def empty(cls, like: torch.Tensor) -> AugmentedBatch:

@@ -9,6 +9,7 @@ geometry. Shapes: B rows, D features, C classes, K = min(topk, C − 1) competit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,12 +33,12 @@ from pipeline.augment.nuisance import (
     factor_spectrum,
     margin_slack,
     nearest_classes,
-    nuisance_sq,
     orthonormal_rows,
     outside_mask,
     project_out,
     project_out_explicit,
     row_difference_sq,
+    row_difference_sq_fast,
     shared_geometry,
     tail_quantile_sq,
     top_competitors,
@@ -130,7 +131,11 @@ class CarrotOutput:
     per input row (0 = not augmented, never requires grad). ``diagnostics`` holds 0-dim float32
     tensors (no host sync; call ``float()`` to log): ``frac_augmented``, ``median_alpha``,
     ``median_noise_ratio`` (‖z̃ − z‖/‖z‖), ``violation_rate`` (augmented rows whose margin
-    against any class fell below gamma, measured with the weight given).
+    against any class fell below gamma, measured with the weight given; with ``measure=False``
+    it is left to whoever computes the augmented logits: :meth:`record_violations`).
+    ``delta`` (M, D): the noise ``z̃ − z[source]``, detached (post-LN injection; None pre-LN), so
+    the augmented logits are ``logits[source] + W·delta`` (:func:`carrot_loss`); ``gamma`` the
+    margin floor the violations are counted against.
     """
 
     z: Tensor
@@ -138,6 +143,29 @@ class CarrotOutput:
     source: Tensor
     alpha: Tensor
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    delta: Tensor | None = None
+    gamma: float = 0.0
+
+    def record_violations(self, aug_logits: Tensor) -> None:
+        """Set ``diagnostics["violation_rate"]`` from the augmented rows' logits (M, C)."""
+        self.diagnostics["violation_rate"] = violation_rate(aug_logits, self.y, self.gamma)
+
+
+def violation_rate(
+    aug_logits: Tensor, y: Tensor, gamma: float, mask: Tensor | None = None
+) -> Tensor:
+    """Float32 fraction of the rows of ``aug_logits`` (..., M, C), labels ``y`` (..., M), whose
+    margin against some class fell below ``gamma``: 0-dim, or one rate per leading index (e.g.
+    per head). Rows where ``mask`` (..., M) is False do not count; no rows → 0."""
+    with torch.no_grad():
+        la = aug_logits.detach().float()
+        margin = la.gather(-1, y[..., None]) - la
+        margin.scatter_(-1, y[..., None], float("inf"))
+        bad = (margin < gamma).any(dim=-1).float()
+        if mask is not None:
+            bad = bad * mask
+        count = bad.shape[-1] if mask is None else mask.sum(-1)
+        return bad.sum(-1) / torch.as_tensor(count, device=la.device).clamp_min(1)
 
 
 def carrot_augment(
@@ -150,12 +178,19 @@ def carrot_augment(
     generator: torch.Generator | None = None,
     class_factor: Tensor | None = None,
     bias: Tensor | None = None,
+    logits_error: Tensor | None = None,
+    measure: bool = True,
 ) -> CarrotOutput:
     """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D)
     and optional ``bias`` (C,) (logits ``W z + b``: the bias shifts the margins, the noise does
     not move it).
 
     ``logits`` (B, C) select the "sample"-mode competitors (any dtype; only their order is used).
+    With ``logits_error`` (a bound on ``|logits − (W z + b)|``, broadcastable to (B, C): see
+    :func:`~pipeline.augment.nuisance.linear_logits_error`) the margins are read off ``logits``
+    too, saving a (B, D) × (D, C) product. ``measure=False`` leaves ``violation_rate`` to the
+    caller that computes the augmented logits (:meth:`CarrotOutput.record_violations`; done by
+    :func:`carrot_loss`), saving another.
     Everything but ``out.z`` is computed without gradient and never below float32 (bf16/fp16
     inputs included): the geometry in float64, margins in IEEE float32 with a rigorous
     rounding allowance (float64 if TF32/bf16 matmul modes are on), the noise in float64
@@ -181,8 +216,19 @@ def carrot_augment(
             classes, inverse = torch.unique(y, return_inverse=True)
             kset = nearest_classes(gram, k).index_select(0, classes)
             geo = competitor_geometry(wc, gram, classes, kset, basis=True).take(inverse)
+        geo = dataclasses.replace(geo, source=weight.detach())
     return augment_with_geometry(
-        z, y, weight, cfg, geo, generator=generator, class_factor=class_factor, bias=bias
+        z,
+        y,
+        weight,
+        cfg,
+        geo,
+        generator=generator,
+        class_factor=class_factor,
+        bias=bias,
+        logits=logits if logits_error is not None else None,
+        logits_error=logits_error,
+        measure=measure,
     )
 
 
@@ -197,6 +243,9 @@ def augment_with_geometry(
     class_factor: Tensor | None = None,
     workspace: dict | None = None,
     bias: Tensor | None = None,
+    logits: Tensor | None = None,
+    logits_error: Tensor | None = None,
+    measure: bool = True,
 ) -> CarrotOutput:
     """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
 
@@ -216,14 +265,19 @@ def augment_with_geometry(
     work = torch.float32 if float32_basis and z.dtype != torch.float64 else torch.float64
     q2 = tail_quantile_sq(cfg.delta, n_out, cfg.quantile) if n_out else math.inf
     with torch.no_grad():
-        wc = centered_weight(weight)
-        if geo.weight.shape != wc.shape:
+        if geo.weight.shape != weight.shape:
             raise ValueError(
                 f"geometry built for a weight of shape {tuple(geo.weight.shape)}, "
-                f"weight has {tuple(wc.shape)}: rebuild it (competitor_geometry)"
+                f"weight has {tuple(weight.shape)}: rebuild it (competitor_geometry)"
             )
-        stale = not torch.equal(wc, geo.weight)  # host sync
-        slack = margin_slack(z, y, weight, cfg.gamma, z.dtype, bias)  # (B, C), +inf at y
+        if _has_source(geo, weight):  # staleness and drift in the weight's own dtype
+            wc, stale = None, not torch.equal(geo.source, weight.detach())  # host sync
+        else:
+            wc = centered_weight(weight)
+            stale = not torch.equal(wc, geo.weight)  # host sync
+        slack = margin_slack(  # (B, C), +inf at y
+            z, y, weight, cfg.gamma, z.dtype, bias, logits=logits, logits_error=logits_error
+        )
         eligible = (slack > 0).all(dim=1) & (geo.rank < d)
         shape = (cfg.aug_per_sample, b, d)
         factor_y = scale = None
@@ -231,11 +285,15 @@ def augment_with_geometry(
             factor, spectral_sq = factor_spectrum(class_factor, weight)
             factor_y = factor.index_select(0, y)  # (B, D, r)
             scale = spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
-        if stale:
+        if stale and factor_y is None:
+            alpha = _stale_alpha_isotropic(slack, eligible, geo, _drift(weight, geo, wc), cfg)
+        elif stale:
+            wc = centered_weight(weight) if wc is None else wc
             alpha = _stale_alpha(slack, eligible, geo, wc, cfg, factor_y, scale, work)
         elif cfg.noise == "isotropic":  # geo.nuisance_var is the exact variance: no refining
             alpha = chance_alpha(slack, geo.nuisance_var, geo.outside, n_out=n_out, q2=q2)
         else:
+            wc = centered_weight(weight) if wc is None else wc
 
             def exact_var(idx: Tensor) -> Tensor:  # (B, r) classes → (B, r) ‖L_yᵀ P_N d_c‖²
                 dirs = (wc[y][:, None, :] - wc[idx]).transpose(0, 1)  # (r, B, D)
@@ -261,7 +319,47 @@ def augment_with_geometry(
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
         alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)
-    return _assemble(z, y, weight, cfg, alpha, noise, features=None, bias=bias)
+    return _assemble(z, y, weight, cfg, alpha, noise, features=None, bias=bias, measure=measure)
+
+
+def _has_source(geo: Competitors, weight: Tensor) -> bool:
+    """Whether ``geo.source`` (the weight it was built from) is comparable with ``weight``."""
+    src = geo.source
+    return src is not None and src.dtype == weight.dtype and src.device == weight.device
+
+
+def _drift(weight: Tensor, geo: Competitors, wc: Tensor | None) -> Tensor:
+    """(C, D) rows ``Δ_c`` up to a shared offset (which cancels in every ``Δ_y − Δ_c``): the
+    current weight minus ``geo.source`` (at least float32, rounded once), else the float64
+    centred difference."""
+    src = geo.source
+    if _has_source(geo, weight):
+        dt = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16: difference in fp32
+        return weight.detach().to(dt) - src.to(dt)
+    return (centered_weight(weight) if wc is None else wc) - geo.weight
+
+
+def _stale_alpha_isotropic(
+    slack: Tensor, eligible: Tensor, geo: Competitors, drift: Tensor, cfg: CarrotConfig
+) -> Tensor:
+    """(B,) float64 α of :func:`_stale_alpha` for isotropic noise, one bound per distinct class.
+
+    For every class c ≠ y the margin moves by ``√α·d_cᵀ P_N ε`` (OLD projector, CURRENT
+    ``d_c = d_c⁰ + (Δ_y − Δ_c)``): variance ``≤ (√s_c⁰ + ‖Δ_y − Δ_c‖)²``, which for a Kset class
+    (``s_k⁰ = 0``) is ``‖Δ_y − Δ_k‖²`` (≥ ``‖P_N (Δ_y − Δ_k)‖²``). The union bound runs over all
+    C − 1 classes; ``‖Δ_y − Δ_c‖²`` comes from one float32 (U, D) × (D, C) product rounded up
+    (:func:`row_difference_sq_fast`). Rows not ``eligible`` get 0.
+    """
+    first, inverse = distinct_rows(geo)
+    labels = geo.labels.index_select(0, first)  # (U,)
+    moved = row_difference_sq_fast(drift, labels)  # (U, C) ≥ ‖Δ_y − Δ_c‖²
+    s0 = geo.nuisance_var.index_select(0, first)  # (U, C), 0 for Kset classes and y
+    bound = (s0.sqrt_() + moved.sqrt_()).square_().mul_(1 + 8 * _EPS64)
+    c = drift.shape[0]
+    q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
+    ratio = slack.clamp_min(0).square_().div_(bound.index_select(0, inverse))  # +inf at y
+    alpha = ratio.amin(dim=1).div_(q2)
+    return torch.where(eligible & ~alpha.isnan(), alpha, 0.0)
 
 
 def _stale_alpha(
@@ -270,21 +368,20 @@ def _stale_alpha(
     geo: Competitors,
     wc: Tensor,
     cfg: CarrotConfig,
-    factor_y: Tensor | None,
-    scale: Tensor | None,
+    factor_y: Tensor,
+    scale: Tensor,
     work: torch.dtype,
 ) -> Tensor:
-    """(B,) float64 α when ``geo`` was built from another weight than the current ``wc``.
+    """(B,) float64 α for class_cov noise when ``geo`` was built from another weight than the
+    current ``wc`` (isotropic noise: :func:`_stale_alpha_isotropic`).
 
-    The noise is ``P_N ε`` with the OLD projector, so for the CURRENT differences
-    ``d_c = d_c⁰ + Δ_c`` every margin c ≠ y moves by ``√α·d_cᵀ P_N ε``, with variance
-    ``s_c = ‖P_N d_c‖²`` (``‖L_yᵀ P_N d_c‖²`` for class_cov noise). The union bound runs over all
-    C − 1 classes. Kset classes (``P_N d_k⁰ = 0``): ``s_k = ‖P_N Δ_k‖² ≤ ‖Δ_k‖²`` (isotropic
-    noise: the bound; class_cov noise: exactly, K directions per distinct geometry row, i.e. per
-    class in "class" mode). Others:
-    ``s_c ≤ (√s_c⁰ + ‖Δ_c‖)²`` (triangle inequality, cached ``s_c⁰``); for class_cov noise
-    (whose bound uses σ_max(L_y)) the ``cfg.refine`` binding ones are recomputed exactly.
-    Only eligible rows are computed (the others get 0).
+    The noise is ``P_N L_y ξ`` with the OLD projector, so for the CURRENT differences
+    ``d_c = d_c⁰ + Δ_c`` every margin c ≠ y moves with variance ``s_c = ‖L_yᵀ P_N d_c‖²``. The
+    union bound runs over all C − 1 classes. Kset classes (``P_N d_k⁰ = 0``):
+    ``s_k = ‖L_yᵀ P_N Δ_k‖²`` exactly, K directions per distinct geometry row (per class in
+    "class" mode). Others: ``s_c ≤ σ_max(L_y)²·(√s_c⁰ + ‖Δ_c‖)²`` (triangle inequality, cached
+    ``s_c⁰``), the ``cfg.refine`` binding ones recomputed exactly. Only eligible rows are
+    computed (the others get 0).
     """
     alpha = torch.zeros_like(slack[:, 0])
     rows = torch.nonzero(eligible).squeeze(1)  # host sync
@@ -297,34 +394,24 @@ def _stale_alpha(
     c = wc.shape[0]
     eta = ETA_PER_COMPETITOR * kset.shape[1]
     use_basis = work == torch.float32  # the operator the noise is projected with
-    scale = 1.0 if scale is None else scale.index_select(0, rows)  # (R, 1), per class
-    factor = None if factor_y is None else factor_y.index_select(0, rows)
+    scale = scale.index_select(0, rows)  # (R, 1), per class
+    factor = factor_y.index_select(0, rows)
 
     def variance(where: Competitors, dirs: Tensor, at: Tensor) -> Tensor:
         """(N, r) per unit α of directions dirs (N, r, D) float64 for rows ``at`` of R."""
-        if factor is None:
-            return nuisance_sq(where, dirs, use_basis=use_basis)
         proj = project_out(where, dirs.transpose(0, 1), use_basis=use_basis).to(torch.float64)
         return torch.einsum("bdq,rbd->rbq", factor[at], proj).square().sum(-1).T
 
     drift = wc - geo.weight  # (C, D) Δw
-    moved = row_difference_sq(drift, y)  # (U, C) ≥ ‖Δ_c‖²
-    scale_u = scale if isinstance(scale, float) else scale[first]
+    moved = row_difference_sq_fast(drift, y)  # (U, C) ≥ ‖Δ_y − Δ_c‖²
+    scale_u = scale[first]
     bound = (uniq.nuisance_var.sqrt() + moved.sqrt()).square() * (1 + 8 * _EPS64) * scale_u
     moved_k = moved.gather(1, kset)
-    if factor is None and use_basis and uniq.basis is not None:
-        # ‖P_N (Δ_y − Δ_k)‖² ≤ ‖Δ_y − Δ_k‖²: the projection would remove about K/D of it (the
-        # drift is not aligned with S) at the cost of a (U, K, D) gather and product every step
-        kvar = moved_k
-    else:
-        kvar = variance(uniq, drift[y][:, None, :] - drift[kset], first) + eta * scale_u * moved_k
+    kvar = variance(uniq, drift[y][:, None, :] - drift[kset], first) + eta * scale_u * moved_k
     bound = bound.scatter(1, kset, kvar.minimum(bound.gather(1, kset))).index_select(0, inverse)
     labels = geo.labels
     constrained = torch.ones_like(geo.outside).scatter_(1, labels[:, None], False)
     q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
-    if factor is None:  # isotropic: the triangle bound is within a few % of exact (measured)
-        found = chance_alpha(slack, bound, constrained, n_out=c - 1, q2=q2)
-        return alpha.index_copy(0, rows, found)
     length = row_difference_sq(wc, y).index_select(0, inverse)  # (R, C) ≥ ‖d_c‖²
     everyone = torch.arange(labels.shape[0], device=labels.device)
 
@@ -348,6 +435,7 @@ def carrot_augment_pre_ln(
     *,
     generator: torch.Generator | None = None,
     bias: Tensor | None = None,
+    measure: bool = True,
 ) -> CarrotOutput:
     """Pre-LN injection: noise on raw embeddings ``x`` (B, D) before the LayerNorm ``ln``.
 
@@ -402,7 +490,7 @@ def carrot_augment_pre_ln(
         noise = project_out_explicit(basis, eps.to(torch.float64))
         cap = cfg.alpha_max if cfg.alpha_max is not None else PRE_LN_DEFAULT_CAP
         alpha = cap_alpha(alpha, eligible, noise, jac.centred_norm(), cap)
-    return _assemble(x, y, weight, cfg, alpha, noise, features=ln, bias=bias)
+    return _assemble(x, y, weight, cfg, alpha, noise, features=ln, bias=bias, measure=measure)
 
 
 def carrot_loss(
@@ -418,12 +506,22 @@ def carrot_loss(
     """``CE(W z + b, y) + aug_weight · CE(W z̃ + b, ỹ)``, a scalar.
 
     ``out.z`` is already normalized: it goes through ``W`` directly (no second LayerNorm).
-    Pass ``logits = W z + b`` if already computed. With no augmented rows, the plain CE.
+    Pass ``logits = W z + b`` if already computed: the augmented logits are then
+    ``logits[source] + W·out.delta`` (the same values and gradients as ``W z̃ + b``, one product
+    fewer each way). Records ``out``'s violation rate from them when ``measure=False`` left it
+    unset. With no augmented rows, the plain CE.
     """
-    real = F.cross_entropy(logits if logits is not None else F.linear(z, head_weight, bias), y)
+    real = logits if logits is not None else F.linear(z, head_weight, bias)
+    loss = F.cross_entropy(real, y)
     if out.z.shape[0] == 0 or aug_weight == 0:
-        return real
-    return real + aug_weight * F.cross_entropy(F.linear(out.z, head_weight, bias), out.y)
+        return loss
+    if out.delta is not None:
+        aug = real.index_select(0, out.source) + F.linear(out.delta, head_weight)
+    else:
+        aug = F.linear(out.z, head_weight, bias)
+    if "violation_rate" not in out.diagnostics:
+        out.record_violations(aug)
+    return loss + aug_weight * F.cross_entropy(aug, out.y)
 
 
 class CarrotAugment(nn.Module):
@@ -459,18 +557,30 @@ class CarrotAugment(nn.Module):
         class_factor: Tensor | None = None,
         ln: nn.LayerNorm | None = None,
         bias: Tensor | None = None,
+        logits_error: Tensor | None = None,
+        measure: bool = True,
     ) -> CarrotOutput:
-        """Same as :func:`carrot_augment` (``ln`` and raw ``x`` as ``z`` for pre-LN injection)."""
+        """Same as :func:`carrot_augment` (``ln`` and raw ``x`` as ``z`` for pre-LN injection,
+        which ignores ``logits_error``)."""
         cfg = self.cfg
         if cfg.injection == "pre_ln":
             if ln is None:
                 raise ValueError('injection="pre_ln" needs the head LayerNorm: pass ln=...')
             return carrot_augment_pre_ln(
-                z, y, logits, weight, ln, cfg, generator=generator, bias=bias
+                z, y, logits, weight, ln, cfg, generator=generator, bias=bias, measure=measure
             )
         if cfg.mode == "sample":
             return carrot_augment(
-                z, y, logits, weight, cfg, generator=generator, class_factor=class_factor, bias=bias
+                z,
+                y,
+                logits,
+                weight,
+                cfg,
+                generator=generator,
+                class_factor=class_factor,
+                bias=bias,
+                logits_error=logits_error,
+                measure=measure,
             )
         _check_inputs(z, y, weight)
         geo = self.class_geometry(weight).take(y)
@@ -484,6 +594,9 @@ class CarrotAugment(nn.Module):
             class_factor=class_factor,
             workspace=self._workspace,
             bias=bias,
+            logits=logits if logits_error is not None else None,
+            logits_error=logits_error,
+            measure=measure,
         )
 
     def class_geometry(self, weight: Tensor) -> Competitors:
@@ -501,7 +614,8 @@ class CarrotAugment(nn.Module):
         gram = wc @ wc.T
         classes = torch.arange(weight.shape[0], device=weight.device)
         kset = nearest_classes(gram, min(self.cfg.topk, weight.shape[0] - 1))
-        self._geometry = competitor_geometry(wc, gram, classes, kset, basis=True)
+        geo = competitor_geometry(wc, gram, classes, kset, basis=True)
+        self._geometry = dataclasses.replace(geo, source=weight.detach().clone())
         self._key = (tuple(weight.shape), weight.dtype, weight.device)
         self._calls = 0
         self.refresh_count += 1
@@ -509,9 +623,19 @@ class CarrotAugment(nn.Module):
 
 
 def _assemble(
-    z, y, weight, cfg: CarrotConfig, alpha: Tensor, noise: Tensor, *, features, bias=None
+    z,
+    y,
+    weight,
+    cfg: CarrotConfig,
+    alpha: Tensor,
+    noise: Tensor,
+    *,
+    features,
+    bias=None,
+    measure: bool = True,
 ) -> CarrotOutput:
-    """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D)."""
+    """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D); ``measure``:
+    compute ``violation_rate`` here (one (M, D) × (D, C) product)."""
     rows = torch.nonzero(alpha > 0).squeeze(1)  # host sync: M is data-dependent
     scale = alpha.sqrt().to(noise.dtype)
     if rows.numel() < z.shape[0]:
@@ -528,23 +652,32 @@ def _assemble(
     y_aug = y.index_select(0, source)
     zero = torch.zeros((), device=z.device)
     diag = {"frac_augmented": (alpha > 0).float().mean()}
+    out = CarrotOutput(
+        z_aug,
+        y_aug,
+        source,
+        alpha.float(),
+        diag,
+        delta=delta.reshape(-1, z.shape[1]) if features is None else None,
+        gamma=cfg.gamma,
+    )
     if rows.numel() == 0:
         diag |= {"median_alpha": zero, "median_noise_ratio": zero, "violation_rate": zero}
-        return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
+        return out
     with torch.no_grad():
         base = z_rows.detach().float().norm(dim=-1).clamp_min(1e-30)
-        feats = z_aug.detach() if features is None else features(z_aug.detach())
-        logits = feats.float() @ weight.detach().float().T
-        if bias is not None:
-            logits = logits + bias.detach().float()
-        margin = logits.gather(1, y_aug[:, None]) - logits
-        margin.scatter_(1, y_aug[:, None], float("inf"))
         diag |= {
             "median_alpha": alpha.index_select(0, rows).float().median(),
             "median_noise_ratio": (delta.float().norm(dim=-1) / base).median(),
-            "violation_rate": (margin < cfg.gamma).any(dim=1).float().mean(),
         }
-    return CarrotOutput(z_aug, y_aug, source, alpha.float(), diag)
+        if measure:
+            feats = z_aug.detach() if features is None else features(z_aug.detach())
+            out.record_violations(F.linear(feats.float(), weight.detach().float(), _float(bias)))
+    return out
+
+
+def _float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float()
 
 
 def _check_inputs(z: Tensor, y: Tensor, weight: Tensor) -> None:

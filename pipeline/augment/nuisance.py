@@ -51,7 +51,9 @@ class Competitors:
     orthonormal rows spanning S (zero rows for dropped directions; R = K, or the largest rank
     when K ≥ D), float32 (built with ``basis=True``) or float64 (K ≥ D without it), or None, with
     ``basis_rows`` (N,) the basis row of each row (None: row n is basis row n) — gathered
-    only when projecting.
+    only when projecting. ``source``: the weight exactly as given when built (detached, its
+    own dtype), or None — with it, staleness and drift are read in that dtype (no float64
+    centring per call).
     """
 
     labels: Tensor
@@ -63,6 +65,7 @@ class Competitors:
     weight: Tensor
     basis: Tensor | None = None
     basis_rows: Tensor | None = None
+    source: Tensor | None = None
 
     def take(self, index: Tensor) -> Competitors:
         """Rows ``index`` (B,) of this geometry (e.g. the class geometry of each sample)."""
@@ -73,6 +76,7 @@ class Competitors:
             self.weight,
             self.basis,
             basis_rows,
+            self.source,
         )
 
 
@@ -137,7 +141,10 @@ def competitor_geometry(
     nuisance = torch.where(outside, nuisance, 0.0)
     q = None
     if basis:  # rows v_i/√λ_i · A of the kept eigen-directions: the very subspace of G⁺
-        q = _reorthonormalize(whiten.transpose(1, 2) @ (wc[y][:, None, :] - wc[kset])).float()
+        a = wc.index_select(0, kset.reshape(-1)).view(n, k, d)
+        a = a.neg_().add_(wc.index_select(0, y)[:, None, :])  # (N, K, D) rows d_k, in place
+        kept_lam = torch.where(keep, lam, torch.inf).amin(dim=1)
+        q = _reorthonormalize(whiten.transpose(1, 2) @ a, lam[:, -1] / kept_lam).float()
     return Competitors(y, kset, pinv, rank, nuisance, outside, wc, q)
 
 
@@ -234,8 +241,22 @@ def _span_of_feature_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
     return basis, rank
 
 
-def _reorthonormalize(q: Tensor) -> Tensor:
-    """One more Gram pass over nearly orthonormal rows q (N, K, D) (zero rows stay zero)."""
+# Rows whose Gram condition number λ_max/λ_min exceeds this get a second orthonormalization
+# pass: the whitened rows' orthonormality error is about eps64·λ_max/λ_min (eigh's backward
+# error, amplified), below 1e-9 here, far under the float32 rounding the basis is stored in.
+_REORTHO_CONDITION = 1e-9 / _EPS64
+
+
+def _reorthonormalize(q: Tensor, condition: Tensor | None = None) -> Tensor:
+    """One more Gram pass over nearly orthonormal rows q (N, K, D) (zero rows stay zero); with
+    ``condition`` (N,) (λ_max/λ_min of the Gram they were whitened from), only for the rows
+    above ``_REORTHO_CONDITION``."""
+    if condition is not None:
+        rows = torch.nonzero(condition > _REORTHO_CONDITION).squeeze(1)  # host sync
+        if rows.numel() < q.shape[0]:
+            if rows.numel():
+                q.index_copy_(0, rows, _reorthonormalize(q.index_select(0, rows)))
+            return q
     lam, vec = torch.linalg.eigh(q @ q.transpose(1, 2))  # eigenvalues ≈ 1 (kept) or 0 (dropped)
     inv_sqrt = torch.where(lam > 0.5, lam.clamp_min(0.5).rsqrt(), 0.0)
     return (vec * inv_sqrt[:, None, :]).transpose(1, 2) @ q
@@ -257,6 +278,26 @@ def row_difference_sq(w: Tensor, labels: Tensor) -> Tensor:
     """
     rows = w.index_select(0, labels) @ w.T
     return _rounded_up_difference_sq(rows, w.square().sum(dim=1), labels, w.shape[1])
+
+
+def row_difference_sq_fast(w: Tensor, labels: Tensor) -> Tensor:
+    """:func:`row_difference_sq` with the (N, D) × (D, C) product in float32 when float32 matmul
+    is IEEE (else float64): about half the time. Still an upper bound: rounding ``w`` to float32
+    (``u·‖w_a‖`` per row) and the GEMM (``γ_D·‖w_a‖‖w_b‖``) are added back, so the result is
+    ``≥ ‖w_y − w_c‖²`` up to ``~D·u·(‖w_y‖ + ‖w_c‖)²`` above it."""
+    if not _ieee_fp32_matmul(w.device):
+        return row_difference_sq(w, labels)
+    diag = w.square().sum(dim=1)  # (C,) float64
+    norms = diag.clamp_min(0).sqrt()
+    w32 = w.float()
+    rows = (w32.index_select(0, labels) @ w32.T).double()  # (N, C)
+    exact = diag[labels][:, None] - 2 * rows + diag[None, :]
+    unit = torch.finfo(torch.float32).eps / 2
+    # |⟨fl(a), fl(b)⟩ − ⟨a, b⟩| ≤ (2u + u²)‖a‖‖b‖; the GEMM adds γ_D(1 + u)²‖a‖‖b‖; twice each
+    # (the −2⟨a, b⟩ term) is ≤ (…)·(‖a‖ + ‖b‖)²; float64 rounding of the sum: 4·D·eps64.
+    factor = gemm_error_factor(w.shape[1], torch.float32) * (1 + unit) ** 2 + 3 * unit
+    slack = (factor + 4 * w.shape[1] * _EPS64) * (norms[labels][:, None] + norms[None, :]).square()
+    return exact.clamp_min(0) + slack
 
 
 def _rounded_up_difference_sq(rows: Tensor, diag: Tensor, labels: Tensor, dim: int) -> Tensor:
@@ -305,20 +346,6 @@ def project_out(
     c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
     coef = wv.zero_().scatter_add_(2, y, c.sum(-1, keepdim=True)).scatter_add_(2, kset, -c)
     return torch.addmm(flat, coef.view(-1, coef.shape[-1]), geo.weight, alpha=-1).view(shape)
-
-
-def nuisance_sq(geo: Competitors, v: Tensor, *, use_basis: bool = False) -> Tensor:
-    """``‖P_N v_j‖²`` (N, r) float64 for r vectors per row, v (N, r, D) float64.
-
-    Same operator choice as :func:`project_out` (``use_basis``: the basis even for float64);
-    the basis path is two batched products per row with no transposed copies.
-    """
-    if geo.basis is not None and (use_basis or geo.pinv is None):
-        basis = geo.basis if geo.basis_rows is None else geo.basis.index_select(0, geo.basis_rows)
-        basis = basis.to(torch.float64)
-        coef = torch.bmm(v, basis.transpose(1, 2))  # (N, r, R) = Q v
-        return torch.baddbmm(v, coef, basis, alpha=-1).square_().sum(dim=-1)
-    return project_out(geo, v.transpose(0, 1)).square().sum(dim=-1).T
 
 
 def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:
@@ -397,6 +424,9 @@ def margin_slack(
     gamma: float,
     out_dtype: torch.dtype,
     bias: Tensor | None = None,
+    *,
+    logits: Tensor | None = None,
+    logits_error: Tensor | None = None,
 ) -> Tensor:
     """(B, C) float64 ``m_c − γ`` of features z (B, D), minus a rounding allowance; +inf at y.
 
@@ -408,8 +438,29 @@ def margin_slack(
     (D·u per product, whatever the summation order; +2u for centring in float32) and rounding
     the augmented row to ``out_dtype`` (2·u): ``(gemm + 2·u_out)·‖z‖·(‖w_y‖ + ‖w_c‖)``. So a
     margin equal to γ in exact arithmetic (e.g. against a duplicate class) never counts.
+
+    Given ``logits`` (B, C) ``≈ W z + b`` (float32 or float64) with ``logits_error`` (broadcastable
+    to (B, C)), a bound on ``|logits − (W z + b)|`` per entry (e.g. :func:`linear_logits_error`),
+    the margins are read off them: no GEMM; the allowance is ``err_y + err_c`` plus the rounding
+    term.
     """
     d = z.shape[1]
+    u_out = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
+    if logits is not None and logits_error is not None:
+        if logits.shape != (z.shape[0], weight.shape[0]):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match z and weight")
+        if logits.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"logits with logits_error must be float32/64, not {logits.dtype}")
+        values = logits.detach().double()
+        margin = values.gather(1, y[:, None]) - values  # exact: float32 differences in float64
+        err = torch.broadcast_to(logits_error.detach().double(), margin.shape)
+        allowance = err.gather(1, y[:, None]) + err
+        if u_out:  # ‖w_y − w_c‖ ≤ ‖w_y‖ + ‖w_c‖; norms in float32, rounded up
+            up = 1 + gemm_error_factor(d, torch.float32)
+            norms = weight.detach().float().norm(dim=1).double() * up
+            z_norm = z.detach().float().norm(dim=1, keepdim=True).double() * up
+            allowance = allowance + 2 * u_out * z_norm * (norms[y][:, None] + norms[None, :])
+        return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
     if z.dtype != torch.float64 and _ieee_fp32_matmul(z.device):
         unit = torch.finfo(torch.float32).eps / 2
         zz, w = z.detach().float(), weight.detach().float()
@@ -420,7 +471,6 @@ def margin_slack(
     w = w - w.mean(dim=0, keepdim=True)
     logits = (zz @ w.T).double()
     margin = logits.gather(1, y[:, None]) - logits  # exact: float32 differences in float64
-    u_out = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
     norms = w.norm(dim=1).double() * (1 + 1e-5)
     z_norm = zz.norm(dim=1, keepdim=True).double() * (1 + 1e-5)
     allowance = (gemm + 2 * u_out) * z_norm * (norms[y][:, None] + norms[None, :])
@@ -432,6 +482,43 @@ def margin_slack(
             bb.abs()[y][:, None] + bb.abs()[None, :] + margin.abs()
         )
     return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
+
+
+def gemm_error_factor(terms: int, dtype: torch.dtype) -> float:
+    """``γ_n = n·u / (1 − n·u)``: |fl(Σ) − Σ| ≤ γ_n·Σ|products| for a sum of ``terms`` products
+    (any summation order, products rounded too) in ``dtype`` (float32 or float64)."""
+    unit = torch.finfo(dtype).eps / 2
+    n = terms + 2
+    return n * unit / (1 - n * unit)
+
+
+def linear_logits_error(
+    z: Tensor, weight: Tensor, bias: Tensor | None = None, *, extra_terms: int = 4
+) -> Tensor | None:
+    """(B, C) float64 bound on ``|fl(W z + b) − (W z + b)|`` for logits from ONE IEEE float32
+    (or float64) GEMM plus the bias (``F.linear``): ``γ_{D+m}·(‖z‖‖w_c‖ + |b_c|)``; None when the
+    matmul is not plain IEEE (TF32, bf16 passes, autocast) — then margins must be recomputed."""
+    dt = torch.promote_types(z.dtype, weight.dtype)
+    if dt not in (torch.float32, torch.float64) or torch.is_autocast_enabled(z.device.type):
+        return None
+    if dt == torch.float32 and not _ieee_fp32_matmul(z.device):
+        return None
+    d = z.shape[1]
+    gamma = gemm_error_factor(d + extra_terms, dt)
+    up = 1 + gemm_error_factor(d, dt)  # the norms' own rounding, up
+    z_norm = z.detach().to(dt).norm(dim=1, keepdim=True).double()
+    scale = z_norm * weight.detach().to(dt).norm(dim=1).double()
+    if bias is not None:
+        scale = scale + bias.detach().double().abs()
+    return (gamma * up * up) * scale
+
+
+def ieee_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a ``dtype`` matmul on ``device`` is plain IEEE (float64 always; float32 unless
+    TF32 or bf16 passes are on; lower precisions never)."""
+    if dtype == torch.float64:
+        return True
+    return dtype == torch.float32 and _ieee_fp32_matmul(device)
 
 
 def _ieee_fp32_matmul(device: torch.device) -> bool:

@@ -54,15 +54,26 @@ class CarrotAugmentation:
                 X, y, num_classes=self.num_classes, rank=CLASS_COV_RANK
             )
 
-    def __call__(self, z, y, logits, weight, *, generator, ln=None, bias=None) -> AugmentedBatch:
-        kwargs: dict[str, Any] = {"generator": generator, "bias": bias}
+    def __call__(
+        self, z, y, logits, weight, *, generator, ln=None, bias=None, logits_error=None
+    ) -> AugmentedBatch:
+        """One head's augmented rows; the violation rate is left to the caller, which computes
+        their logits (``measure=False``); ``logits_error`` see `carrot_augment`."""
+        kwargs: dict[str, Any] = {"generator": generator, "bias": bias, "measure": False}
         if self.class_factor is not None:
             kwargs["class_factor"] = self.class_factor.to(z.device)
         if self.pre_ln:
             kwargs["ln"] = ln
+        else:
+            kwargs["logits_error"] = logits_error
         out = self._impl(z, y, logits, weight, **kwargs)
         return AugmentedBatch(
-            z=out.z, y=out.y, source=out.source, diagnostics=dict(out.diagnostics or {})
+            z=out.z,
+            y=out.y,
+            source=out.source,
+            diagnostics=dict(out.diagnostics or {}),
+            delta=out.delta,
+            gamma=out.gamma,
         )
 
 

@@ -388,6 +388,41 @@ class HeadBank(nn.Module):
         W, c = self._take(self.weight, heads), self._take(self.bias, heads)
         return torch.baddbmm(c[:, None, :], z, W.transpose(1, 2))
 
+    @torch.no_grad()
+    def logits_error(
+        self, xhat: torch.Tensor, z: torch.Tensor, heads: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(h, B, C) float64 bound on ``|head_logits(x̂) − (W z + c)|`` for the heads ``heads``
+        and their post-LN rows ``z (h, B, D)`` (``group_features``), so CARROT can read margins
+        off the logits the bank already computed; None when the bank's matmul is not IEEE
+        float32/float64 (autocast, TF32), where margins must be recomputed.
+
+        ``head_logits`` computes ``x̂ (W ⊙ γ)ᵀ + (W β + c)``: every product and sum is off by at
+        most ``γ_n = n·u/(1 − n·u)`` times its absolute terms, so the error is at most
+        ``γ_{D+6}·(‖x̂‖‖w_k ⊙ γ‖ + ‖w_k‖(‖β‖ + ‖z‖) + |c_k|)`` (the ‖z‖ term covers rounding z).
+        """
+        from pipeline.augment.nuisance import gemm_error_factor, ieee_matmul
+
+        dt = self.weight.dtype
+        if _autocast_dtype(xhat) is not None or not ieee_matmul(xhat.device, dt):
+            return None
+        d = xhat.shape[-1]
+        W, g, b, c = (
+            self._take(p.detach(), heads)
+            for p in (self.weight, self.ln_weight, self.ln_bias, self.bias)
+        )
+        w_norm = W.norm(dim=2).double()  # (h, C)
+        wg_norm = (W * g[:, None, :]).norm(dim=2).double()  # (h, C)
+        x_norm = xhat.detach().norm(dim=-1).double()  # (B,)
+        z_norm = z.detach().norm(dim=-1).double()  # (h, B)
+        b_norm = b.norm(dim=1).double()  # (h,)
+        up = (1 + gemm_error_factor(d, dt)) ** 2  # the norms' own rounding, up
+        gamma = gemm_error_factor(d + 6, dt) * up
+        rows = x_norm[None, :, None] * wg_norm[:, None, :]  # (h, B, C)
+        rows += w_norm[:, None, :] * (b_norm[:, None, None] + z_norm[:, :, None])
+        rows += c.double().abs()[:, None, :]
+        return rows.mul_(gamma)
+
     @staticmethod
     def _take(param: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
         """Rows ``heads`` of a stacked parameter (all of them: the parameter itself, so no

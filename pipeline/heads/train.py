@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.augment.carrot import violation_rate
 from pipeline.augment.registry import FeatureAugmentation, create_augmentation
 from pipeline.defaults import LbfgsSettings, TrainConfig
 from pipeline.errors import InputError
@@ -528,8 +529,11 @@ class _MinibatchRun:
         active: Sequence[bool],
     ) -> torch.Tensor:
         """``losses (H,)`` plus the group's augmented CE for a per-head augmentation (CARROT):
-        each running head augments its own rows (its z, logits, weight, bias); the augmented rows
-        of all of them go through ONE batched matmul (padded to the largest count, masked)."""
+        each running head augments its own rows (its z, logits, weight, bias; margins read off
+        the bank's logits with their rounding bound); the augmented rows of all of them go
+        through ONE batched matmul (padded to the largest count, masked). Post-LN rows are
+        ``z[source] + delta``, so their logits are ``logits[source] + W·delta`` (one product
+        fewer each way than ``W z̃``); the violation rate is measured on those logits."""
         bank = self.bank
         run = [j for j, h in enumerate(g.heads) if active[h]]
         if not run:
@@ -537,39 +541,69 @@ class _MinibatchRun:
         idx = g.index[run] if len(run) < len(g.heads) else g.index
         W, b = bank.weight.detach(), bank.bias.detach()
         z = None if getattr(g.augs[0], "pre_ln", False) else bank.group_features(xhat, idx)
-        rows: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
+        err = None if z is None else bank.logits_error(xhat, z, idx)
+        outs = []
         for i, j in enumerate(run):
             aug, gen, h = g.augs[j], g.generators[j], g.heads[j]
             if z is None:  # noise on the raw x, then the head's LayerNorm
                 ln = bank.layer_norm(h)
                 out = aug(X, y, logits[:, h].detach(), W[h], generator=gen, ln=ln, bias=b[h])
-                out_rows = bank.normalize(out.z)  # x̂ of the augmented rows
             else:
-                out = aug(z[i], y, logits[:, h].detach(), W[h], generator=gen, bias=b[h])
-                out_rows = out.z
-            if out.diagnostics:
-                acc = diag_acc.setdefault(h, {})
-                for k, v in out.diagnostics.items():
-                    if isinstance(v, (int, float, torch.Tensor)):  # no host sync per step
-                        acc.setdefault(k, []).append(torch.as_tensor(v, device=X.device).detach())
+                extra = {} if err is None else {"logits_error": err[i]}
+                out = aug(z[i], y, logits[:, h].detach(), W[h], generator=gen, bias=b[h], **extra)
             if out.y_soft is not None:
                 raise ValueError(f"per-head augmentation {aug.name!r} returned soft labels")
-            rows.append(out_rows)
-            labels.append(out.y)
-        counts = [len(t) for t in labels]
+            outs.append(out)
+        counts = [len(o) for o in outs]
         width = max(counts)
+        heads = [g.heads[j] for j in run]
         if width == 0:
+            self._record(diag_acc, heads, outs, None)
             return losses
-        pad = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # (h, M, D)
-        y_pad = torch.stack([F.pad(t, (0, width - len(t))) for t in labels])  # (h, M)
-        if z is None:  # each head's affine on its augmented x̂ rows
-            pad = bank.group_features(pad, idx)
-        la = bank.group_logits(pad, idx)  # (h, M, C): one batched matmul
+        y_pad = torch.stack([F.pad(o.y, (0, width - len(o))) for o in outs])  # (h, M)
+        if z is not None and all(o.delta is not None for o in outs):
+            base = torch.stack(  # (h, M, C): each head's own logits of the source rows
+                [
+                    F.pad(logits[:, h].index_select(0, o.source), (0, 0, 0, width - len(o)))
+                    for h, o in zip(heads, outs, strict=True)
+                ]
+            )
+            delta = torch.stack([F.pad(o.delta, (0, 0, 0, width - len(o))) for o in outs])
+            la = torch.baddbmm(base, delta, bank._take(bank.weight, idx).transpose(1, 2))
+        else:
+            rows = [o.z if z is not None else bank.normalize(o.z) for o in outs]
+            pad = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # (h, M, D)
+            if z is None:  # each head's affine on its augmented x̂ rows
+                pad = bank.group_features(pad, idx)
+            la = bank.group_logits(pad, idx)  # (h, M, C): one batched matmul
         mask = torch.arange(width, device=X.device)[:, None] < torch.tensor(counts, device=X.device)
+        self._record(diag_acc, heads, outs, (la, y_pad, mask.t()))
         ce = cross_entropy(la.transpose(0, 1), y_pad.t(), self.smoothing[idx], mask=mask)
         weight = torch.tensor([g.augs[j].aug_weight for j in run], device=X.device)
         return losses.index_add(0, idx, weight * ce)
+
+    @staticmethod
+    def _record(
+        diag_acc: dict[int, dict[str, list[torch.Tensor]]],
+        heads: Sequence[int],
+        outs: Sequence[Any],
+        measured: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Append each head's step diagnostics (no host sync); ``measured`` = the augmented
+        logits (h, M, C), labels (h, M) and row mask (h, M) give the violation rates."""
+        rates = None
+        if measured is not None:  # one group: the same settings, so the same margin floor
+            rates = violation_rate(*measured[:2], outs[0].gamma, measured[2])  # (h,)
+        for i, (h, out) in enumerate(zip(heads, outs, strict=True)):
+            diag = dict(out.diagnostics)
+            if rates is not None and "frac_augmented" in diag:
+                diag.setdefault("violation_rate", rates[i])
+            if not diag:
+                continue
+            acc = diag_acc.setdefault(h, {})
+            for k, v in diag.items():
+                if isinstance(v, (int, float, torch.Tensor)):
+                    acc.setdefault(k, []).append(torch.as_tensor(v, device=out.y.device).detach())
 
 
 # ----------------------------------------------------------------------------- entry point

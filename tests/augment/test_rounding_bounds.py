@@ -1,0 +1,189 @@
+"""The rounding bounds that let CARROT skip products: margins read off logits the caller already
+has (`linear_logits_error`, `HeadBank.logits_error`), float32 drift lengths
+(`row_difference_sq_fast`), and the augmented logits as ``logits[source] + W·delta``.
+
+Each bound is checked against float64 arithmetic on inputs built to stress it: large offsets
+that cancel (a LayerNorm shift β against γ⊙x̂), rows that differ in their last bits, and
+magnitudes from 1e-3 to 1e3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.augment.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
+from pipeline.augment.nuisance import (
+    linear_logits_error,
+    margin_slack,
+    row_difference_sq,
+    row_difference_sq_fast,
+)
+from pipeline.heads.bank import HeadBank
+
+SIZES = st.tuples(st.integers(1, 40), st.integers(2, 300), st.integers(2, 30))
+SCALES = st.sampled_from([1e-3, 1.0, 1e3])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(SIZES, SCALES, st.booleans(), st.integers(0, 2**16))
+def test_linear_logits_error_bounds_the_float32_linear(sizes, scale, with_bias, seed):
+    b, d, c = sizes
+    g = _gen(seed)
+    z = scale * torch.randn(b, d, generator=g) + scale * 50  # an offset: large terms cancel
+    w = torch.randn(c, d, generator=g) / d**0.5
+    bias = 10 * torch.randn(c, generator=g) if with_bias else None
+    got = F.linear(z, w, bias).double()
+    exact = z.double() @ w.double().T + (0 if bias is None else bias.double())
+    err = linear_logits_error(z, w, bias)
+    assert err is not None and err.shape == (b, c)
+    assert ((got - exact).abs() <= err).all()
+    assert (err <= 1e-3 * (z.double().norm(dim=1, keepdim=True) * w.double().norm(dim=1) + 1)).all()
+
+
+def test_linear_logits_error_refuses_reduced_precision_matmul():
+    z, w = torch.randn(4, 8), torch.randn(3, 8)
+    assert linear_logits_error(z.bfloat16(), w.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_logits_error(z, w) is None
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert linear_logits_error(z, w) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert linear_logits_error(z, w) is not None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), SIZES, SCALES, st.integers(0, 2**16))
+def test_bank_logits_error_bounds_the_fused_bank_logits(heads, sizes, scale, seed):
+    """``head_logits`` folds the LayerNorm affine into the matmul (x̂ (W⊙γ)ᵀ + W β + c): the
+    bound holds against float64 ``W z + c`` of the very z the bank hands to CARROT, including
+    a shift β that cancels most of γ⊙x̂."""
+    b, d, c = sizes
+    g = _gen(seed)
+    bank = HeadBank(heads, d, c, seeds=list(range(heads)))
+    with torch.no_grad():
+        bank.weight.copy_(torch.randn(heads, c, d, generator=g))
+        bank.bias.copy_(scale * torch.randn(heads, c, generator=g))
+        bank.ln_weight.copy_(scale * (1 + torch.rand(heads, d, generator=g)))
+        bank.ln_bias.copy_(-scale * 3 * torch.ones(heads, d))  # z = γ x̂ + β: large terms cancel
+    x = torch.randn(b, d, generator=g) + 3
+    idx = torch.arange(heads)
+    with torch.no_grad():
+        xhat = bank.normalize(x)
+        logits = bank.head_logits(xhat).transpose(0, 1)  # (h, B, C)
+        z = bank.group_features(xhat, idx)
+    exact = (
+        torch.einsum("hbd,hcd->hbc", z.double(), bank.weight.double())
+        + bank.bias.double()[:, None, :]
+    )
+    err = bank.logits_error(xhat, z, idx)
+    assert err is not None and err.shape == logits.shape
+    assert ((logits.double() - exact).abs() <= err).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(2, 400), st.integers(2, 30), SCALES, st.integers(0, 2**16))
+def test_fast_row_difference_never_underestimates(n, d, c, scale, seed):
+    """float32 GEMM with its allowance: ≥ the float64 length (itself rounded up), and close to
+    it. Some rows are copies of others plus last-bit noise: the subtraction cancels."""
+    g = _gen(seed)
+    w = scale * torch.randn(c, d, generator=g, dtype=torch.float64)
+    w[c // 2 :] = w[: c - c // 2] * (1 + 1e-9 * torch.randn(c - c // 2, 1, generator=g).double())
+    labels = torch.randint(0, c, (n,), generator=g)
+    exact = (w[labels][:, None, :] - w[None, :, :]).square().sum(-1)
+    fast = row_difference_sq_fast(w, labels)
+    assert (fast >= exact).all()
+    norms = w.norm(dim=1)
+    scale_sq = (norms[labels][:, None] + norms[None, :]).square()
+    assert (fast - exact <= 1e-3 * scale_sq).all()
+    assert (row_difference_sq(w, labels) >= exact).all()
+
+
+def test_margins_read_off_logits_are_no_larger_than_exact():
+    """With the logits' error bound, the slack is a lower bound on the float64 margin − γ and
+    within the bound of the recomputed slack."""
+    g = _gen(1)
+    b, d, c = 64, 96, 12
+    z = torch.randn(b, d, generator=g) * 4 + 2
+    w = torch.randn(c, d, generator=g)
+    bias = torch.randn(c, generator=g)
+    y = torch.randint(0, c, (b,), generator=g)
+    logits = F.linear(z, w, bias)
+    read = margin_slack(
+        z, y, w, 0.1, z.dtype, bias, logits=logits, logits_error=linear_logits_error(z, w, bias)
+    )
+    again = margin_slack(z, y, w, 0.1, z.dtype, bias)
+    exact64 = z.double() @ w.double().T + bias.double()
+    exact = exact64.gather(1, y[:, None]) - exact64 - 0.1
+    off = ~torch.nn.functional.one_hot(y, c).bool()
+    assert (read[off] <= exact[off]).all() and (again[off] <= exact[off]).all()
+    assert torch.allclose(read, again, rtol=0, atol=1e-3)
+    assert torch.isinf(read[~off]).all()
+
+
+@pytest.mark.parametrize("mode", ["class", "sample"])
+def test_logit_shift_loss_matches_the_augmented_rows_loss(mode):
+    """``logits[source] + W·delta`` gives ``CE(W z̃ + b)`` and its gradients (weight, bias,
+    LayerNorm), and the violation rate recorded from it equals the one measured on z̃."""
+    g = _gen(2)
+    b, d, c = 48, 32, 10
+    x = torch.randn(b, d, generator=g) + 1
+    y = torch.randint(0, c, (b,), generator=g)
+    grads, rates = [], []
+    for shifted in (True, False):
+        ln, head = torch.nn.LayerNorm(d), torch.nn.Linear(d, c)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(c, d, generator=_gen(3)))
+            head.bias.copy_(torch.randn(c, generator=_gen(4)))
+        z = ln(x)
+        logits = head(z)
+        cfg = CarrotConfig(topk=3, mode=mode)
+        err = linear_logits_error(z, head.weight, head.bias)
+        out = CarrotAugment(cfg)(
+            z,
+            y,
+            logits,
+            head.weight,
+            generator=_gen(5),
+            bias=head.bias,
+            logits_error=err,
+            measure=not shifted,
+        )
+        if not shifted:
+            out.delta = None  # the W z̃ path
+        loss = carrot_loss(head.weight, z, y, out, 1.0, logits=logits, bias=head.bias)
+        loss.backward()
+        grads.append([p.grad.clone() for p in (*ln.parameters(), *head.parameters())])
+        rates.append(float(out.diagnostics["violation_rate"]))
+        assert out.z.shape[0] > 0
+    for a, bb in zip(*grads, strict=True):
+        assert torch.allclose(a, bb, atol=1e-5, rtol=1e-4)
+    assert rates[0] == rates[1]
+
+
+def test_margins_from_logits_change_no_augmentation_decision():
+    """Reading margins off the logits (with their bound) and recomputing them give the same
+    augmented rows and labels on a typical batch."""
+    g = _gen(6)
+    b, d, c = 128, 64, 20
+    z = F.layer_norm(torch.randn(b, d, generator=g), (d,))
+    w = 0.5 * torch.randn(c, d, generator=g)
+    y = (z @ w.T).argmax(1)
+    logits = z @ w.T
+    cfg = CarrotConfig(topk=4)
+    fast = carrot_augment(
+        z, y, logits, w, cfg, generator=_gen(7), logits_error=linear_logits_error(z, w)
+    )
+    slow = carrot_augment(z, y, logits, w, cfg, generator=_gen(7))
+    assert torch.equal(fast.source, slow.source)
+    assert torch.allclose(fast.z, slow.z, atol=1e-5)
