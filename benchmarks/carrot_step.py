@@ -33,6 +33,7 @@ from benchmarks._report import median_time, write_report
 from benchmarks.seed_reference import SeedCarrotFeatureAug, seed_train_step
 from pipeline.augment.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
 from pipeline.augment.nuisance import linear_logits_error
+from pipeline.threads import step_work, thread_policy
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "carrot_step.json"
 DEFAULT_WIDE_JSON = Path(__file__).parent / "results" / "carrot_wide_k.json"
@@ -96,12 +97,28 @@ def _steps(x, y, ln, head, k: int, device: str) -> dict[str, Callable[[], dict]]
     return {name: make(name) for name in ("plain", "carrot_class", "carrot_sample", "seed_loop")}
 
 
-def run(quick: bool = False, device: str = "cpu", *, sizes: dict[str, int] | None = None) -> dict:
-    """Measure every variant; returns ``{"rows": [...], "sizes": {...}, "device", "quick"}``.
+def run(
+    quick: bool = False,
+    device: str = "cpu",
+    *,
+    sizes: dict[str, int] | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Measure every variant; returns ``{"rows": [...], "sizes": {...}, "device", "quick",
+    "threads"}``.
 
-    ``sizes`` (keys B, D, C, K) overrides the default problem for ``device``.
+    ``sizes`` (keys B, D, C, K) overrides the default problem for ``device``. CPU threads: as
+    `carrot train` picks them for a step of this size (`pipeline.threads.thread_policy`: one
+    here), or ``threads``.
     """
     sizes = sizes or _sizes(device)
+    work = step_work(sizes["B"], sizes["D"], 1, sizes["C"])
+    with thread_policy(work, threads, device=device) as used:
+        result = _run(quick, device, sizes)
+    return result | {"threads": used}
+
+
+def _run(quick: bool, device: str, sizes: dict[str, int]) -> dict:
     x, y, ln, head = _problem(sizes["B"], sizes["D"], sizes["C"], device)
     steps = _steps(x, y, ln, head, sizes["K"], device)
     repeats = {"fast": 15 if quick else 60, "seed_loop": 3 if quick else 10}
@@ -249,21 +266,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the step as carrot train runs it; wide-K: torch's)",
     )
     parser.add_argument("--wide-json", default=str(DEFAULT_WIDE_JSON), help="wide-K JSON report")
     parser.add_argument("--skip-step", action="store_true", help="only the wide-K table")
     parser.add_argument("--skip-wide-k", action="store_true", help="only the step table")
     args = parser.parse_args(argv)
+    if not args.skip_step:
+        result = run(quick=args.quick, device=args.device, threads=args.threads)
+        sizes = result["sizes"]
+        name = "carrot_step B={B} D={D} C={C} K={K} on {device}, {threads} thread(s)".format(
+            **sizes, device=args.device, threads=result["threads"]
+        )
+        extra = {"sizes": sizes, "quick": args.quick, "threads": result["threads"]}
+        write_report(name, result["rows"], json_path=args.json, extra=extra)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.skip_step:
-        result = run(quick=args.quick, device=args.device)
-        sizes = result["sizes"]
-        name = "carrot_step B={B} D={D} C={C} K={K} on {device}".format(**sizes, device=args.device)
-        write_report(
-            name, result["rows"], json_path=args.json, extra={"sizes": sizes, "quick": args.quick}
-        )
     if not args.skip_wide_k:
         wide = run_wide_k(args.device, repeats=2 if args.quick else 3, threads=args.threads)
         name = "carrot_augment K=C-1 vs K=D, B={B} D={D} C={C} on {device}".format(

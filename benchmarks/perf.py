@@ -60,7 +60,8 @@ def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     rows += _rows("stage 1: embed", where, e["rows"])
     c = carrot_step.run(quick=quick, device=dev)
     step_rows = [
-        dict(r, metric=f"step {r['variant']} (ms)", value=r["median_ms"]) for r in c["rows"]
+        dict(r, metric=f"step {r['variant']} (ms, {c['threads']} thread(s))", value=r["median_ms"])
+        for r in c["rows"]
     ]
     rows += _rows("stage 2: CARROT step", where, step_rows)
     h = heads_bank.run(quick=quick, device=dev, json_path=None)

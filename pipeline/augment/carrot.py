@@ -246,8 +246,11 @@ def augment_with_geometry(
     logits: Tensor | None = None,
     logits_error: Tensor | None = None,
     measure: bool = True,
+    rows: Tensor | None = None,
 ) -> CarrotOutput:
-    """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset).
+    """Core of :func:`carrot_augment` given per-row geometry ``geo`` (B rows, any Kset), or a
+    geometry of N rows and ``rows`` (B,), the geometry row of each input row (e.g. the class
+    geometry and the labels: per-row fields are then gathered only where needed).
 
     Margins use the current ``weight``; the noise is projected with ``geo``, which may be a
     cached class geometry built from an earlier weight (see :class:`CarrotAugment`). Such a
@@ -257,6 +260,9 @@ def augment_with_geometry(
     """
     _check_inputs(z, y, weight)
     b, d = z.shape
+    source_geo = geo
+    if rows is not None:
+        geo = _RowView(geo, rows)  # type: ignore[assignment]
     k = geo.kset.shape[1]
     n_out = weight.shape[0] - 1 - k
     # float32 noise when a float32 orthonormal basis is available (accurate whatever the
@@ -286,7 +292,8 @@ def augment_with_geometry(
             factor_y = factor.index_select(0, y)  # (B, D, r)
             scale = spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
         if stale and factor_y is None:
-            alpha = _stale_alpha_isotropic(slack, eligible, geo, _drift(weight, geo, wc), cfg)
+            drift = _drift(weight, geo, wc)
+            alpha = _stale_alpha_isotropic(slack, eligible, source_geo, drift, cfg, rows)
         elif stale:
             wc = centered_weight(weight) if wc is None else wc
             alpha = _stale_alpha(slack, eligible, geo, wc, cfg, factor_y, scale, work)
@@ -322,6 +329,32 @@ def augment_with_geometry(
     return _assemble(z, y, weight, cfg, alpha, noise, features=None, bias=bias, measure=measure)
 
 
+class _RowView:
+    """Geometry ``geo`` seen row by row through ``rows`` (B,): each field is gathered on first
+    use; the basis is never gathered (``basis_rows`` composes the index), so projecting costs
+    one gather of the basis rows in use."""
+
+    _PER_ROW = ("labels", "kset", "pinv", "rank", "nuisance_var", "outside")
+
+    def __init__(self, geo: Competitors, rows: Tensor) -> None:
+        self._geo, self._rows, self._cache = geo, rows, {}
+        self.weight, self.basis, self.source = geo.weight, geo.basis, geo.source
+        base = geo.basis_rows
+        self.basis_rows = rows if base is None else base.index_select(0, rows)
+
+    def __getattr__(self, name: str):
+        if name not in _RowView._PER_ROW:
+            raise AttributeError(name)
+        cache = self.__dict__["_cache"]
+        if name not in cache:
+            value = getattr(self._geo, name)
+            cache[name] = None if value is None else value.index_select(0, self._rows)
+        return cache[name]
+
+    def take(self, index: Tensor) -> Competitors:
+        return self._geo.take(self._rows.index_select(0, index))
+
+
 def _has_source(geo: Competitors, weight: Tensor) -> bool:
     """Whether ``geo.source`` (the weight it was built from) is comparable with ``weight``."""
     src = geo.source
@@ -340,7 +373,12 @@ def _drift(weight: Tensor, geo: Competitors, wc: Tensor | None) -> Tensor:
 
 
 def _stale_alpha_isotropic(
-    slack: Tensor, eligible: Tensor, geo: Competitors, drift: Tensor, cfg: CarrotConfig
+    slack: Tensor,
+    eligible: Tensor,
+    geo: Competitors,
+    drift: Tensor,
+    cfg: CarrotConfig,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """(B,) float64 α of :func:`_stale_alpha` for isotropic noise, one bound per distinct class.
 
@@ -348,9 +386,13 @@ def _stale_alpha_isotropic(
     ``d_c = d_c⁰ + (Δ_y − Δ_c)``): variance ``≤ (√s_c⁰ + ‖Δ_y − Δ_c‖)²``, which for a Kset class
     (``s_k⁰ = 0``) is ``‖Δ_y − Δ_k‖²`` (≥ ``‖P_N (Δ_y − Δ_k)‖²``). The union bound runs over all
     C − 1 classes; ``‖Δ_y − Δ_c‖²`` comes from one float32 (U, D) × (D, C) product rounded up
-    (:func:`row_difference_sq_fast`). Rows not ``eligible`` get 0.
+    (:func:`row_difference_sq_fast`). Rows not ``eligible`` get 0. ``rows``: as in
+    :func:`augment_with_geometry`.
     """
-    first, inverse = distinct_rows(geo)
+    if rows is None:
+        first, inverse = distinct_rows(geo)
+    else:
+        first, inverse = torch.unique(rows, return_inverse=True)
     labels = geo.labels.index_select(0, first)  # (U,)
     moved = row_difference_sq_fast(drift, labels)  # (U, C) ≥ ‖Δ_y − Δ_c‖²
     s0 = geo.nuisance_var.index_select(0, first)  # (U, C), 0 for Kset classes and y
@@ -583,13 +625,12 @@ class CarrotAugment(nn.Module):
                 measure=measure,
             )
         _check_inputs(z, y, weight)
-        geo = self.class_geometry(weight).take(y)
         return augment_with_geometry(
             z,
             y,
             weight,
             cfg,
-            geo,
+            self.class_geometry(weight),
             generator=generator,
             class_factor=class_factor,
             workspace=self._workspace,
@@ -597,6 +638,7 @@ class CarrotAugment(nn.Module):
             logits=logits if logits_error is not None else None,
             logits_error=logits_error,
             measure=measure,
+            rows=y,
         )
 
     def class_geometry(self, weight: Tensor) -> Competitors:

@@ -118,18 +118,14 @@ def competitor_geometry(
     y = labels
     g_yy = gram[y, y]  # (N,)
     g_yc = gram[y]  # (N, C)
-    g_kc = gram[kset]  # (N, K, C)
+    g_kc = gram.index_select(0, kset.reshape(-1)).view(n, k, c)  # (N, K, C)
     g_ky = g_yc.gather(1, kset)  # (N, K)
     # A Aᵀ: (N, K, K); (w_y − w_i)ᵀ(w_y − w_j) = g_yy − g_yj − g_iy + g_ij
     g_kk = g_kc.gather(2, kset[:, None, :].expand(n, k, k))
     gram_a = g_yy[:, None, None] - g_ky[:, None, :] - g_ky[:, :, None] + g_kk
     gram_a = 0.5 * (gram_a + gram_a.transpose(1, 2))
-    lam, vec = torch.linalg.eigh(gram_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
-    keep = lam > RTOL * lam[:, -1:].clamp_min(0)  # (N, K)
-    rank = keep.sum(dim=1)
-    inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)
-    whiten = vec * inv_sqrt[:, None, :]  # (N, K, K): columns v_i/√λ_i; G⁺ = whiten whitenᵀ
-    pinv = whiten @ whiten.transpose(1, 2)
+    whiten, rank, condition = _whitening(gram_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+    pinv = whiten @ whiten.transpose(1, 2)  # G⁺ = whiten whitenᵀ
     # A d_c for every class c: (w_y − w_i)ᵀ(w_y − w_c) = g_ic − g_iy − (g_yc − g_yy) → (N, K, C)
     # (in place: fresh large temporaries cost page faults on CPU)
     cross = g_kc.sub_(g_ky[:, :, None]).sub_((g_yc - g_yy[:, None])[:, None, :])
@@ -143,9 +139,40 @@ def competitor_geometry(
     if basis:  # rows v_i/√λ_i · A of the kept eigen-directions: the very subspace of G⁺
         a = wc.index_select(0, kset.reshape(-1)).view(n, k, d)
         a = a.neg_().add_(wc.index_select(0, y)[:, None, :])  # (N, K, D) rows d_k, in place
-        kept_lam = torch.where(keep, lam, torch.inf).amin(dim=1)
-        q = _reorthonormalize(whiten.transpose(1, 2) @ a, lam[:, -1] / kept_lam).float()
+        q = _reorthonormalize(whiten.transpose(1, 2) @ a, condition).float()
     return Competitors(y, kset, pinv, rank, nuisance, outside, wc, q)
+
+
+def _whitening(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``whiten`` (N, K, K) with ``whitenᵀ G whiten = I`` on the kept directions of each Gram
+    G (N, K, K) float64 (``whitenᵀ A`` are orthonormal rows spanning S, ``G⁺ = whiten
+    whitenᵀ``), the rank (N,), and an upper bound on λ_max/λ_min of the kept part (N,).
+
+    Directions with eigenvalue ≤ RTOL·λ_max are dropped. Cholesky first (about 10× cheaper
+    than eigh for small K): a row whose bound ``λ_min ≥ 1/‖L⁻¹‖_F²`` against ``λ_max ≤ tr G``
+    proves every eigenvalue is kept gets ``whiten = L⁻ᵀ``, the same subspace; the others
+    (rank-deficient, or not provably well-conditioned) go through eigh.
+    """
+    n, k, _ = gram.shape
+    chol, info = torch.linalg.cholesky_ex(gram)
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device).expand(n, k, k)
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
+    lam_min = 1.0 / inv.square().sum(dim=(1, 2))  # ≤ λ_min (‖G⁻¹‖₂ ≤ ‖L⁻¹‖_F²)
+    lam_max = gram.diagonal(dim1=1, dim2=2).sum(dim=1)  # ≥ λ_max
+    proven = (info == 0) & torch.isfinite(lam_min) & (lam_min > RTOL * lam_max)
+    whiten = inv.transpose(1, 2)
+    rank = torch.full((n,), k, dtype=torch.int64, device=gram.device)
+    condition = lam_max / lam_min
+    rest = torch.nonzero(~proven).squeeze(1)  # host sync
+    if rest.numel():
+        lam, vec = torch.linalg.eigh(gram.index_select(0, rest))
+        keep = lam > RTOL * lam[:, -1:].clamp_min(0)  # (R, K)
+        inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)
+        whiten = whiten.index_copy(0, rest, vec * inv_sqrt[:, None, :])  # columns v_i/√λ_i
+        rank = rank.index_copy(0, rest, keep.sum(dim=1))
+        kept_min = torch.where(keep, lam, torch.inf).amin(dim=1)
+        condition = condition.index_copy(0, rest, lam[:, -1] / kept_min)
+    return whiten, rank, condition
 
 
 def shared_geometry(wc: Tensor, labels: Tensor) -> Competitors:
@@ -281,22 +308,22 @@ def row_difference_sq(w: Tensor, labels: Tensor) -> Tensor:
 
 
 def row_difference_sq_fast(w: Tensor, labels: Tensor) -> Tensor:
-    """:func:`row_difference_sq` with the (N, D) × (D, C) product in float32 when float32 matmul
-    is IEEE (else float64): about half the time. Still an upper bound: rounding ``w`` to float32
-    (``u·‖w_a‖`` per row) and the GEMM (``γ_D·‖w_a‖‖w_b‖``) are added back, so the result is
-    ``≥ ‖w_y − w_c‖²`` up to ``~D·u·(‖w_y‖ + ‖w_c‖)²`` above it."""
+    """:func:`row_difference_sq` with every product in float32 when float32 matmul is IEEE
+    (else float64): about half the time. ``w`` (C, D) float32 or float64. Still an upper bound:
+    rounding ``w`` to float32 (u per entry) and the float32 sums (``γ_D`` of their absolute
+    terms: the squared norms and the (N, D) × (D, C) product) are added back, so the result is
+    ``≥ ‖w_y − w_c‖²`` and at most about ``2·D·u·(‖w_y‖ + ‖w_c‖)²`` above it."""
     if not _ieee_fp32_matmul(w.device):
-        return row_difference_sq(w, labels)
-    diag = w.square().sum(dim=1)  # (C,) float64
-    norms = diag.clamp_min(0).sqrt()
+        return row_difference_sq(w.double(), labels)
     w32 = w.float()
-    rows = (w32.index_select(0, labels) @ w32.T).double()  # (N, C)
-    exact = diag[labels][:, None] - 2 * rows + diag[None, :]
     unit = torch.finfo(torch.float32).eps / 2
-    # |⟨fl(a), fl(b)⟩ − ⟨a, b⟩| ≤ (2u + u²)‖a‖‖b‖; the GEMM adds γ_D(1 + u)²‖a‖‖b‖; twice each
-    # (the −2⟨a, b⟩ term) is ≤ (…)·(‖a‖ + ‖b‖)²; float64 rounding of the sum: 4·D·eps64.
-    factor = gemm_error_factor(w.shape[1], torch.float32) * (1 + unit) ** 2 + 3 * unit
-    slack = (factor + 4 * w.shape[1] * _EPS64) * (norms[labels][:, None] + norms[None, :]).square()
+    gamma = gemm_error_factor(w.shape[1], torch.float32) * (1 + unit) ** 2 + 3 * unit
+    diag = w32.square().sum(dim=1).double()  # (C,): each within γ·‖w_c‖² of exact
+    norms = (diag * (1 + gamma)).sqrt() * (1 + _EPS64)  # ≥ ‖w_c‖
+    rows = (w32.index_select(0, labels) @ w32.T).double()  # (N, C), within γ·‖w_y‖‖w_c‖
+    exact = diag[labels][:, None] - 2 * rows + diag[None, :]
+    # errors: γ(‖w_y‖² + ‖w_c‖²) + 2γ‖w_y‖‖w_c‖ = γ(‖w_y‖ + ‖w_c‖)²; float64 sums: 4·D·eps64
+    slack = (gamma + 4 * w.shape[1] * _EPS64) * (norms[labels][:, None] + norms[None, :]).square()
     return exact.clamp_min(0) + slack
 
 
@@ -452,15 +479,15 @@ def margin_slack(
         if logits.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"logits with logits_error must be float32/64, not {logits.dtype}")
         values = logits.detach().double()
-        margin = values.gather(1, y[:, None]) - values  # exact: float32 differences in float64
-        err = torch.broadcast_to(logits_error.detach().double(), margin.shape)
-        allowance = err.gather(1, y[:, None]) + err
-        if u_out:  # ‖w_y − w_c‖ ≤ ‖w_y‖ + ‖w_c‖; norms in float32, rounded up
+        err = torch.broadcast_to(logits_error.detach().double(), values.shape)
+        if u_out:  # rounding z̃: ‖w_y − w_c‖ ≤ ‖w_y‖ + ‖w_c‖, norms in float32 rounded up
             up = 1 + gemm_error_factor(d, torch.float32)
-            norms = weight.detach().float().norm(dim=1).double() * up
-            z_norm = z.detach().float().norm(dim=1, keepdim=True).double() * up
-            allowance = allowance + 2 * u_out * z_norm * (norms[y][:, None] + norms[None, :])
-        return (margin - gamma - allowance).scatter(1, y[:, None], float("inf"))
+            norms = weight.detach().float().norm(dim=1).double()
+            z_norm = z.detach().float().norm(dim=1, keepdim=True).double()
+            err = torch.addcmul(err, z_norm, norms[None, :], value=2 * u_out * up * up)
+        # margin − allowance = (l_y − e_y) − (l_c + e_c): exact float32 values in float64
+        low, high = values - err, values + err
+        return (low.gather(1, y[:, None]) - gamma - high).scatter_(1, y[:, None], float("inf"))
     if z.dtype != torch.float64 and _ieee_fp32_matmul(z.device):
         unit = torch.finfo(torch.float32).eps / 2
         zz, w = z.detach().float(), weight.detach().float()

@@ -58,6 +58,7 @@ def _scores(folds: Sequence[FitOutput], n_heads: int) -> list[dict[str, Any]]:
             {
                 "balanced_accuracy": float(np.mean([v["balanced_accuracy"] for v in vals])),
                 "loss": float(np.mean([v["loss"] for v in vals])),
+                "rows": sum(int(v.get("rows", 0)) for v in vals),
                 "converged": all(bool(v.get("converged")) for v in vals),
                 "solver": vals[0].get("solver"),
             }

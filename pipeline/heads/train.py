@@ -361,6 +361,7 @@ def fit_bank(
                     "balanced_accuracy": float(m["balanced_accuracy"][h]),
                     "accuracy": float(m["accuracy"][h]),
                     "loss": float(m["loss"][h]),
+                    "rows": len(val),
                     **status[h],
                 }
             )
@@ -609,10 +610,26 @@ class _MinibatchRun:
 # ----------------------------------------------------------------------------- entry point
 def select_best(val: Sequence[dict[str, float]], augmented: Sequence[bool] | None = None) -> int:
     """Index of the head with the highest validation balanced accuracy; ties → a head without
-    augmentation (``augmented[h]`` False: an augmentation must earn its place by accuracy) →
-    lowest validation loss → lowest index."""
+    augmentation (``augmented[h]`` False) → lowest validation loss → lowest index.
+
+    An augmentation must earn its place beyond validation noise (the one-standard-error rule):
+    when the scores carry their validation ``rows`` n, an augmented head is chosen over the best
+    head without augmentation only if it beats that head's balanced accuracy p by more than
+    ``√(p(1 − p)/n)``. Picking the best of twice as many heads on one noisy split otherwise
+    favours the augmented half by chance alone."""
     aug = augmented if augmented is not None else [False] * len(val)
-    return min(
-        range(len(val)),
-        key=lambda h: (-val[h]["balanced_accuracy"], bool(aug[h]), val[h]["loss"], h),
-    )
+
+    def key(h: int) -> tuple:
+        return (-val[h]["balanced_accuracy"], bool(aug[h]), val[h]["loss"], h)
+
+    best = min(range(len(val)), key=key)
+    plain = [h for h in range(len(val)) if not aug[h]]
+    if not aug[best] or not plain:
+        return best
+    top = min(plain, key=key)
+    rows = val[top].get("rows")
+    if not rows:
+        return best
+    p = float(val[top]["balanced_accuracy"])
+    margin = math.sqrt(max(p * (1.0 - p), 0.0) / float(rows))
+    return best if val[best]["balanced_accuracy"] > p + margin else top

@@ -91,21 +91,31 @@ def test_bank_logits_error_bounds_the_fused_bank_logits(heads, sizes, scale, see
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 30), st.integers(2, 400), st.integers(2, 30), SCALES, st.integers(0, 2**16))
-def test_fast_row_difference_never_underestimates(n, d, c, scale, seed):
-    """float32 GEMM with its allowance: ≥ the float64 length (itself rounded up), and close to
-    it. Some rows are copies of others plus last-bit noise: the subtraction cancels."""
+@given(
+    st.integers(1, 30),
+    st.integers(2, 400),
+    st.integers(2, 30),
+    SCALES,
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**16),
+)
+def test_fast_row_difference_never_underestimates(n, d, c, scale, dtype, seed):
+    """float32 products with their allowance: ≥ the exact length (float64 rows: their own
+    rounding to float32 included), and close to it. Some rows are copies of others plus
+    last-bit noise: the subtraction cancels."""
     g = _gen(seed)
     w = scale * torch.randn(c, d, generator=g, dtype=torch.float64)
-    w[c // 2 :] = w[: c - c // 2] * (1 + 1e-9 * torch.randn(c - c // 2, 1, generator=g).double())
+    w[c // 2 :] = w[: c - c // 2] * (1 + 1e-7 * torch.randn(c - c // 2, 1, generator=g).double())
+    w = w.to(dtype)
     labels = torch.randint(0, c, (n,), generator=g)
-    exact = (w[labels][:, None, :] - w[None, :, :]).square().sum(-1)
+    w64 = w.double()
+    exact = (w64[labels][:, None, :] - w64[None, :, :]).square().sum(-1)
     fast = row_difference_sq_fast(w, labels)
     assert (fast >= exact).all()
-    norms = w.norm(dim=1)
+    norms = w64.norm(dim=1)
     scale_sq = (norms[labels][:, None] + norms[None, :]).square()
     assert (fast - exact <= 1e-3 * scale_sq).all()
-    assert (row_difference_sq(w, labels) >= exact).all()
+    assert (row_difference_sq(w64, labels) >= exact).all()
 
 
 def test_margins_read_off_logits_are_no_larger_than_exact():
@@ -187,3 +197,35 @@ def test_margins_from_logits_change_no_augmentation_decision():
     slow = carrot_augment(z, y, logits, w, cfg, generator=_gen(7))
     assert torch.equal(fast.source, slow.source)
     assert torch.allclose(fast.z, slow.z, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["random", "duplicate", "collinear", "tiny"])
+def test_cholesky_whitening_spans_what_eigh_spans(kind):
+    """The Cholesky fast path keeps exactly the directions eigh keeps: same rank, the same
+    projector ``Aᵀ G⁺ A`` and orthonormal whitened rows; degenerate rows fall back to eigh."""
+    from pipeline.augment.nuisance import RTOL, _whitening
+
+    g = _gen(8)
+    n, k, d = 32, 6, 20
+    a = torch.randn(n, k, d, generator=g, dtype=torch.float64)
+    if kind == "duplicate":
+        a[::2, 1] = a[::2, 0]
+    elif kind == "collinear":
+        a[::2, 2] = a[::2, 0] + 1e-7 * a[::2, 1]  # condition ~1e14: below RTOL, dropped
+    elif kind == "tiny":
+        a[::3] *= 1e-150
+    gram = a @ a.transpose(1, 2)
+    whiten, rank, condition = _whitening(gram)
+    lam, vec = torch.linalg.eigh(gram)
+    keep = lam > RTOL * lam[:, -1:].clamp_min(0)
+    assert torch.equal(rank, keep.sum(1))
+    inv_sqrt = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), 0.0)
+    ref = vec * inv_sqrt[:, None, :]
+    proj = a.transpose(1, 2) @ (whiten @ whiten.transpose(1, 2)) @ a
+    proj_ref = a.transpose(1, 2) @ (ref @ ref.transpose(1, 2)) @ a
+    assert torch.allclose(proj, proj_ref, atol=1e-6)
+    q = whiten.transpose(1, 2) @ a
+    qq = q @ q.transpose(1, 2)  # orthonormal rows (and zero rows for dropped directions)
+    assert torch.allclose(qq @ qq, qq, atol=1e-6)
+    assert torch.allclose(qq.diagonal(dim1=1, dim2=2).sum(1), rank.double(), atol=1e-6)
+    assert (condition >= 1).all()

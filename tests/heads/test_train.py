@@ -322,6 +322,29 @@ def test_selection_prefers_the_plain_head_on_an_accuracy_tie():
     assert select_best(val, [False, True, False]) == 1
 
 
+def test_an_augmented_head_must_beat_plain_by_one_standard_error():
+    """With the validation row count known, p = 0.8 on n = 400 rows has a standard error of
+    0.02: an augmented head 0.015 ahead is noise (plain kept), 0.025 ahead wins; plain heads
+    among themselves still take the plain maximum."""
+    from pipeline.heads.train import select_best
+
+    def scores(aug_acc: float) -> list[dict[str, float]]:
+        return [
+            {"balanced_accuracy": 0.79, "loss": 0.2, "rows": 400},  # plain
+            {"balanced_accuracy": 0.80, "loss": 0.3, "rows": 400},  # plain, the best one
+            {"balanced_accuracy": aug_acc, "loss": 0.1, "rows": 400},  # augmented
+        ]
+
+    flags = [False, False, True]
+    assert select_best(scores(0.815), flags) == 1
+    assert select_best(scores(0.825), flags) == 2
+    assert select_best(scores(0.815)) == 2  # no augmentation flags: the plain maximum
+    no_rows = [{k: v for k, v in s.items() if k != "rows"} for s in scores(0.815)]
+    assert select_best(no_rows, flags) == 2  # without the row count: the maximum
+    only_aug = scores(0.815)[2:]
+    assert select_best(only_aug, [True]) == 0
+
+
 def test_selection_never_looks_at_test():
     fs = gaussian_set()
     grid = HeadGrid.from_lists(
