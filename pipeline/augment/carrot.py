@@ -323,6 +323,9 @@ def augment_with_geometry(
             xi = torch.randn((*shape[:2], factor_y.shape[2]), generator=generator, device=z.device)
             base = torch.einsum("bdq,abq->abd", factor_y.to(work), xi.to(work))
         noise = project_out(geo, base, workspace=workspace)  # (a, B, D) unit-scale P_N ε
+        # float64 projection of float32 rows: rounding it once more moves a Kset margin by
+        # ≤ u·‖d_k‖‖noise‖, the same as storing z̃ does anyway
+        noise = noise.to(torch.promote_types(z.dtype, torch.float32))
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
         alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)

@@ -96,7 +96,7 @@ def nearest_classes(gram: Tensor, k: int) -> Tensor:
 
 def top_competitors(logits: Tensor, y: Tensor, k: int) -> Tensor:
     """(B, K) int64: the K highest logits of each row excluding its label ``y``."""
-    masked = logits.detach().float().nan_to_num(nan=float("-inf")).clone()
+    masked = logits.detach().float().nan_to_num(nan=float("-inf"))  # a fresh tensor
     masked.scatter_(1, y[:, None], float("-inf"))
     return masked.topk(k, dim=1).indices
 
@@ -126,10 +126,13 @@ def competitor_geometry(
     gram_a = 0.5 * (gram_a + gram_a.transpose(1, 2))
     whiten, rank, condition = _whitening(gram_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
     pinv = whiten @ whiten.transpose(1, 2)  # G⁺ = whiten whitenᵀ
-    # A d_c for every class c: (w_y − w_i)ᵀ(w_y − w_c) = g_ic − g_iy − (g_yc − g_yy) → (N, K, C)
-    # (in place: fresh large temporaries cost page faults on CPU)
-    cross = g_kc.sub_(g_ky[:, :, None]).sub_((g_yc - g_yy[:, None])[:, None, :])
-    in_s = (whiten.transpose(1, 2) @ cross).square_().sum(dim=1)  # (N, C) ‖P_S d_c‖²
+    # A d_c for every class c: (w_y − w_i)ᵀ(w_y − w_c) = g_ic − g_iy − (g_yc − g_yy) → (N, K, C),
+    # whitened: whitenᵀ g_kc − (whitenᵀ g_ky) 1ᵀ − (whitenᵀ 1)(g_yc − g_yy)ᵀ (one pass, in place)
+    wt = whiten.transpose(1, 2)
+    proj = torch.bmm(wt, g_kc)  # (N, K, C)
+    proj.sub_((wt @ g_ky[:, :, None]))
+    proj.baddbmm_(wt.sum(dim=2, keepdim=True), (g_yc - g_yy[:, None])[:, None, :], alpha=-1)
+    in_s = proj.square_().sum(dim=1)  # (N, C) ‖P_S d_c‖²
     diff_sq = difference_sq(gram, y, d)
     eta = ETA_PER_COMPETITOR * k
     nuisance = ((diff_sq - in_s).clamp_min(0) + eta * diff_sq).minimum(diff_sq)
