@@ -43,7 +43,7 @@ def _rows(section: str, where: str, rows: list[dict[str, Any]]) -> list[dict[str
 def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Run embed, carrot_step, heads_bank (and probe_parity on a CPU) on ``device``; return
     rows + machine."""
-    from benchmarks import carrot_step, heads_bank, probe_parity
+    from benchmarks import carrot_step, heads_bank, probe_parity, startup
     from benchmarks import embed as embed_bench
 
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -100,6 +100,17 @@ def run(quick: bool = False, device: str = "auto") -> dict[str, Any]:
             ]
         )
         rows += _rows("stage 2: probe vs logistic regression", where, parity_rows)
+    st = startup.run(quick=quick)  # new processes: device-independent
+    start_rows = [
+        {
+            "metric": f"carrot embed cache hit, {r['path']}: wall − work (s)",
+            "value": r["overhead_s"],
+            "ratio": r["ratio_to_bare_import"],
+            "target": f"<= {startup.TARGET} × bare import" if r["target"] else None,
+        }
+        for r in st["rows"]
+    ]
+    rows += _rows("start-up (new process)", "CPU", start_rows)
     return {
         "machine": machine,
         "device": where,

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict(sub)
     add_demo(sub)
     add_bench(sub, _Parser)
+    _add_server(sub)
     return parser
 
 
@@ -298,17 +299,63 @@ def _run_store_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- server
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "server",
+        help="a local Prefect server and a warm runner, so commands start fast",
+        description="start: a Prefect server on 127.0.0.1 (database under $CARROT_HOME/prefect) "
+        "and a runner that has imported torch, timm and Prefect once; every carrot command then "
+        "records its flow runs there and, when its code and settings match, runs in the runner "
+        "(CARROT_RUNNER=0 opts out). stop: both. status: exit 0 when both are up.",
+    )
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument(
+        "--port", type=positive_int, default=None, help="API port (default 4270; start only)"
+    )
+    p.add_argument("--no-ui", action="store_true", help="start without the Prefect UI")
+    p.set_defaults(run=_run_server)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from flows import runner
+
+    if args.action == "start":
+        try:
+            state = runner.start(args.port or runner.DEFAULT_PORT, ui=not args.no_ui)
+        except RuntimeError as e:
+            raise InputError(str(e)) from None
+        print(f"carrot server up: Prefect API {state['api_url']}, runner pid {state['runner_pid']}")
+        if state.get("ui"):
+            print(f"  ui    {state['api_url'].removesuffix('/api')}")
+        print("  stop  carrot server stop")
+        return 0
+    if args.action == "stop":
+        print("carrot server stopped" if runner.stop() else "carrot server was not running")
+        return 0
+    st = runner.status()
+    if not (st["api"] and st["runner"]):
+        print("carrot server: not running (start it with 'carrot server start')")
+        return 1
+    note = "" if st["current"] else " — code or settings changed since start: commands run on "
+    note += "their own until 'carrot server stop' and 'start'" if note else ""
+    print(f"carrot server: up, Prefect API {st['api_url']}, {st['served']} commands served{note}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``carrot`` console script."""
     debug = os.environ.get("CARROT_DEBUG") == "1"
-    # Before Prefect is imported: quiet, offline-safe defaults (the user's settings win), and
-    # Prefect's console handler for CRITICAL only — the CLI prints failures itself, on one line
-    # (runs still log to the Prefect API; PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them).
-    apply_defaults()
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    if argv is None:  # the console script: the warm runner when `carrot server` is up
+        from flows.runner import forward
+
+        code = forward(sys.argv[1:])
+        if code is not None:
+            return code
+    apply_defaults()  # before Prefect is imported: quiet, offline-safe (the user's settings win)
     try:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)

@@ -32,13 +32,23 @@ _DEFAULTS = {
     # the temporary server logs cancelled-event tracebacks when the process exits
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # Prefect's console handler for CRITICAL only: the CLI prints failures itself, on one line
+    # (runs still log to the Prefect API; PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them)
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
 }
 
 
 def apply_defaults() -> None:
-    """Set quiet, offline-safe Prefect environment defaults (never overriding the user's)."""
+    """Set quiet, offline-safe Prefect environment defaults (never overriding the user's), and
+    ``PREFECT_API_URL`` to the ``carrot server`` when one is up and the user set none."""
     for name, value in _DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if "PREFECT_API_URL" not in os.environ:
+        from flows.runner import server_url
+
+        url = server_url()
+        if url:
+            os.environ["PREFECT_API_URL"] = url
 
 
 @contextlib.contextmanager
