@@ -14,7 +14,7 @@ start`` starts, in the background,
 
 A command runs through the runner only when nothing it depends on differs: the same Python
 interpreter, the same source files (size and mtime of every module of ``flows``, ``pipeline``,
-``stores``) and the same settings (every ``PREFECT_*``, ``CARROT_*``, ``CUDA_*``, ``HF_*``,
+``stores``) and installed packages (the site-packages folder's mtime), and the same settings (every ``PREFECT_*``, ``CARROT_*``, ``CUDA_*``, ``HF_*``,
 ``TORCH*``, ``OMP_*``, ``MKL_*``, ``PYTHON*`` variable). Otherwise — or with ``CARROT_RUNNER=0``
 — it runs in its own process, still against the server while the server is up. State lives in
 ``$CARROT_HOME/run/server.json``.
@@ -32,6 +32,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -104,9 +105,14 @@ def settings_fingerprint(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def code_fingerprint() -> str:
-    """Size and mtime of every module of the carrot packages: changes when the code does."""
+    """Size and mtime of every module of the carrot packages, and the mtime of the environment's
+    site-packages (installing or removing a package touches it): changes when the code or the
+    installed packages do."""
     root = Path(__file__).resolve().parents[1]
     parts = []
+    for entry in sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")}):
+        with contextlib.suppress(OSError):
+            parts.append(f"{entry}:{os.stat(entry).st_mtime_ns}")
     for package in _PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             st = path.stat()

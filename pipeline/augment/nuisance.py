@@ -130,7 +130,7 @@ def competitor_geometry(
     # whitened: whitenᵀ g_kc − (whitenᵀ g_ky) 1ᵀ − (whitenᵀ 1)(g_yc − g_yy)ᵀ (one pass, in place)
     wt = whiten.transpose(1, 2)
     proj = torch.bmm(wt, g_kc)  # (N, K, C)
-    proj.sub_((wt @ g_ky[:, :, None]))
+    proj.sub_(wt @ g_ky[:, :, None])
     proj.baddbmm_(wt.sum(dim=2, keepdim=True), (g_yc - g_yy[:, None])[:, None, :], alpha=-1)
     in_s = proj.square_().sum(dim=1)  # (N, C) ‖P_S d_c‖²
     diff_sq = difference_sq(gram, y, d)
