@@ -51,6 +51,7 @@ _WARM_MODULES = (
     "flows.embed",
     "flows.train",
     "flows.demo",
+    "flows.sweep",
     "pipeline.embed.run",
     "pipeline.heads.probe",
     "pipeline.heads.predict",

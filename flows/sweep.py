@@ -1,0 +1,49 @@
+"""Prefect flow ``sweep``: stage 1 and stage 2 for each backbone, then one comparison.
+
+One task per backbone (``sweep-backbone``: embed or reuse the store, probe, k-NN, CARROT vs
+plain); a failed backbone is a failed task and an error row, the others go on. Artifacts: the
+comparison table, a markdown summary and the bar chart.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.evaluation.sweep import ROW_FIELDS, SweepSpec, format_rows, run_backbone, sweep
+
+
+@task(name="sweep-backbone", cache_policy=NO_CACHE)
+def backbone_task(spec: SweepSpec, backbone: str) -> dict:
+    return run_backbone(spec, backbone)
+
+
+def _cell(v: object) -> object:
+    return round(v, 4) if isinstance(v, float) else v
+
+
+@flow(name="sweep", log_prints=False, validate_parameters=False)
+def sweep_flow(spec: SweepSpec, out: str) -> dict:
+    """Compare ``spec.backbones`` on ``spec.data``; files under ``out``. Returns rows + files."""
+    result = sweep(spec, run=lambda s, b: backbone_task(s, b), out=Path(out))
+    table = [{k: _cell(r.get(k)) for k in ROW_FIELDS} for r in result.rows]
+    create_table_artifact(key="sweep-table", table=table, description=f"carrot sweep {spec.data}")
+    text = "\n".join(format_rows(result.rows))
+    create_markdown_artifact(
+        key="sweep-summary",
+        markdown=f"# Backbone sweep: {spec.data}\n\n```\n{text}\n```\n\nFiles: {result.out}\n",
+    )
+    png = Path(result.files["png"])
+    create_image_artifact(
+        image_url="data:image/png;base64," + base64.b64encode(png.read_bytes()).decode(),
+        key="sweep-chart",
+    )
+    return {"rows": result.rows, "files": result.files, "out": str(result.out)}
