@@ -135,6 +135,7 @@ def run_backbone(
     (`sweep` turns that into an error row). ``embed`` runs the stage-1 settings (default:
     `pipeline.embed.run.run_embedding`; the flow passes its own)."""
     from pipeline.embed.backbone import BackboneConfig
+    from pipeline.embed.extract import ExtractConfig
     from pipeline.embed.run import EmbedSettings, check_settings, default_root, run_embedding
 
     t0 = time.perf_counter()
@@ -143,12 +144,9 @@ def run_backbone(
         backbone=BackboneConfig(
             name=backbone, seed=spec.seed, image_size=spec.image_size, device=spec.device
         ),
+        extract=ExtractConfig(batch_size=spec.batch_size),
         root=spec.root or default_root(),
     )
-    if dataclasses.replace(settings.extract, batch_size=spec.batch_size) != settings.extract:
-        settings = dataclasses.replace(
-            settings, extract=dataclasses.replace(settings.extract, batch_size=spec.batch_size)
-        )
     check_settings(settings)
     summary = (embed or run_embedding)(settings)
     summary = summary if isinstance(summary, dict) else summary.to_dict()
@@ -268,17 +266,21 @@ def error_row(backbone: str, error: BaseException) -> dict[str, Any]:
     }
 
 
+def _file_name(text: str) -> str:
+    """``text`` with every character but letters, digits and ``-_.`` replaced by ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def _row_path(out: Path, spec: SweepSpec, backbone: str, store_key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone)
-    return out / "rows" / f"{safe}-{store_key[:12]}-{spec.probe_key()}.json"
+    return out / "rows" / f"{_file_name(backbone)}-{store_key[:12]}-{spec.probe_key()}.json"
 
 
 def _cached_row(out: Path, spec: SweepSpec, backbone: str) -> dict[str, Any] | None:
     """A finished row of this backbone whose store still exists with the same key."""
     from stores import open_store
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone)
-    for path in sorted((out / "rows").glob(f"{safe}-*-{spec.probe_key()}.json")):
+    pattern = f"{_file_name(backbone)}-*-{spec.probe_key()}.json"
+    for path in sorted((out / "rows").glob(pattern)):
         try:
             row = json.loads(path.read_text())
             store = open_store(row["store"])
@@ -301,8 +303,7 @@ def default_out(spec: SweepSpec) -> Path:
     """``$CARROT_HOME/sweeps/<data>`` (the DATA argument made a folder name)."""
     from pipeline.embed.run import carrot_home
 
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.data.strip("/"))
-    return carrot_home() / "sweeps" / (name[-80:] or "data")
+    return carrot_home() / "sweeps" / (_file_name(spec.data.strip("/"))[-80:] or "data")
 
 
 def write_outputs(result: SweepResult) -> dict[str, str]:
