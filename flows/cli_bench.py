@@ -59,7 +59,7 @@ def run_quality_cmd(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         device=args.device,
     )
-    from pipeline.embed.run import carrot_home
+    from pipeline.home import carrot_home
 
     out = Path(args.out) if args.out else carrot_home() / "bench" / "quality"
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def run_perf_cmd(args: argparse.Namespace) -> int:
     from benchmarks.perf import format_table, run, write_json
 
     result = run(quick=args.quick, device=args.device)
-    from pipeline.embed.run import carrot_home
+    from pipeline.home import carrot_home
 
     path = write_json(result, args.json or carrot_home() / "bench" / "perf.json")
     print(format_table(result))

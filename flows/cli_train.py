@@ -263,7 +263,7 @@ def check_shots(store, shots: int | None) -> None:
 
 def default_out(store_url: str, tag: str) -> str:
     """``$CARROT_HOME/runs/<store name>-<tag>``."""
-    from pipeline.embed.run import carrot_home
+    from pipeline.home import carrot_home
 
     name = Path(store_url.rstrip("/")).name.removesuffix(".zarr")
     return str(carrot_home() / "runs" / f"{name}-{tag}")
@@ -398,10 +398,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from flows.runtime import flow_settings
     from pipeline.embed.backbone import BackboneConfig
     from pipeline.embed.extract import ExtractConfig
-    from pipeline.embed.run import EmbedSettings, carrot_home, check_settings, default_root
+    from pipeline.embed.run import EmbedSettings, check_settings, default_root
     from pipeline.heads.io import check_out_dir
     from pipeline.heads.probe import ProbeSettings
     from pipeline.heads.train import TrainConfig
+    from pipeline.home import carrot_home
 
     device = resolve_device_option(args.device)
     embed = EmbedSettings(

@@ -38,6 +38,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pipeline.home import carrot_home
+
 DEFAULT_PORT = 4270  # not Prefect's 4200: a user's own server there stays untouched
 _PREFIXES = ("PREFECT_", "CARROT_", "CUDA_", "HF_", "TORCH", "OMP_", "MKL_", "PYTHON", "PYTORCH")
 _PACKAGES = ("flows", "pipeline", "stores")
@@ -60,12 +62,6 @@ _WARM_MODULES = (
 
 
 # ----------------------------------------------------------------------------- state
-def carrot_home() -> Path:
-    """``$CARROT_HOME`` (default ``~/.carrot``), as `pipeline.embed.run.carrot_home` — repeated
-    here so the client side stays free of the package's heavy imports."""
-    return Path(os.environ.get("CARROT_HOME") or Path.home() / ".carrot").expanduser()
-
-
 def run_dir() -> Path:
     return carrot_home() / "run"
 

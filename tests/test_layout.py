@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Rank of each layer: a module may import its own sub-package or a lower rank, never a peer.
 LAYERS = {
     "stores": 0,
-    "pipeline": 1,  # the shared top-level modules: defaults, errors, plots, terminal, threads
+    "pipeline": 1,  # the shared top-level modules: defaults, errors, home, plots, terminal, threads
     "pipeline.embed": 2,
     "pipeline.augment": 2,
     "pipeline.heads": 3,

@@ -26,6 +26,5 @@ __getattr__, __dir__, __all__ = lazy_surface(
         "EmbedSettings": "run",
         "EmbedSummary": "run",
         "run_embedding": "run",
-        "carrot_home": "run",
     },
 )

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -28,17 +26,13 @@ from pipeline.embed.backbone import (
 from pipeline.embed.extract import ExtractConfig, extract_rows
 from pipeline.embed.sources import ImageSource, check_fingerprint_mode, resolve_source
 from pipeline.errors import InputError
+from pipeline.home import carrot_home
 from stores import StoreIdentity, StoreWriter, open_writer, store_url
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 """Called with the number of images just finished."""
-
-
-def carrot_home() -> Path:
-    """``$CARROT_HOME``, default ``~/.carrot``: stores, runs and benchmark reports live under it."""
-    return Path(os.environ.get("CARROT_HOME") or Path.home() / ".carrot").expanduser()
 
 
 def default_root() -> str:

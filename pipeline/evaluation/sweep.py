@@ -301,7 +301,7 @@ def _save_row(out: Path, spec: SweepSpec, row: dict[str, Any]) -> None:
 
 def default_out(spec: SweepSpec) -> Path:
     """``$CARROT_HOME/sweeps/<data>`` (the DATA argument made a folder name)."""
-    from pipeline.embed.run import carrot_home
+    from pipeline.home import carrot_home
 
     return carrot_home() / "sweeps" / (_file_name(spec.data.strip("/"))[-80:] or "data")
 
