@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from flows.cli_args import fraction, nonneg_int, positive_int
+from flows.cli_args import add_dask_options, dask_options, fraction, nonneg_int, positive_int
 from flows.cli_bench import add_bench
 from flows.cli_sweep import add_sweep
 from flows.cli_train import add_demo, add_predict, add_train
@@ -101,6 +101,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="accept CSV manifest paths that are absolute or lead out of the CSV's folder "
         "(ids become relative to the common folder, recorded in the store)",
     )
+    add_dask_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(run=_run_embed)
 
@@ -146,11 +147,21 @@ def _run_embed(args: argparse.Namespace) -> int:
     from pipeline.embed.run import check_settings
 
     settings = embed_settings_from_args(args)
+    options = dask_options(args)
     check_settings(settings)  # every input check, before a Prefect server starts
+    from flows.cluster import dask_cluster
     from flows.embed import embed_flow
 
-    with flow_settings(), _progress_bar(enabled=sys.stderr.isatty()):
-        summary = embed_flow(settings)
+    with (
+        dask_cluster(options) as cluster,
+        flow_settings(),
+        _progress_bar(enabled=sys.stderr.isatty()),
+    ):
+        if cluster is None:
+            summary = embed_flow(settings)
+        else:
+            flow = embed_flow.with_options(task_runner=cluster.task_runner())
+            summary = flow(settings, workers=cluster.threads)
     if args.json:
         print(json.dumps(summary))  # JSON escapes control characters itself
     else:

@@ -78,3 +78,27 @@ def positive_floats(text: str) -> tuple[float, ...]:
 def nonneg_floats(text: str) -> tuple[float, ...]:
     """``"0,1e-2"`` → ``(0.0, 0.01)``; every value finite and ≥ 0 (weight decays)."""
     return _float_list(text, positive=False)
+
+
+def add_dask_options(p: argparse.ArgumentParser) -> None:
+    """``--dask-address`` | ``--dask-workers`` (see `flows.cluster`)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--dask-address",
+        metavar="URL",
+        help="run on an existing Dask cluster, e.g. tcp://host:8786 (store root and data on "
+        "shared storage)",
+    )
+    g.add_argument(
+        "--dask-workers",
+        type=positive_int,
+        metavar="N",
+        help="run on a local Dask cluster of N worker processes",
+    )
+
+
+def dask_options(args: argparse.Namespace):
+    """The :class:`flows.cluster.DaskOptions` of the command line."""
+    from flows.cluster import DaskOptions
+
+    return DaskOptions(address=args.dask_address, workers=args.dask_workers)

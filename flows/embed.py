@@ -2,6 +2,10 @@
 
 resolve source → plan store (content key) → [cache hit: done] → build backbone →
 extract+write each pending chunk (retried on transient I/O) → finalize → summary artifact.
+
+With ``workers`` > 0 (the flow runs on a ``DaskTaskRunner``) the pending chunks become work
+units (`pipeline.embed.parallel`), one submitted task each, written by the Dask workers; this
+process holds the store's lock, refreshes its heartbeat as units finish, and finalizes.
 """
 
 from __future__ import annotations
@@ -9,14 +13,17 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
 from flows import progress
 from pipeline.embed.backbone import Backbone, create_backbone
+from pipeline.embed.parallel import WorkUnit, plan_units, write_unit
 from pipeline.embed.run import (
     EmbedPlan,
     EmbedSettings,
     EmbedSteps,
     EmbedSummary,
+    ProgressFn,
     plan_embedding,
     resolve_settings_source,
     run_embedding,
@@ -84,6 +91,53 @@ def extract_write_chunk_task(
 
 
 @task(
+    name="embed-unit",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_transient,
+)
+def embed_unit_task(unit: WorkUnit, settings: EmbedSettings) -> int:
+    return write_unit(unit, settings)
+
+
+def _distribute(workers: int):
+    """``run_embedding``'s ``distribute``: one task per work unit for ``workers`` threads."""
+
+    def distribute(
+        writer: StoreWriter,
+        source: ImageSource,
+        pending: list[int],
+        settings: EmbedSettings,
+        advance: ProgressFn | None,
+    ) -> int:
+        units = plan_units(
+            writer.url,
+            source,
+            pending,
+            chunk_rows=writer.chunk_rows,
+            workers=workers,
+            storage_options=settings.storage_options,
+        )
+        futures = {embed_unit_task.submit(u, settings): u for u in units}
+        images, first_error = 0, None
+        for future in as_completed(list(futures)):
+            writer.heartbeat()
+            try:
+                images += future.result()
+            except Exception as e:  # wait for the other units: what they write is kept
+                first_error = first_error or e
+                continue
+            if advance is not None:
+                advance(futures[future].rows)
+        if first_error is not None:
+            raise first_error
+        return images
+
+    return distribute
+
+
+@task(
     name="finalize-store",
     cache_policy=NO_CACHE,
     retries=2,
@@ -121,10 +175,17 @@ _FLOW_STEPS = EmbedSteps(
 
 
 @flow(name="embed", log_prints=False, validate_parameters=False)
-def embed_flow(settings: EmbedSettings) -> dict:
-    """Stage 1: write (or reuse) the embedding store for ``settings``. Returns the summary dict."""
+def embed_flow(settings: EmbedSettings, workers: int = 0) -> dict:
+    """Stage 1: write (or reuse) the embedding store for ``settings``. Returns the summary dict.
+
+    ``workers`` > 0: the chunks go to the flow's (Dask) task runner, planned for that many
+    worker threads."""
     summary = run_embedding(
-        settings, progress=progress.advance, on_start=progress.start, steps=_FLOW_STEPS
+        settings,
+        progress=progress.advance,
+        on_start=progress.start,
+        steps=_FLOW_STEPS,
+        distribute=_distribute(workers) if workers > 0 else None,
     )
     create_markdown_artifact(
         key="embed-summary", markdown=_summary_markdown(summary), description="carrot embed"

@@ -195,6 +195,12 @@ class StoreWriter:
         self._arrays["errors"][sl] = errors_arr
         self._arrays["progress"][i] = True  # only after all of the chunk's rows
 
+    def heartbeat(self) -> None:
+        """Refresh the lock's heartbeat (and check it is still ours); for a coordinator whose
+        workers write the chunks. A no-op for a chunk writer (no lock)."""
+        if self._lock is not None:
+            self._lock.refresh()
+
     # -- finishing ----------------------------------------------------------------------------
     def finalize(self, *, timings: dict[str, Any]) -> None:
         """Check every chunk and the whole store, record ``skipped`` and ``timings``, then set

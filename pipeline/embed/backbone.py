@@ -272,6 +272,22 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
     return backbone
 
 
+def embedding_dim(cfg: BackboneConfig) -> int:
+    """Embedding width D of ``cfg``'s backbone, from a forward pass on the meta device (no
+    memory, no weights); for a coordinator that preallocates a store its workers fill. Falls back
+    to building the backbone where a model does not run on the meta device."""
+    try:
+        with torch.device("meta"):
+            model = _build_model(cfg, pretrained=False).eval()
+            _, h, w = _data_config(model, cfg.image_size)["input_size"]
+            return int(model(torch.zeros(1, 3, int(h), int(w))).shape[-1])
+    except InputError:
+        raise
+    except Exception as e:  # an op without a meta kernel: measure it for real
+        logger.debug("meta forward of %s failed (%s); building it", cfg.name, e)
+        return create_backbone(cfg).dim
+
+
 # --------------------------------------------------------------------------- model and config
 
 

@@ -114,6 +114,7 @@ def extract_rows(
     cfg: ExtractConfig,
     *,
     forward: ForwardFn | None = None,
+    row_offset: int = 0,
 ) -> ChunkResult:
     """Embed ``source`` rows ``rows`` (e.g. one store chunk's ``range``).
 
@@ -124,6 +125,8 @@ def extract_rows(
         cfg: batch size, workers, views, strictness.
         forward: override of ``backbone.forward`` ((B, 3, H, W) uint8 → (B, D)); for tests and
             instrumentation.
+        row_offset: where ``source`` starts in the full data set (a worker's slice of it), so
+            augmented views are seeded by the full set's row numbers, as in a single process.
 
     Raises:
         InputError: ``cfg.strict`` and an image is unreadable (names it and ``--strict``).
@@ -145,6 +148,7 @@ def extract_rows(
         views=cfg.views,
         view_seed=cfg.view_seed,
         input_size=backbone.input_size,
+        row_offset=row_offset,
     )
     loader = DataLoader(
         dataset,
@@ -245,8 +249,9 @@ class _RowDataset(Dataset):
         views: int,
         view_seed: int,
         input_size: tuple[int, int, int],
+        row_offset: int = 0,
     ) -> None:
-        self.source, self.rows = source, rows
+        self.source, self.rows, self.row_offset = source, rows, row_offset
         self.clean, self.augment = clean, augment
         self.views, self.view_seed = views, view_seed
         self.input_size = input_size
@@ -266,7 +271,9 @@ class _RowDataset(Dataset):
             )
         out = [self.clean(img)]
         for v in range(1, 1 + self.views):
-            out.append(_seeded(self.augment, img, view_seed_for(self.view_seed, row, v)))  # type: ignore[arg-type]
+            out.append(
+                _seeded(self.augment, img, view_seed_for(self.view_seed, self.row_offset + row, v))
+            )  # type: ignore[arg-type]
         return torch.stack(out), True, ""
 
 

@@ -22,6 +22,7 @@ from pipeline.embed.backbone import (
     check_weights,
     create_backbone,
     describe_backbone,
+    embedding_dim,
 )
 from pipeline.embed.extract import ExtractConfig, extract_rows
 from pipeline.embed.sources import ImageSource, check_fingerprint_mode, resolve_source
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 """Called with the number of images just finished."""
+
+Distribute = Callable[
+    ["StoreWriter", ImageSource, list[int], "EmbedSettings", ProgressFn | None], int
+]
+"""Writes the pending chunks elsewhere (``pipeline.embed.parallel`` units on workers) and
+returns the number of images computed; the coordinator holds the lock and finalizes."""
 
 
 def default_root() -> str:
@@ -234,11 +241,14 @@ def run_embedding(
     progress: ProgressFn | None = None,
     on_start: ProgressFn | None = None,
     steps: EmbedSteps | None = None,
+    distribute: Distribute | None = None,
 ) -> EmbedSummary:
     """Stage 1 end to end: resolve, plan, extract pending chunks, finalize.
 
     ``on_start(total)`` is told how many images are pending; ``progress(n)`` after each chunk.
-    A cache hit (complete store with the same key) builds no backbone.
+    A cache hit (complete store with the same key) builds no backbone. With ``distribute``
+    the chunks are written by workers: this process builds no backbone either (the width D
+    comes from a meta-device forward), holds the lock and finalizes.
     """
     steps = steps or EmbedSteps()
     t0 = time.perf_counter()
@@ -246,24 +256,28 @@ def run_embedding(
     plan = steps.plan(settings, source)
     backbone: Backbone | None = None
     dim = cached_dim(plan, settings)
-    if dim is None:
+    if dim is None and distribute is not None:
+        dim = embedding_dim(settings.backbone)
+    elif dim is None:
         backbone = steps.build_backbone(settings)
         dim = backbone.dim
     with open_plan_writer(plan, settings, dim) as writer:
         cache_hit, rate = writer.complete, 0.0
         if not cache_hit:
-            if backbone is None:
-                backbone = steps.build_backbone(settings)
             pending = writer.pending_chunks()
             if on_start is not None:
                 on_start(sum(len(writer.chunk_rows_range(i)) for i in pending))
             t_extract = time.perf_counter()
-            images = 0
-            for i in pending:
-                done = steps.write_chunk(writer, backbone, source, i, settings)
-                images += done
-                if progress is not None:
-                    progress(done)
+            if distribute is not None:
+                images = distribute(writer, source, pending, settings, progress)
+            else:
+                backbone = backbone or steps.build_backbone(settings)
+                images = 0
+                for i in pending:
+                    done = steps.write_chunk(writer, backbone, source, i, settings)
+                    images += done
+                    if progress is not None:
+                        progress(done)
             extract_s = time.perf_counter() - t_extract
             steps.finalize(writer, {"extract_seconds": round(extract_s, 3), "images": images})
             rate = images / extract_s if extract_s > 0 else 0.0

@@ -1,0 +1,127 @@
+"""Dask for ``carrot embed`` and ``carrot sweep``: an existing cluster or a LocalCluster, used
+through prefect-dask's ``DaskTaskRunner`` (only ``.submit()``-ed tasks go to Dask).
+
+``--dask-address tcp://host:8786`` connects to a running ``distributed`` scheduler (its workers
+need the store root and the data on shared storage, and must reach the Prefect API:
+``carrot server start`` or ``PREFECT_API_URL``); ``--dask-workers N`` starts a LocalCluster of N
+worker processes with one thread each for the command's lifetime. Workers are started
+non-daemonic so that their extraction can use DataLoader decode workers; the environment
+variables the nanny sets in this process for its children (``OMP_NUM_THREADS=1`` and the like)
+are put back when the cluster closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import InputError
+
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|ws|wss)://[^\s/:]+:\d{1,5}$")
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for an existing scheduler to answer before the command gives up."""
+
+
+@dataclass(frozen=True)
+class DaskOptions:
+    """Where the work goes: ``address`` of a scheduler, or ``workers`` local processes; neither:
+    in this process (the default)."""
+
+    address: str | None = None
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.address is not None and self.workers is not None:
+            raise InputError("give --dask-address or --dask-workers, not both")
+        if self.address is not None and not _ADDRESS.match(self.address):
+            raise InputError(
+                f"--dask-address {self.address!r}: give a scheduler address such as "
+                "tcp://host:8786 (start one with `dask scheduler`)"
+            )
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--dask-workers {self.workers}: give a positive integer")
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None or self.workers is not None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A reachable scheduler and the worker threads it had when the command started."""
+
+    address: str
+    threads: int
+
+    def task_runner(self) -> Any:
+        """A ``DaskTaskRunner`` on this cluster (reused, not started per flow run)."""
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=self.address)
+
+
+@contextlib.contextmanager
+def dask_cluster(options: DaskOptions) -> Iterator[Cluster | None]:
+    """The cluster of ``options`` for the block (None when not enabled); a LocalCluster is
+    closed, and this process's environment restored, when the block ends.
+
+    Raises:
+        InputError: the scheduler does not answer within `CONNECT_TIMEOUT_S`, or has no workers.
+    """
+    if not options.enabled:
+        yield None
+    elif options.address is not None:
+        yield _connect(options.address)
+    else:
+        with _local_cluster(options.workers or 1) as cluster:
+            yield cluster
+
+
+def _connect(address: str) -> Cluster:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=CONNECT_TIMEOUT_S) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+    except OSError as e:  # includes TimeoutError and distributed's CommClosedError
+        raise InputError(
+            f"--dask-address {address!r}: no Dask scheduler answered ({type(e).__name__}); start "
+            "one with `dask scheduler` and workers with `dask worker ADDRESS`"
+        ) from None
+    threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+    if not threads:
+        raise InputError(
+            f"--dask-address {address!r}: the scheduler has no workers; start some with "
+            f"`dask worker {address}`"
+        )
+    return Cluster(address, threads)
+
+
+@contextlib.contextmanager
+def _local_cluster(workers: int) -> Iterator[Cluster]:
+    import dask
+    from distributed import LocalCluster
+
+    before = dict(os.environ)
+    try:
+        with (
+            dask.config.set({"distributed.worker.daemon": False}),
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+        ):
+            yield Cluster(cluster.scheduler_address, workers)
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
