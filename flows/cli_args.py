@@ -80,11 +80,21 @@ def nonneg_floats(text: str) -> tuple[float, ...]:
     return _float_list(text, positive=False)
 
 
+def _dask_address(text: str) -> str:
+    from flows.cluster import check_address
+
+    try:
+        return check_address(text)
+    except ValueError as e:  # InputError
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dask-address ")) from None
+
+
 def add_dask_options(p: argparse.ArgumentParser) -> None:
     """``--dask-address`` | ``--dask-workers`` (see `flows.cluster`)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--dask-address",
+        type=_dask_address,
         metavar="URL",
         help="run on an existing Dask cluster, e.g. tcp://host:8786 (store root and data on "
         "shared storage)",

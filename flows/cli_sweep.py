@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.cli_args import positive_int
+from flows.cli_args import add_dask_options, dask_options, positive_int
 from pipeline.errors import InputError
 
 
@@ -27,6 +27,7 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=positive_int, default=None, metavar="N")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    add_dask_options(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     p.set_defaults(run=run_sweep_cmd)
 
@@ -61,11 +62,17 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     from pipeline.terminal import printable
 
     spec = spec_from_args(args)
+    options = dask_options(args)
     out = Path(spec.out) if spec.out else default_out(spec)
+    from flows.cluster import dask_cluster
     from flows.sweep import sweep_flow
 
-    with flow_settings():
-        result = sweep_flow(spec, str(out))
+    with dask_cluster(options) as cluster, flow_settings():
+        if cluster is None:
+            result = sweep_flow(spec, str(out))
+        else:
+            flow = sweep_flow.with_options(task_runner=cluster.task_runner())
+            result = flow(spec, str(out), distributed=True)
     rows = result["rows"]
     if args.json:
         print(json.dumps({"rows": rows, "files": result["files"]}))

@@ -27,6 +27,17 @@ CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for an existing scheduler to answer before the command gives up."""
 
 
+def check_address(address: str) -> str:
+    """``address`` when it is a scheduler address (``tcp://host:port``, or tls/ucx/ws/wss);
+    else an `InputError` naming it and the form."""
+    if not _ADDRESS.match(address):
+        raise InputError(
+            f"--dask-address {address!r}: give a scheduler address such as tcp://host:8786 "
+            "(start one with `dask scheduler`)"
+        )
+    return address
+
+
 @dataclass(frozen=True)
 class DaskOptions:
     """Where the work goes: ``address`` of a scheduler, or ``workers`` local processes; neither:
@@ -38,11 +49,8 @@ class DaskOptions:
     def __post_init__(self) -> None:
         if self.address is not None and self.workers is not None:
             raise InputError("give --dask-address or --dask-workers, not both")
-        if self.address is not None and not _ADDRESS.match(self.address):
-            raise InputError(
-                f"--dask-address {self.address!r}: give a scheduler address such as "
-                "tcp://host:8786 (start one with `dask scheduler`)"
-            )
+        if self.address is not None:
+            check_address(self.address)
         if self.workers is not None and self.workers < 1:
             raise InputError(f"--dask-workers {self.workers}: give a positive integer")
 
@@ -82,11 +90,11 @@ def dask_cluster(options: DaskOptions) -> Iterator[Cluster | None]:
             yield cluster
 
 
-def _connect(address: str) -> Cluster:
+def _connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Cluster:
     from distributed import Client
 
     try:
-        with Client(address, timeout=CONNECT_TIMEOUT_S) as client:
+        with Client(address, timeout=timeout) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"]
     except OSError as e:  # includes TimeoutError and distributed's CommClosedError
         raise InputError(

@@ -1,8 +1,10 @@
 """Prefect flow ``sweep``: stage 1 and stage 2 for each backbone, then one comparison.
 
 One task per backbone (``sweep-backbone``: embed or reuse the store, probe, k-NN, CARROT vs
-plain); a failed backbone is a failed task and an error row, the others go on. Artifacts: the
-comparison table, a markdown summary and the bar chart.
+plain); a failed backbone is a failed task and an error row, the others go on. With
+``distributed`` the tasks are submitted to the flow's (Dask) task runner, one backbone per
+worker at a time; each row is saved as it arrives. Artifacts: the comparison table, a markdown
+summary and the bar chart.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
-from pipeline.evaluation.sweep import ROW_FIELDS, SweepSpec, format_rows, run_backbone, sweep
+from pipeline.evaluation.sweep import (
+    ROW_FIELDS,
+    SweepSpec,
+    format_rows,
+    run_backbone,
+    run_in_turn,
+    sweep,
+)
 
 
 @task(name="sweep-backbone", cache_policy=NO_CACHE)
@@ -26,14 +36,28 @@ def backbone_task(spec: SweepSpec, backbone: str) -> dict:
     return run_backbone(spec, backbone)
 
 
+def _submit_all(spec: SweepSpec, backbones: list[str]):
+    """`pipeline.evaluation.sweep.RunAll` over submitted tasks: (backbone, row or error) as each
+    task finishes."""
+    futures = {backbone_task.submit(spec, b): b for b in backbones}
+    for future in as_completed(list(futures)):
+        try:
+            yield futures[future], future.result()
+        except Exception as e:  # the failed backbone's row; the others go on
+            yield futures[future], e
+
+
 def _cell(v: object) -> object:
     return round(v, 4) if isinstance(v, float) else v
 
 
 @flow(name="sweep", log_prints=False, validate_parameters=False)
-def sweep_flow(spec: SweepSpec, out: str) -> dict:
-    """Compare ``spec.backbones`` on ``spec.data``; files under ``out``. Returns rows + files."""
-    result = sweep(spec, run=lambda s, b: backbone_task(s, b), out=Path(out))
+def sweep_flow(spec: SweepSpec, out: str, distributed: bool = False) -> dict:
+    """Compare ``spec.backbones`` on ``spec.data``; files under ``out``. Returns rows + files.
+
+    ``distributed``: the backbones are submitted to the flow's task runner (Dask) at once."""
+    run_all = _submit_all if distributed else run_in_turn(lambda s, b: backbone_task(s, b))
+    result = sweep(spec, run_all=run_all, out=Path(out))
     table = [{k: _cell(r.get(k)) for k in ROW_FIELDS} for r in result.rows]
     create_table_artifact(key="sweep-table", table=table, description=f"carrot sweep {spec.data}")
     text = "\n".join(format_rows(result.rows))

@@ -20,7 +20,7 @@ import json
 import math
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,28 +229,45 @@ def parameter_count(backbone: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sweep(
-    spec: SweepSpec,
-    *,
+RunAll = Callable[["SweepSpec", list[str]], Iterator[tuple[str, "dict[str, Any] | BaseException"]]]
+"""Runs the named backbones (e.g. one Dask task each), yielding (backbone, row or the error it
+raised) as each finishes, in any order."""
+
+
+def run_in_turn(
     run: Callable[[SweepSpec, str], dict[str, Any]] = run_backbone,
-    out: Path,
-) -> SweepResult:
-    """Every backbone of ``spec`` through ``run`` (default `run_backbone`), reusing finished
-    rows under ``out/rows``; then the table files (`write_outputs`)."""
-    rows = []
+) -> RunAll:
+    """A `RunAll` that calls ``run`` for one backbone after the other, in this process."""
+
+    def run_all(
+        spec: SweepSpec, backbones: list[str]
+    ) -> Iterator[tuple[str, dict[str, Any] | BaseException]]:
+        for backbone in backbones:
+            try:
+                yield backbone, run(spec, backbone)
+            except Exception as e:  # any failure of one backbone is its row; Ctrl-C still stops
+                yield backbone, e
+
+    return run_all
+
+
+def sweep(spec: SweepSpec, *, run_all: RunAll | None = None, out: Path) -> SweepResult:
+    """Every backbone of ``spec`` through ``run_all`` (default: `run_backbone` in turn), reusing
+    finished rows under ``out/rows`` and saving each new one as soon as it arrives (a crash
+    keeps them); then the table files (`write_outputs`). Rows are in spec order."""
+    rows: dict[str, dict[str, Any]] = {}
     for backbone in spec.backbones:
         cached = _cached_row(out, spec, backbone)
         if cached is not None:
-            rows.append(cached | {"reused": True})
+            rows[backbone] = cached | {"reused": True}
+    todo = [b for b in spec.backbones if b not in rows]
+    for backbone, outcome in (run_all or run_in_turn())(spec, todo):
+        if isinstance(outcome, BaseException):
+            rows[backbone] = error_row(backbone, outcome)
             continue
-        try:
-            row = run(spec, backbone)
-        except Exception as e:  # any failure of one backbone is its row; Ctrl-C still stops
-            rows.append(error_row(backbone, e))
-            continue
-        _save_row(out, spec, row)
-        rows.append(row | {"reused": False})
-    result = SweepResult(rows, out)
+        _save_row(out, spec, outcome)
+        rows[backbone] = outcome | {"reused": False}
+    result = SweepResult([rows[b] for b in spec.backbones], out)
     result.files = write_outputs(result)
     return result
 
