@@ -20,6 +20,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """``"1,5,10"`` → ``(1, 5, 10)``; every value an integer ≥ 1, none twice."""
+    values = tuple(positive_int(v.strip()) for v in text.split(",") if v.strip())
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct positive integers, comma-separated, got {text!r}"
+        )
+    return values
+
+
 def nonneg_int(text: str) -> int:
     value = _number(text, int, "an integer ≥ 0")
     if value < 0:

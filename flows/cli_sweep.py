@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.cli_args import add_dask_options, dask_options, positive_int
+from flows.cli_args import add_dask_options, dask_options, positive_int, positive_ints
 from pipeline.errors import InputError
 
 
@@ -22,6 +22,15 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbones", metavar="A,B,C", help="timm model names, comma-separated")
     p.add_argument("--config", metavar="FILE", help="a sweep.toml spec (version = 1)")
     p.add_argument("--aug", default=None, help="augmentations (default none,carrot)")
+    p.add_argument(
+        "--shots",
+        type=positive_ints,
+        metavar="K,K",
+        help="few-shot probes too: K labelled images per class, e.g. 1,5,10 (one column each)",
+    )
+    p.add_argument(
+        "--seeds", type=positive_int, default=None, metavar="S", help="few-shot draws (default 3)"
+    )
     p.add_argument("--root", metavar="DIR|URL", help="store root (default $CARROT_HOME/stores)")
     p.add_argument("--out", metavar="DIR", help="default $CARROT_HOME/sweeps/<DATA>")
     p.add_argument("--image-size", type=positive_int, default=None, metavar="N")
@@ -41,6 +50,8 @@ def spec_from_args(args: argparse.Namespace):
         "data": args.data,
         "backbones": parse_names(args.backbones) if args.backbones else None,
         "augs": parse_names(args.aug) if args.aug else None,
+        "shots": args.shots,
+        "seeds": args.seeds,
         "root": args.root,
         "out": args.out,
         "image_size": args.image_size,
@@ -77,7 +88,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"rows": rows, "files": result["files"]}))
     else:
-        for line in format_rows(rows):
+        for line in format_rows(rows, spec.shots):
             print(printable(line))
         print(f"wrote {printable(result['out'])}/sweep.csv, sweep.json, sweep.png")
     failed = [r for r in rows if r.get("error")]

@@ -22,7 +22,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from pipeline.evaluation.sweep import (
-    ROW_FIELDS,
     SweepSpec,
     format_rows,
     run_backbone,
@@ -58,9 +57,9 @@ def sweep_flow(spec: SweepSpec, out: str, distributed: bool = False) -> dict:
     ``distributed``: the backbones are submitted to the flow's task runner (Dask) at once."""
     run_all = _submit_all if distributed else run_in_turn(lambda s, b: backbone_task(s, b))
     result = sweep(spec, run_all=run_all, out=Path(out))
-    table = [{k: _cell(r.get(k)) for k in ROW_FIELDS} for r in result.rows]
+    table = [{k: _cell(r.get(k)) for k in result.fields} for r in result.rows]
     create_table_artifact(key="sweep-table", table=table, description=f"carrot sweep {spec.data}")
-    text = "\n".join(format_rows(result.rows))
+    text = "\n".join(format_rows(result.rows, spec.shots))
     create_markdown_artifact(
         key="sweep-summary",
         markdown=f"# Backbone sweep: {spec.data}\n\n```\n{text}\n```\n\nFiles: {result.out}\n",

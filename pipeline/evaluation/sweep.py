@@ -64,6 +64,8 @@ class SweepSpec:
     batch_size: int = 64
     device: str = "auto"
     seed: int = 0
+    shots: tuple[int, ...] = ()  # few-shot probes: k labelled images per class, each k a column
+    seeds: int = 3  # few-shot draws per k (mean and std over them)
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -71,6 +73,12 @@ class SweepSpec:
             raise InputError("sweep: no backbones; give --backbones a,b,c (timm model names)")
         if len(set(self.backbones)) != len(self.backbones):
             raise InputError(f"sweep: a backbone is listed twice in {','.join(self.backbones)}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.shots):
+            raise InputError(f"sweep: --shots {list(self.shots)}: give positive integers")
+        if len(set(self.shots)) != len(self.shots):
+            raise InputError(f"sweep: a shot count is listed twice in {list(self.shots)}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise InputError(f"sweep: seeds = {self.seeds!r}: give a positive integer")
         if not self.augs or "none" not in self.augs:
             raise InputError("sweep: --aug must include 'none' (the plain heads)")
         if self.version != SPEC_VERSION:
@@ -98,8 +106,12 @@ class SweepSpec:
         if "version" not in raw:
             raise InputError(f"--config {str(path)!r}: add 'version = {SPEC_VERSION}'")
         raw |= {k: v for k, v in overrides.items() if v is not None}
-        for name in ("backbones", "augs"):
+        for name in ("backbones", "augs", "shots"):
             if name in raw:
+                if not isinstance(raw[name], list | tuple):
+                    raise InputError(
+                        f"--config {str(path)!r}: '{name}' must be a list, e.g. {name} = [...]"
+                    )
                 raw[name] = tuple(raw[name])
         if "data" not in raw or "backbones" not in raw:
             raise InputError(f"--config {str(path)!r}: needs 'data' and 'backbones'")
@@ -109,10 +121,24 @@ class SweepSpec:
         """What a finished row depends on besides its store: the stage-2 settings."""
         from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
-        text = json.dumps(
-            {"augs": self.augs, "lrs": DEFAULT_LRS, "wds": DEFAULT_WEIGHT_DECAYS, "seed": self.seed}
-        )
+        settings: dict[str, Any] = {
+            "augs": self.augs,
+            "lrs": DEFAULT_LRS,
+            "wds": DEFAULT_WEIGHT_DECAYS,
+            "seed": self.seed,
+        }
+        if self.shots:  # only then, so the rows of sweeps without few-shot keep their keys
+            settings |= {"shots": self.shots, "seeds": self.seeds}
+        text = json.dumps(settings)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def row_fields(shots: Sequence[int] = ()) -> tuple[str, ...]:
+    """The columns of a sweep's table: `ROW_FIELDS`, then per few-shot k its mean top-1 and
+    its std over seeds (``shots5_top1``, ``shots5_top1_std``) before ``cache_hit``."""
+    few = tuple(f"shots{k}_top1{s}" for k in shots for s in ("", "_std"))
+    cut = ROW_FIELDS.index("best_head") + 1
+    return ROW_FIELDS[:cut] + few + ROW_FIELDS[cut:]
 
 
 @dataclass
@@ -122,6 +148,7 @@ class SweepResult:
     rows: list[dict[str, Any]]
     out: Path
     files: dict[str, str] = field(default_factory=dict)
+    fields: tuple[str, ...] = ROW_FIELDS  # the table's columns (`row_fields`)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -176,6 +203,12 @@ def probe_row(spec: SweepSpec, store_url: str) -> dict[str, Any]:
         train.X, train.y, test.X, test.y, num_classes=len(store.class_names), ks=(10, 20)
     )
     diff = carrot_vs_plain(report.result, test.X, test.y) if "carrot" in spec.augs else None
+    few: dict[str, Any] = {}
+    for k in spec.shots:
+        shot = run_probe(
+            features, ProbeSettings(augs=spec.augs, shots=k, seeds=tuple(range(spec.seeds)))
+        ).summary
+        few[f"shots{k}_top1"], few[f"shots{k}_top1_std"] = shot["top1"], shot["std"]["top1"]
     timings = store.attrs.get("timings") or {}
     rate = (
         timings.get("images", 0) / timings["extract_seconds"]
@@ -196,7 +229,7 @@ def probe_row(spec: SweepSpec, store_url: str) -> dict[str, Any]:
         "carrot_minus_plain_hi": None if diff is None else diff[2],
         "best_head": f"{best['aug']} λ={best['weight_decay']:g}",
         "store_key": store.key,
-    }
+    } | few
 
 
 def carrot_vs_plain(result: Any, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
@@ -267,7 +300,7 @@ def sweep(spec: SweepSpec, *, run_all: RunAll | None = None, out: Path) -> Sweep
             continue
         _save_row(out, spec, outcome)
         rows[backbone] = outcome | {"reused": False}
-    result = SweepResult([rows[b] for b in spec.backbones], out)
+    result = SweepResult([rows[b] for b in spec.backbones], out, fields=row_fields(spec.shots))
     result.files = write_outputs(result)
     return result
 
@@ -330,7 +363,7 @@ def write_outputs(result: SweepResult) -> dict[str, str]:
     csv_path, json_path, png_path = out / "sweep.csv", out / "sweep.json", out / "sweep.png"
     tmp = csv_path.with_suffix(".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=result.fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
     tmp.replace(csv_path)
@@ -353,9 +386,9 @@ def _chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plot_method_comparison(bars, path)
 
 
-def format_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
+def format_rows(rows: Sequence[dict[str, Any]], shots: Sequence[int] = ()) -> list[str]:
     """The comparison as aligned text lines (percentages; '—' where not measured; a failed
-    backbone is its name and the error)."""
+    backbone is its name and the error); a column per few-shot k: mean ± std over seeds."""
 
     def pct(v: Any) -> str:
         return "—" if v is None else f"{100 * v:.1f}"
@@ -367,8 +400,13 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
         return f"{100 * r['carrot_minus_plain']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
     head = ("backbone", "params M", "D", "img/s", "probe %", "mean/class %", "kNN10 %")
-    head += ("kNN20 %", "CARROT − plain", "s")
+    head += ("kNN20 %", "CARROT − plain", *(f"{k}-shot %" for k in shots), "s")
     table = [head]
+
+    def few(r: dict[str, Any], k: int) -> str:
+        mean, std = r.get(f"shots{k}_top1"), r.get(f"shots{k}_top1_std")
+        return "—" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
+
     for r in rows:
         if not r.get("error"):
             rate = "—" if r.get("images_per_s") is None else f"{r['images_per_s']:.0f}"
@@ -384,6 +422,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
                     pct(r["knn10_top1"]),
                     pct(r["knn20_top1"]),
                     diff(r),
+                    *(few(r, k) for k in shots),
                     seconds,
                 )
             )

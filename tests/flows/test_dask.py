@@ -109,6 +109,8 @@ def test_sweep_runs_one_backbone_per_task(tmp_path, cluster, prefect_harness, mo
         data="sklearn:digits",
         backbones=("test_vit", "test_resnet", "no_such_backbone"),
         augs=("none",),
+        shots=(2,),
+        seeds=1,
         image_size=32,
         root=str(tmp_path / "stores"),
     )
@@ -120,6 +122,8 @@ def test_sweep_runs_one_backbone_per_task(tmp_path, cluster, prefect_harness, mo
     assert "no_such_backbone" in rows["no_such_backbone"]["error"]
     for name in ("test_vit", "test_resnet"):
         assert rows[name]["error"] is None and 0.5 < rows[name]["probe_top1"] <= 1
+        assert 0.1 < rows[name]["shots2_top1"] < rows[name]["probe_top1"]
+        assert rows[name]["shots2_top1_std"] == 0  # one draw
         assert open_store(rows[name]["store"]).complete
 
 

@@ -70,7 +70,10 @@ def test_spec_file_is_checked(tmp_path):
     cases = {
         'data = "x"\nbackbones = ["a"]\n': "version = 1",
         'version = 2\ndata = "x"\nbackbones = ["a"]\n': "version 2 is not supported",
-        'version = 1\ndata = "x"\nbackbones = ["a"]\nshots = 3\n': "unknown keys ['shots']",
+        'version = 1\ndata = "x"\nbackbones = ["a"]\ncolour = 3\n': "unknown keys ['colour']",
+        'version = 1\ndata = "x"\nbackbones = ["a"]\nshots = 3\n': "'shots' must be a list",
+        'version = 1\ndata = "x"\nbackbones = ["a"]\nshots = [0]\n': "give positive integers",
+        'version = 1\ndata = "x"\nbackbones = ["a"]\nshots = [5, 5]\n': "listed twice",
         'version = 1\nbackbones = ["a"]\n': "needs 'data'",
         'version = 1\ndata = "x"\nbackbones = ["a", "a"]\n': "listed twice",
         "version = \n": "not valid TOML",
