@@ -149,8 +149,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     settings = embed_settings_from_args(args)
     options = dask_options(args)
     check_settings(settings)  # every input check, before a Prefect server starts
-    from flows.cluster import dask_cluster
     from flows.embed import embed_flow
+    from pipeline.cluster import dask_cluster
 
     with (
         dask_cluster(options) as cluster,

@@ -91,7 +91,7 @@ def nonneg_floats(text: str) -> tuple[float, ...]:
 
 
 def _dask_address(text: str) -> str:
-    from flows.cluster import check_address
+    from pipeline.cluster import check_address
 
     try:
         return check_address(text)
@@ -100,7 +100,7 @@ def _dask_address(text: str) -> str:
 
 
 def add_dask_options(p: argparse.ArgumentParser) -> None:
-    """``--dask-address`` | ``--dask-workers`` (see `flows.cluster`)."""
+    """``--dask-address`` | ``--dask-workers`` (see `pipeline.cluster`)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--dask-address",
@@ -118,7 +118,7 @@ def add_dask_options(p: argparse.ArgumentParser) -> None:
 
 
 def dask_options(args: argparse.Namespace):
-    """The :class:`flows.cluster.DaskOptions` of the command line."""
-    from flows.cluster import DaskOptions
+    """The :class:`pipeline.cluster.DaskOptions` of the command line."""
+    from pipeline.cluster import DaskOptions
 
     return DaskOptions(address=args.dask_address, workers=args.dask_workers)

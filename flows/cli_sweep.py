@@ -75,8 +75,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     options = dask_options(args)
     out = Path(spec.out) if spec.out else default_out(spec)
-    from flows.cluster import dask_cluster
     from flows.sweep import sweep_flow
+    from pipeline.cluster import dask_cluster
 
     with dask_cluster(options) as cluster, flow_settings():
         if cluster is None:

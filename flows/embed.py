@@ -17,7 +17,7 @@ from prefect.futures import as_completed
 
 from flows import progress
 from pipeline.embed.backbone import Backbone, create_backbone
-from pipeline.embed.parallel import WorkUnit, plan_units, write_unit
+from pipeline.embed.parallel import WorkUnit, plan_units, run_units, write_unit
 from pipeline.embed.run import (
     EmbedPlan,
     EmbedSettings,
@@ -119,20 +119,11 @@ def _distribute(workers: int):
             workers=workers,
             storage_options=settings.storage_options,
         )
-        futures = {embed_unit_task.submit(u, settings): u for u in units}
-        images, first_error = 0, None
-        for future in as_completed(list(futures)):
-            writer.heartbeat()
-            try:
-                images += future.result()
-            except Exception as e:  # wait for the other units: what they write is kept
-                first_error = first_error or e
-                continue
-            if advance is not None:
-                advance(futures[future].rows)
-        if first_error is not None:
-            raise first_error
-        return images
+
+        def submit(unit: WorkUnit):
+            return embed_unit_task.submit(unit, settings)
+
+        return run_units(writer, units, submit, as_completed, advance)
 
     return distribute
 

@@ -7,7 +7,9 @@ small). A worker writes whole chunks only — disjoint, chunk-aligned writes nev
 (unaligned concurrent writes do) — and flags each one in the progress record, so a lost worker
 costs only its unflagged chunks: the unit is rerun elsewhere, or by the next ``carrot embed``.
 
-No Prefect and no Dask here: a unit runs in any process (`write_unit`).
+No Prefect here, and Dask only when asked: a unit runs in any process (`write_unit`);
+`run_units` gathers submitted units (Prefect task futures in ``flows.embed``, Dask futures in
+`dask_distribute`, the path for notebooks and benchmarks).
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.embed.backbone import Backbone, BackboneConfig
-    from pipeline.embed.run import EmbedSettings
+    from pipeline.embed.run import Distribute, EmbedSettings, ProgressFn
     from pipeline.embed.sources import ImageSource
+    from stores import StoreWriter
 
 UNITS_PER_WORKER = 4
 """Work units per worker thread: enough to balance uneven workers and to bound what a lost
@@ -104,6 +107,63 @@ def write_unit(unit: WorkUnit, settings: EmbedSettings) -> int:
         writer.write_chunk(i, result.features, valid=result.valid, errors=result.errors)
         images += len(rows)
     return images
+
+
+def run_units(
+    writer: StoreWriter,
+    units: Sequence[WorkUnit],
+    submit: Callable[[WorkUnit], Any],
+    as_completed: Callable[[list[Any]], Iterable[Any]],
+    advance: ProgressFn | None = None,
+) -> int:
+    """Submit every unit, then collect them as they finish: the lock's heartbeat refreshed and
+    ``advance(rows)`` told after each. A failed unit does not stop the others (what they write
+    is kept for the rerun); the first error is raised once all are done. Returns the images
+    computed. ``submit(unit)`` returns a future with ``.result()``; ``as_completed`` is the
+    executor's own (Prefect's or Dask's)."""
+    futures = {submit(u): u for u in units}
+    images, first_error = 0, None
+    for future in as_completed(list(futures)):
+        writer.heartbeat()
+        try:
+            images += future.result()
+        except Exception as e:  # wait for the other units
+            first_error = first_error or e
+            continue
+        if advance is not None:
+            advance(futures[future].rows)
+    if first_error is not None:
+        raise first_error
+    return images
+
+
+def dask_distribute(client: Any, workers: int) -> Distribute:
+    """``run_embedding``'s ``distribute`` on a ``distributed.Client`` without Prefect: one Dask
+    task per unit, planned for ``workers`` worker threads."""
+    from distributed import as_completed
+
+    def distribute(
+        writer: StoreWriter,
+        source: ImageSource,
+        pending: list[int],
+        settings: EmbedSettings,
+        advance: ProgressFn | None,
+    ) -> int:
+        units = plan_units(
+            writer.url,
+            source,
+            pending,
+            chunk_rows=writer.chunk_rows,
+            workers=workers,
+            storage_options=settings.storage_options,
+        )
+
+        def submit(unit: WorkUnit) -> Any:
+            return client.submit(write_unit, unit, settings, pure=False)
+
+        return run_units(writer, units, submit, as_completed, advance)
+
+    return distribute
 
 
 _BACKBONES: dict[BackboneConfig, Backbone] = {}

@@ -16,13 +16,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import zarr
+from distributed import Client
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.cluster import Cluster, DaskOptions, dask_cluster
+from pipeline.cluster import Cluster, DaskOptions, dask_cluster
 from pipeline.embed.backbone import BackboneConfig
 from pipeline.embed.extract import ExtractConfig
-from pipeline.embed.parallel import plan_units, split_pending
+from pipeline.embed.parallel import dask_distribute, plan_units, split_pending
 from pipeline.embed.run import EmbedSettings, run_embedding
 from pipeline.errors import InputError
 from stores import open_store, verify_store
@@ -96,6 +97,12 @@ def test_sharded_store_equals_single_process_store(tmp_path, cluster, prefect_ha
     assert verify_store(summary["store"]).ok
     again = _embed_on(cluster, replace(settings, root=str(tmp_path / "dask")))
     assert again["cache_hit"]
+    with Client(cluster.address) as client:  # the same units without Prefect (notebooks)
+        plain = run_embedding(
+            replace(settings, root=str(tmp_path / "lib")),
+            distribute=dask_distribute(client, cluster.threads),
+        )
+    _same_store(single.store, plain.store)
 
 
 @pytest.mark.slow
@@ -129,8 +136,6 @@ def test_sweep_runs_one_backbone_per_task(tmp_path, cluster, prefect_harness, mo
 
 @pytest.mark.slow
 def test_worker_killed_mid_run_then_rerun_loses_nothing(tmp_path, cluster, prefect_harness):
-    from distributed import Client
-
     settings = _settings(tmp_path / "one", image_size=64, chunk_rows=32)  # 57 chunks, 8 units
     reference = run_embedding(settings)
     target = replace(settings, root=str(tmp_path / "dask"))
@@ -177,7 +182,7 @@ def test_local_cluster_puts_the_environment_back():
 
 
 def test_bad_cluster_options_are_input_errors():
-    from flows.cluster import _connect
+    from pipeline.cluster import _connect
 
     with pytest.raises(InputError, match="tcp://host:8786"):
         DaskOptions(address="localhost")
