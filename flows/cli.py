@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from flows.cli_args import add_dask_options, dask_options, fraction, nonneg_int, positive_int
 from flows.cli_bench import add_bench
+from flows.cli_serve import add_serve
 from flows.cli_sweep import add_sweep
 from flows.cli_train import add_demo, add_predict, add_train
 from flows.runtime import apply_defaults
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo(sub)
     add_bench(sub, _Parser)
     add_sweep(sub)
+    add_serve(sub)
     _add_server(sub)
     return parser
 

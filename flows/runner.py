@@ -345,9 +345,13 @@ def _write_state(settings: dict[str, str], **extra: str) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
-def _prefect(args: Sequence[str], prefect_home: Path, **kwargs) -> subprocess.CompletedProcess:
+def _prefect(
+    args: Sequence[str], prefect_home: Path, *, ui_api_url: str | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
+    if ui_api_url is not None:
+        env["PREFECT_UI_API_URL"] = ui_api_url
     return subprocess.run(
         [sys.executable, "-m", "prefect", *args], env=env, capture_output=True, text=True, **kwargs
     )
@@ -384,7 +388,8 @@ def start(port: int = DEFAULT_PORT, *, ui: bool = True, timeout: float = 120.0) 
         )
     args = ["server", "start", "--background", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--analytics-off", "--ui" if ui else "--no-ui"]
-    done = _prefect(args, prefect_home, timeout=60)
+    # the UI's own API address: Prefect's default names port 4200, whatever --port says
+    done = _prefect(args, prefect_home, timeout=60, ui_api_url=api_url)
     if done.returncode != 0:
         raise RuntimeError(f"prefect server start failed: {(done.stderr or done.stdout).strip()}")
     state_path().write_text(json.dumps({"prefect_home": str(prefect_home), "port": port, "ui": ui}))

@@ -66,6 +66,9 @@ def test_server_runs_commands_warm_and_records_them(tmp_path):
         state = json.loads((home / "run" / "server.json").read_text())
         api = state["api_url"]
         assert api == f"http://127.0.0.1:{port}/api" and runner.api_healthy(api)
+        base = api.removesuffix("/api")
+        with urllib.request.urlopen(f"{base}/ui-settings", timeout=10) as r:
+            assert json.loads(r.read())["api_url"] == api  # the UI asks this port, not 4200
         assert _carrot(env, "server", "start").returncode == 0  # already up: a no-op
         assert _served(env) == 0
 
