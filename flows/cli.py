@@ -78,6 +78,13 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="augmented views per image stored beside the clean one",
     )
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument(
+        "--features",
+        default="pooled",
+        metavar="MODE",
+        help="pooled (timm's pre-logits, default) | cls+avgpool | last:N (class tokens of the "
+        "last N blocks + mean patch token, DINOv2's linear-probe input; ViTs)",
+    )
     p.add_argument("--workers", type=nonneg_int, metavar="N", help="decode workers (default auto)")
     p.add_argument(
         "--chunk-rows",
@@ -132,6 +139,7 @@ def embed_settings_from_args(args: argparse.Namespace):
             seed=args.seed,
             image_size=args.image_size,
             device=args.device,
+            features=args.features,
         ),
         extract=extract,
         root=args.root or default_root(),

@@ -22,6 +22,8 @@ import timm.data
 import torch
 from PIL import Image
 
+from pipeline.embed.feature_modes import check_model, last_blocks
+from pipeline.embed.feature_modes import embed as embed_features
 from pipeline.embed.weights import (
     check_checkpoint_fits,
     checkpoint_load_error,
@@ -64,6 +66,10 @@ class BackboneConfig:
     precision: str = (
         "auto"  # auto (bf16 on CUDA if supported else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     )
+    features: str = "pooled"  # pooled | cls+avgpool | last:N (pipeline.embed.feature_modes)
+
+    def __post_init__(self) -> None:
+        last_blocks(self.features)  # InputError naming --features
 
 
 @dataclass
@@ -122,7 +128,7 @@ class Backbone:
                 x = x.contiguous(memory_format=torch.channels_last)
             amp = _AMP_DTYPES[self.precision]
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                y = self.model(x)
+                y = embed_features(self.model, x, self.config.features)
             return y.float()
 
     __call__ = forward
@@ -174,6 +180,7 @@ def describe_backbone(cfg: BackboneConfig) -> tuple[dict[str, Any], dict[str, An
     device = resolve_device(cfg.device)
     with torch.device("meta"):
         model = _build_model(cfg, pretrained=False)
+    check_model(model, cfg.features, cfg.name)
     return (
         _data_config(model, cfg.image_size),
         _weights_identity(cfg),
@@ -244,6 +251,7 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
                 "with a local .safetensors/.pth instead"
             ) from None
         raise
+    check_model(model, cfg.features, cfg.name)
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         model = model.to(device, memory_format=torch.channels_last)
@@ -279,8 +287,10 @@ def embedding_dim(cfg: BackboneConfig) -> int:
     try:
         with torch.device("meta"):
             model = _build_model(cfg, pretrained=False).eval()
+            check_model(model, cfg.features, cfg.name)
             _, h, w = _data_config(model, cfg.image_size)["input_size"]
-            return int(model(torch.zeros(1, 3, int(h), int(w))).shape[-1])
+            x = torch.zeros(1, 3, int(h), int(w))
+            return int(embed_features(model, x, cfg.features).shape[-1])
     except InputError:
         raise
     except Exception as e:  # an op without a meta kernel: measure it for real

@@ -138,13 +138,16 @@ def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
     """Compute the store identity and URL without loading weights or running the backbone.
 
     ``identity.extra`` holds the view seed and precision, plus — only where used, so the keys
-    of default runs stay as they were — ``fingerprint: "content"`` and, for a manifest with
-    allowed outside paths, ``id_root`` (the folder the ids are relative to).
+    of default runs stay as they were — ``fingerprint: "content"``, ``features`` (a token mode
+    of `pipeline.embed.feature_modes`) and, for a manifest with allowed outside paths,
+    ``id_root`` (the folder the ids are relative to).
     """
     data_config, weights, precision = describe_backbone(settings.backbone)
     extra: dict[str, Any] = {"view_seed": settings.extract.view_seed, "precision": precision}
     if settings.fingerprint != "stat":
         extra["fingerprint"] = settings.fingerprint
+    if settings.backbone.features != "pooled":
+        extra["features"] = settings.backbone.features
     if source.outside_paths:
         extra["id_root"] = source.root
     identity = StoreIdentity(
