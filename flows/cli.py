@@ -87,11 +87,18 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=nonneg_int, metavar="N", help="decode workers (default auto)")
     p.add_argument(
+        "--cache-at",
+        metavar="block:-N",
+        help="store the tokens entering the last N blocks of a ViT (for carrot train "
+        "--trainable-blocks) instead of pooled embeddings",
+    )
+    p.add_argument(
         "--chunk-rows",
         type=positive_int,
-        default=1024,
+        default=None,
         metavar="N",
-        help="rows per store chunk (unit of resume)",
+        help="rows per store chunk, the unit of resume (default 1024; token caches: about "
+        "64 MiB a chunk)",
     )
     p.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F")
     p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F")
@@ -118,8 +125,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 def embed_settings_from_args(args: argparse.Namespace):
     """Resolve CLI arguments into :class:`pipeline.embed.run.EmbedSettings` (validated)."""
     from pipeline.embed.backbone import BackboneConfig
+    from pipeline.embed.cache_point import parse_cache_at
     from pipeline.embed.extract import ExtractConfig
     from pipeline.embed.run import EmbedSettings, default_root
+    from stores.schema import DEFAULT_CHUNK_ROWS
 
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise InputError(
@@ -140,11 +149,12 @@ def embed_settings_from_args(args: argparse.Namespace):
             image_size=args.image_size,
             device=args.device,
             features=args.features,
+            cache_at=parse_cache_at(args.cache_at),
         ),
         extract=extract,
         root=args.root or default_root(),
         dtype=args.dtype,
-        chunk_rows=args.chunk_rows,
+        chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         fingerprint=args.fingerprint,
@@ -158,7 +168,9 @@ def _run_embed(args: argparse.Namespace) -> int:
 
     settings = embed_settings_from_args(args)
     options = dask_options(args)
-    check_settings(settings)  # every input check, before a Prefect server starts
+    plan = check_settings(settings)  # every input check, before a Prefect server starts
+    if settings.backbone.cache_at:
+        settings = _token_cache(settings, plan, chunk_rows=args.chunk_rows)
     from flows.embed import embed_flow
     from pipeline.cluster import dask_cluster
 
@@ -177,6 +189,30 @@ def _run_embed(args: argparse.Namespace) -> int:
     else:
         _print_embed_summary(summary)
     return 0
+
+
+def _token_cache(settings, plan, *, chunk_rows: int | None):
+    """A token cache's settings (chunks of about 64 MiB unless --chunk-rows), after printing
+    its storage cost on stderr."""
+    import dataclasses
+    import math
+
+    import numpy as np
+
+    from pipeline.embed.cache_point import chunk_rows_for
+
+    tokens = plan.identity.extra["tokens"]
+    itemsize = np.dtype(settings.dtype).itemsize
+    rows = len(plan.source.records)
+    size = rows * math.prod(tokens) * itemsize
+    print(
+        f"cache    {plan.identity.extra['cache_at']}: {rows} rows × {tokens[0]} tokens × "
+        f"{tokens[1]} × {itemsize} bytes = "
+        + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"),
+        file=sys.stderr,
+    )
+    rows_per_chunk = chunk_rows or chunk_rows_for(math.prod(tokens), itemsize)
+    return dataclasses.replace(settings, chunk_rows=rows_per_chunk)
 
 
 def _print_embed_summary(s: dict) -> None:

@@ -38,6 +38,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", metavar="STORE", help="store path or URL (see carrot store ls)")
     add_probe_options(p)
     p.add_argument(
+        "--trainable-blocks",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="over a token cache (carrot embed --cache-at block:-M): train the backbone's last "
+        "N ≤ M blocks, final norm and a LayerNorm+Linear head (one --aug, default none; the "
+        "first --lrs, default 1e-3; the first --wds; --batch-size default 64)",
+    )
+    p.add_argument(
         "--out",
         metavar="DIR",
         help="output folder, replaced as a whole; not given: $CARROT_HOME/runs/<store>-<augs>",
@@ -278,6 +287,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     settings = probe_settings_from_args(args)
     store = open_store(args.store)  # fail fast (exit 2) on a missing or incomplete store
+    if args.trainable_blocks is not None:
+        return run_train_top(args, store)
     check_shots(store, settings.shots)
     out = args.out or default_out(store.url, "-".join(settings.augs))
     check_out_dir(out)
@@ -287,6 +298,61 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps(summary, default=str))
     else:
         print_train_summary(summary)
+    return 0
+
+
+def run_train_top(args: argparse.Namespace, store) -> int:
+    """``carrot train STORE --trainable-blocks N``: the partially frozen run (flow train-top)."""
+    from flows.runtime import flow_settings
+    from flows.train import train_top_flow
+    from pipeline.embed.backbone import resolve_device
+    from pipeline.errors import InputError
+    from pipeline.heads.probe import parse_names
+    from pipeline.heads.top import TopSettings, cache_point
+
+    defaults = {  # the bank's defaults, left as they are: this mode's own (TopSettings) apply
+        "aug": ",".join(DEFAULT_AUGS),
+        "lrs": ",".join(f"{v:g}" for v in DEFAULT_LRS),
+        "batch_size": _TRAIN.batch_size,
+    }
+    own = {k for k, v in defaults.items() if getattr(args, k) == v}
+    augs = ("none",) if "aug" in own else parse_names(args.aug)
+    if len(augs) != 1:
+        raise InputError(
+            f"--trainable-blocks trains one model: give one --aug (got {','.join(augs)}), "
+            "e.g. --aug none or --aug carrot"
+        )
+    cached, _ = cache_point(store)
+    if args.trainable_blocks > cached:
+        raise InputError(
+            f"--trainable-blocks {args.trainable_blocks}: the store caches the input of its "
+            f"last {cached} block(s); give at most {cached}"
+        )
+    settings = TopSettings(
+        blocks=args.trainable_blocks,
+        aug=augs[0],
+        epochs=args.epochs,
+        lr=TopSettings.lr if "lrs" in own else _floats(args.lrs, option="--lrs", positive=True)[0],
+        weight_decay=_floats(args.wds, option="--wds", positive=False)[0],
+        batch_size=TopSettings.batch_size if "batch_size" in own else args.batch_size,
+        seed=args.seed,
+        device=str(resolve_device(args.device)),
+    )
+    with flow_settings():
+        summary = train_top_flow(store.url, settings)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        losses = ", ".join(f"{v:.3f}" for v in summary["train_loss"])
+        print(
+            f"trained  {len(summary['trainable'])} tensors of the last {settings.blocks} "
+            f"block(s), norms and head; aug={settings.aug}"
+        )
+        print(f"loss     {losses}  (per epoch)")
+        print(
+            f"top-1    val {_pct(summary['val_top1'])}  test {_pct(summary['test_top1'])}  "
+            f"({summary['seconds']:.1f} s)"
+        )
     return 0
 
 

@@ -6,7 +6,11 @@ import base64
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_image_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.heads.features import FeatureSet
@@ -76,6 +80,23 @@ def train_head_flow(store_url: str, settings: ProbeSettings, out: str) -> dict:
                 image_url=_png_data_url(paths[name]), key=f"train-{name.replace('_', '-')}"
             )
     return {**s, "out": out, "store": store.url}
+
+
+@flow(name="train-top", log_prints=False, validate_parameters=False)
+def train_top_flow(store_url: str, settings) -> dict:
+    """Partially frozen training over a token cache (`pipeline.heads.top`); a summary
+    artifact. Returns the result dict."""
+    from pipeline.heads.top import train_top
+
+    result = train_top(open_store(store_url), settings).to_dict()
+    losses = ", ".join(f"{v:.3f}" for v in result["train_loss"])
+    create_markdown_artifact(
+        key="train-top",
+        markdown=f"# Partially frozen run\n\nstore `{store_url}`, {settings.blocks} trainable "
+        f"block(s), aug {settings.aug}\n\n| epoch losses | val top-1 | test top-1 |\n|---|---|---|\n"
+        f"| {losses} | {result['val_top1']} | {result['test_top1']} |\n",
+    )
+    return result
 
 
 @flow(name="predict", log_prints=False, validate_parameters=False)

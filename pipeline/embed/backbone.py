@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import timm.data
 import torch
 from PIL import Image
 
+from pipeline.embed.cache_point import cached_tokens, check_cache_model
 from pipeline.embed.feature_modes import check_model, last_blocks
 from pipeline.embed.feature_modes import embed as embed_features
 from pipeline.embed.weights import (
@@ -67,9 +69,34 @@ class BackboneConfig:
         "auto"  # auto (bf16 on CUDA if supported else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     )
     features: str = "pooled"  # pooled | cls+avgpool | last:N (pipeline.embed.feature_modes)
+    cache_at: int = 0  # N > 0: store the tokens entering the last N blocks (cache_point)
 
     def __post_init__(self) -> None:
         last_blocks(self.features)  # InputError naming --features
+        if isinstance(self.cache_at, bool) or not isinstance(self.cache_at, int):
+            raise InputError(f"--cache-at {self.cache_at!r}: use block:-N")
+        if self.cache_at < 0:
+            raise InputError(f"--cache-at block:{self.cache_at}: use block:-N with N ≥ 1")
+        if self.cache_at and self.features != "pooled":
+            raise InputError(
+                f"--cache-at block:-{self.cache_at} stores tokens; it does not take --features "
+                f"{self.features} (drop one of the two)"
+            )
+
+
+def model_output(model: torch.nn.Module, x: torch.Tensor, cfg: BackboneConfig) -> torch.Tensor:
+    """What ``cfg`` stores per image, unflattened: (B, D) features of ``cfg.features``, or with
+    ``cfg.cache_at`` the (B, T, D) tokens entering the last ``cache_at`` blocks."""
+    if cfg.cache_at:
+        return cached_tokens(model, x, cfg.cache_at)
+    return embed_features(model, x, cfg.features)
+
+
+def check_outputs(model: torch.nn.Module, cfg: BackboneConfig) -> None:
+    """`InputError` unless ``model`` can give what ``cfg`` asks (token features, a cache point)."""
+    check_model(model, cfg.features, cfg.name)
+    if cfg.cache_at:
+        check_cache_model(model, cfg.cache_at, cfg.name)
 
 
 @dataclass
@@ -114,7 +141,8 @@ class Backbone:
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed a batch: (B, 3, H, W) float32 normalized or uint8 pixels → (B, D) float32.
+        """Embed a batch: (B, 3, H, W) float32 normalized or uint8 pixels → (B, D) float32 (a
+        token cache: (B, T·D), the tokens flattened).
 
         Runs under ``torch.inference_mode`` and autocast per the resolved precision; returns
         the embeddings on :attr:`device`.
@@ -128,8 +156,8 @@ class Backbone:
                 x = x.contiguous(memory_format=torch.channels_last)
             amp = _AMP_DTYPES[self.precision]
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                y = embed_features(self.model, x, self.config.features)
-            return y.float()
+                y = model_output(self.model, x, self.config)
+            return y.flatten(1).float()
 
     __call__ = forward
 
@@ -180,7 +208,7 @@ def describe_backbone(cfg: BackboneConfig) -> tuple[dict[str, Any], dict[str, An
     device = resolve_device(cfg.device)
     with torch.device("meta"):
         model = _build_model(cfg, pretrained=False)
-    check_model(model, cfg.features, cfg.name)
+    check_outputs(model, cfg)
     return (
         _data_config(model, cfg.image_size),
         _weights_identity(cfg),
@@ -251,7 +279,7 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
                 "with a local .safetensors/.pth instead"
             ) from None
         raise
-    check_model(model, cfg.features, cfg.name)
+    check_outputs(model, cfg)
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         model = model.to(device, memory_format=torch.channels_last)
@@ -280,22 +308,31 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
     return backbone
 
 
-def embedding_dim(cfg: BackboneConfig) -> int:
-    """Embedding width D of ``cfg``'s backbone, from a forward pass on the meta device (no
-    memory, no weights); for a coordinator that preallocates a store its workers fill. Falls back
-    to building the backbone where a model does not run on the meta device."""
+def row_shape(cfg: BackboneConfig) -> tuple[int, ...]:
+    """Shape of what ``cfg`` stores per image before flattening — ``(D,)``, or ``(T, D)`` for a
+    token cache — from a forward pass on the meta device (no memory, no weights). Falls back to
+    building the backbone where a model does not run on the meta device."""
     try:
         with torch.device("meta"):
             model = _build_model(cfg, pretrained=False).eval()
-            check_model(model, cfg.features, cfg.name)
+            check_outputs(model, cfg)
             _, h, w = _data_config(model, cfg.image_size)["input_size"]
             x = torch.zeros(1, 3, int(h), int(w))
-            return int(embed_features(model, x, cfg.features).shape[-1])
+            return tuple(int(v) for v in model_output(model, x, cfg).shape[1:])
     except InputError:
         raise
     except Exception as e:  # an op without a meta kernel: measure it for real
         logger.debug("meta forward of %s failed (%s); building it", cfg.name, e)
-        return create_backbone(cfg).dim
+        backbone = create_backbone(cfg)
+        x = torch.zeros((1, *backbone.input_size), dtype=torch.float32, device=backbone.device)
+        with torch.inference_mode():
+            return tuple(int(v) for v in model_output(backbone.model, x, cfg).shape[1:])
+
+
+def embedding_dim(cfg: BackboneConfig) -> int:
+    """Width of a store row for ``cfg`` (D, or T·D for a token cache), from `row_shape`; for a
+    coordinator that preallocates a store its workers fill."""
+    return math.prod(row_shape(cfg))
 
 
 # --------------------------------------------------------------------------- model and config

@@ -23,12 +23,14 @@ from pipeline.embed.backbone import (
     create_backbone,
     describe_backbone,
     embedding_dim,
+    row_shape,
 )
 from pipeline.embed.extract import ExtractConfig, extract_rows
 from pipeline.embed.sources import ImageSource, check_fingerprint_mode, resolve_source
 from pipeline.errors import InputError
 from pipeline.home import carrot_home
 from stores import StoreIdentity, StoreWriter, open_writer, store_url
+from stores.schema import DEFAULT_CHUNK_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class EmbedSettings:
     extract: ExtractConfig = field(default_factory=ExtractConfig)  # batch size, views, strict
     root: str = field(default_factory=default_root)  # local folder or fsspec URL
     dtype: str = "float16"  # stored feature dtype: "float16" | "float32"
-    chunk_rows: int = 1024  # rows per Zarr chunk = unit of work, resume and retry
+    chunk_rows: int = DEFAULT_CHUNK_ROWS  # rows per Zarr chunk = unit of work, resume and retry
     val_fraction: float = 0.1  # split made when the source gives none
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -148,6 +150,9 @@ def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
         extra["fingerprint"] = settings.fingerprint
     if settings.backbone.features != "pooled":
         extra["features"] = settings.backbone.features
+    if settings.backbone.cache_at:
+        extra["cache_at"] = f"block:-{settings.backbone.cache_at}"
+        extra["tokens"] = list(row_shape(settings.backbone))  # (T, D) of each flattened row
     if source.outside_paths:
         extra["id_root"] = source.root
     identity = StoreIdentity(

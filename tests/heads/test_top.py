@@ -1,0 +1,125 @@
+"""``carrot train STORE --trainable-blocks N`` over a token cache: training lowers the training
+loss and moves only the top (last N blocks, final norm, head), CARROT's extra rows carry
+gradient into the blocks, and stores or N that cannot are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.embed.backbone import BackboneConfig, create_backbone
+from pipeline.embed.extract import ExtractConfig
+from pipeline.embed.run import EmbedSettings, run_embedding
+from pipeline.errors import InputError
+from pipeline.heads.top import PartialTop, TopSettings, train_top, trainable_parameters
+from stores import open_store
+
+
+def _store(root, **backbone) -> str:
+    settings = EmbedSettings(
+        data="sklearn:digits",
+        backbone=BackboneConfig(name="test_vit", image_size=32, **backbone),
+        extract=ExtractConfig(batch_size=128, num_workers=0),
+        root=str(root),
+    )
+    return run_embedding(settings).store
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A float16 token cache of digits at block:-2 (the input of test_vit's last 2 blocks)."""
+    return open_store(_store(tmp_path_factory.mktemp("tokens"), cache_at=2))
+
+
+def test_training_lowers_the_loss_and_moves_only_the_top(cache):
+    result = train_top(cache, TopSettings(blocks=1, epochs=3, lr=1e-3))
+    assert result.train_loss[-1] < 0.6 * result.train_loss[0]
+    assert result.test_top1 is not None and result.test_top1 > 0.5
+    depth = 6  # test_vit
+    block = f"model.blocks.{depth - 1}."
+    assert set(result.changed) == set(result.trainable)
+    assert all(
+        n.startswith((block, "model.norm.", "model.fc_norm.", "ln.", "fc."))
+        for n in result.trainable
+    )
+    assert any(n.startswith(block) for n in result.changed)
+    assert not any(n.startswith(f"model.blocks.{depth - 2}.") for n in result.trainable)
+
+
+def test_frozen_parameters_equal_the_stores_backbone(cache):
+    """Nothing outside the top moves: the model after training equals a fresh build there."""
+    from pipeline.heads import top as top_module
+
+    cfg = top_module.backbone_config_of(cache)
+    torch.manual_seed(0)
+    model = create_backbone(cfg).model
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    part = PartialTop(model, cached=2, trainable=1, num_classes=10)
+    names = trainable_parameters(part)
+    optim = torch.optim.AdamW([p for p in part.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(8, 5, 64)
+    loss = F.cross_entropy(part.fc(part.head_input(x)), torch.arange(8) % 10)
+    loss.backward()
+    optim.step()
+    moved = {f"model.{k}" for k, v in model.state_dict().items() if not torch.equal(v, fresh[k])}
+    assert moved and moved <= set(names)
+
+
+def test_carrots_extra_rows_carry_gradient_into_the_blocks(cache):
+    from pipeline.augment.registry import create_augmentation
+
+    cfg = BackboneConfig(name="test_vit", image_size=32, cache_at=2)
+    part = PartialTop(create_backbone(cfg).model, cached=2, trainable=1, num_classes=10)
+    trainable_parameters(part)
+    x = torch.from_numpy(cache.features("train")[:64]).view(-1, 5, 64)
+    y = torch.from_numpy(cache.labels("train")[:64].astype("int64"))
+    z = part.head_input(x)
+    logits = part.fc(z)
+    aug = create_augmentation("carrot", num_classes=10)
+    extra = aug(z, y, logits.detach(), part.fc.weight.detach(), generator=torch.Generator())
+    assert len(extra) > 0
+    F.cross_entropy(part.fc(extra.z), extra.y).backward()  # the augmented term alone
+    grad = part.trainable[0].mlp.fc1.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_stores_and_blocks_that_cannot_are_refused(cache, tmp_path):
+    with pytest.raises(InputError, match="at most 2"):
+        train_top(cache, TopSettings(blocks=3, epochs=1))
+    pooled = open_store(_store(tmp_path))
+    with pytest.raises(InputError, match="--cache-at block:-N"):
+        train_top(pooled, TopSettings(blocks=1, epochs=1))
+    with pytest.raises(InputError, match="--trainable-blocks"):
+        TopSettings(blocks=0)
+
+
+def test_cli_embed_cache_then_train_top(tmp_path, prefect_harness, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.setenv("CARROT_HOME", str(tmp_path))
+    embed = ["embed", "sklearn:digits", "--backbone", "test_vit", "--image-size", "32"]
+    assert main([*embed, "--cache-at", "block:-1", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "1797 rows × 5 tokens × 64 × 2 bytes = 1.1 MiB" in out.err
+    store = json.loads(out.out)["store"]
+    train = ["train", store, "--trainable-blocks", "1", "--epochs", "2", "--aug", "carrot"]
+    env = os.environ | {"CARROT_HOME": str(tmp_path), "CARROT_RUNNER": "0"}
+    done = subprocess.run(  # the command as users run it: a new process, its own flow run
+        [sys.executable, "-m", "flows.cli", *train, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert len(summary["train_loss"]) == 2 and summary["augmented_rows"] > 0
+    assert main(["train", store, "--trainable-blocks", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "give at most 1" in err and len(err.strip().splitlines()) == 1
