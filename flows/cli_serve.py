@@ -50,11 +50,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="the sweep's output folder (overrides the spec)")
     p.add_argument(
         "argv",
-        nargs="*",
+        nargs=argparse.REMAINDER,
         metavar="-- COMMAND",
-        help="a command to serve: embed DATA --backbone NAME …, or train STORE …",
+        help="a command to serve, last: embed DATA --backbone NAME …, or train STORE … (the "
+        "'--' before it is optional; everything after it belongs to the command)",
     )
     p.set_defaults(run=run_serve)
+
+
+def served_command(args: argparse.Namespace) -> list[str]:
+    """The command line to serve (the optional leading ``--`` dropped)."""
+    return args.argv[1:] if args.argv[:1] == ["--"] else list(args.argv)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -64,7 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     deployments = build_deployments(
         config=args.config,
-        argv=args.argv,
+        argv=served_command(args),
         name=args.name,
         cron=args.cron,
         interval=args.interval,

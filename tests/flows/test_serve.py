@@ -214,3 +214,15 @@ def test_deployments_carry_json_parameters_and_the_schedule(no_server):
     assert command.parameters == {"argv": argv, "cwd": str(no_server)}
     assert command.schedules[0].schedule.interval.total_seconds() == 30
     json.dumps(sweep.parameters | command.parameters)  # JSON all the way
+
+
+def test_the_command_may_follow_with_or_without_the_double_dash():
+    from flows.cli import build_parser
+    from flows.cli_serve import served_command
+
+    parser = build_parser()
+    command = ["embed", "sklearn:digits", "--backbone", "test_vit", "--image-size", "32"]
+    for argv in (["--", *command], command):
+        args = parser.parse_args(["serve", "--interval", "5", "--limit", "1", *argv])
+        assert served_command(args) == command
+        assert args.limit == 1 and args.interval == 5
