@@ -17,13 +17,12 @@ from prefect.futures import as_completed
 
 from flows import progress
 from pipeline.embed.backbone import Backbone, create_backbone
-from pipeline.embed.parallel import WorkUnit, plan_units, run_units, write_unit
+from pipeline.embed.parallel import WorkUnit, distributor, write_unit
 from pipeline.embed.run import (
     EmbedPlan,
     EmbedSettings,
     EmbedSteps,
     EmbedSummary,
-    ProgressFn,
     plan_embedding,
     resolve_settings_source,
     run_embedding,
@@ -101,33 +100,6 @@ def embed_unit_task(unit: WorkUnit, settings: EmbedSettings) -> int:
     return write_unit(unit, settings)
 
 
-def _distribute(workers: int):
-    """``run_embedding``'s ``distribute``: one task per work unit for ``workers`` threads."""
-
-    def distribute(
-        writer: StoreWriter,
-        source: ImageSource,
-        pending: list[int],
-        settings: EmbedSettings,
-        advance: ProgressFn | None,
-    ) -> int:
-        units = plan_units(
-            writer.url,
-            source,
-            pending,
-            chunk_rows=writer.chunk_rows,
-            workers=workers,
-            storage_options=settings.storage_options,
-        )
-
-        def submit(unit: WorkUnit):
-            return embed_unit_task.submit(unit, settings)
-
-        return run_units(writer, units, submit, as_completed, advance)
-
-    return distribute
-
-
 @task(
     name="finalize-store",
     cache_policy=NO_CACHE,
@@ -176,7 +148,9 @@ def embed_flow(settings: EmbedSettings, workers: int = 0) -> dict:
         progress=progress.advance,
         on_start=progress.start,
         steps=_FLOW_STEPS,
-        distribute=_distribute(workers) if workers > 0 else None,
+        distribute=(
+            distributor(workers, embed_unit_task.submit, as_completed) if workers > 0 else None
+        ),
     )
     create_markdown_artifact(
         key="embed-summary", markdown=_summary_markdown(summary), description="carrot embed"

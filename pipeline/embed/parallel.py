@@ -137,10 +137,13 @@ def run_units(
     return images
 
 
-def dask_distribute(client: Any, workers: int) -> Distribute:
-    """``run_embedding``'s ``distribute`` on a ``distributed.Client`` without Prefect: one Dask
-    task per unit, planned for ``workers`` worker threads."""
-    from distributed import as_completed
+def distributor(
+    workers: int,
+    submit: Callable[[WorkUnit, EmbedSettings], Any],
+    as_completed: Callable[[list[Any]], Iterable[Any]],
+) -> Distribute:
+    """``run_embedding``'s ``distribute``: the pending chunks as `plan_units` for ``workers``
+    worker threads, each sent with ``submit(unit, settings)`` and gathered by `run_units`."""
 
     def distribute(
         writer: StoreWriter,
@@ -157,13 +160,18 @@ def dask_distribute(client: Any, workers: int) -> Distribute:
             workers=workers,
             storage_options=settings.storage_options,
         )
-
-        def submit(unit: WorkUnit) -> Any:
-            return client.submit(write_unit, unit, settings, pure=False)
-
-        return run_units(writer, units, submit, as_completed, advance)
+        return run_units(writer, units, lambda u: submit(u, settings), as_completed, advance)
 
     return distribute
+
+
+def dask_distribute(client: Any, workers: int) -> Distribute:
+    """`distributor` on a ``distributed.Client`` without Prefect: one Dask task per unit."""
+    from distributed import as_completed
+
+    return distributor(
+        workers, lambda u, s: client.submit(write_unit, u, s, pure=False), as_completed
+    )
 
 
 _BACKBONES: dict[BackboneConfig, Backbone] = {}
