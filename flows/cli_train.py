@@ -338,8 +338,12 @@ def run_train_top(args: argparse.Namespace, store) -> int:
         seed=args.seed,
         device=str(resolve_device(args.device)),
     )
+    from pipeline.heads.io import check_out_dir
+
+    out = args.out or default_out(store.url, f"top{settings.blocks}-{settings.aug}")
+    check_out_dir(out)
     with flow_settings():
-        summary = train_top_flow(store.url, settings)
+        summary = train_top_flow(store.url, settings, out)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -353,6 +357,7 @@ def run_train_top(args: argparse.Namespace, store) -> int:
             f"top-1    val {_pct(summary['val_top1'])}  test {_pct(summary['test_top1'])}  "
             f"({summary['seconds']:.1f} s)"
         )
+        print(f"wrote    {summary['files']['weights']}, {summary['files']['config']}")
     return 0
 
 

@@ -83,12 +83,14 @@ def train_head_flow(store_url: str, settings: ProbeSettings, out: str) -> dict:
 
 
 @flow(name="train-top", log_prints=False, validate_parameters=False)
-def train_top_flow(store_url: str, settings) -> dict:
-    """Partially frozen training over a token cache (`pipeline.heads.top`); a summary
-    artifact. Returns the result dict."""
-    from pipeline.heads.top import train_top
+def train_top_flow(store_url: str, settings, out: str) -> dict:
+    """Partially frozen training over a token cache (`pipeline.heads.top`), its run folder
+    ``out`` and a summary artifact. Returns the result dict with ``files``."""
+    from pipeline.heads.top import train_top, write_top_run
 
-    result = train_top(open_store(store_url), settings).to_dict()
+    store = open_store(store_url)
+    trained = train_top(store, settings)
+    result = trained.to_dict() | {"files": write_top_run(out, trained, store, settings)}
     losses = ", ".join(f"{v:.3f}" for v in result["train_loss"])
     create_markdown_artifact(
         key="train-top",

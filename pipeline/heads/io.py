@@ -53,6 +53,8 @@ RUN_FILES = frozenset(
         "learning_curves.png",
         "confusion.png",
         "summary.json",
+        "top.safetensors",  # partially frozen runs (pipeline.heads.top)
+        "top.json",
     }
 )
 SEED_DIR = re.compile(r"^seed-\d+$")  # few-shot runs: one head folder per seed (also run files)

@@ -64,6 +64,7 @@ class TopResult:
     changed: list[str]  # parameters that differ from their initial values after training
     seconds: float
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # trained tensors
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -235,6 +236,7 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
         changed=changed,
         seconds=time.perf_counter() - t0,
         diagnostics={"aug": settings.aug, "augmented_rows": extra_rows, "cached_blocks": cached},
+        state={n: top.get_parameter(n).detach().cpu().contiguous() for n in names},
     )
 
 
@@ -252,3 +254,81 @@ def _top1(top: PartialTop, store: Any, split: str, shape, device) -> float | Non
             ]
         )
     return float((pred == y).double().mean())
+
+
+TOP_WEIGHTS, TOP_CONFIG = "top.safetensors", "top.json"
+
+
+def write_top_run(out_dir: str, result: TopResult, store: Any, settings: TopSettings) -> dict:
+    """Publish a run folder (`pipeline.heads.io.publish_run`: all or nothing) holding the
+    trained tensors (``top.safetensors``: the trainable blocks, norms and head, by parameter
+    name) and ``top.json`` (the store, its cache point, the settings, class names, metrics).
+    Returns the file paths."""
+    import dataclasses
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from pipeline.heads.io import atomic_file, publish_run, write_json
+
+    cached, tokens = cache_point(store)
+    config = {
+        "kind": "carrot-top",
+        "version": 1,
+        "store": store.url,
+        "store_key": store.key,
+        "cached_blocks": cached,
+        "tokens": list(tokens),
+        "class_names": list(store.class_names),
+        "settings": dataclasses.asdict(settings),
+        "metrics": result.to_dict(),
+    }
+
+    def write(staging: Path) -> dict:
+        with atomic_file(staging / TOP_WEIGHTS) as tmp:
+            save_file(result.state, str(tmp))
+        write_json(staging / TOP_CONFIG, config)
+        return {
+            "weights": str(Path(out_dir) / TOP_WEIGHTS),
+            "config": str(Path(out_dir) / TOP_CONFIG),
+        }
+
+    return publish_run(out_dir, write)
+
+
+def load_top(run_dir: str) -> PartialTop:
+    """The trained top of a run folder, on the CPU in eval mode, rebuilt from its store's
+    backbone. `InputError` naming the folder when a file is missing or does not fit."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from pipeline.embed.backbone import create_backbone
+    from stores import open_store
+
+    folder = Path(run_dir)
+    try:
+        config = json.loads((folder / TOP_CONFIG).read_text())
+        state = load_file(str(folder / TOP_WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise InputError(
+            f"{run_dir}: not a partially frozen run ({e}); re-run carrot train "
+            "--trainable-blocks N --out DIR"
+        ) from None
+    store = open_store(config["store"])
+    if store.key != config["store_key"]:
+        raise InputError(f"{run_dir}: its store {config['store']} has changed since training")
+    settings = config["settings"]
+    backbone = create_backbone(backbone_config_of(store))
+    top = PartialTop(
+        backbone.model, config["cached_blocks"], settings["blocks"], len(config["class_names"])
+    )
+    missing = set(state) - {n for n, _ in top.named_parameters()}
+    if missing:
+        raise InputError(f"{run_dir}: tensors {sorted(missing)[:3]} do not fit the model")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            top.get_parameter(name).copy_(tensor)
+    return top.eval()

@@ -120,6 +120,26 @@ def test_cli_embed_cache_then_train_top(tmp_path, prefect_harness, capsys, monke
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert len(summary["train_loss"]) == 2 and summary["augmented_rows"] > 0
+    assert summary["files"]["weights"].startswith(str(tmp_path / "runs"))
     assert main(["train", store, "--trainable-blocks", "2"]) == 2
     err = capsys.readouterr().err
     assert "give at most 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_run_folder_loads_back_to_the_same_top(cache, tmp_path):
+    from pipeline.heads.top import load_top, write_top_run
+
+    settings = TopSettings(blocks=1, epochs=1)
+    result = train_top(cache, settings)
+    files = write_top_run(str(tmp_path / "run"), result, cache, settings)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["top.json", "top.safetensors"]
+    top = load_top(str(tmp_path / "run"))
+    x = torch.from_numpy(cache.features("test")).view(-1, 5, 64)
+    with torch.no_grad():
+        pred = top.fc(top.head_input(x)).argmax(-1)
+    y = torch.from_numpy(cache.labels("test").astype("int64"))
+    assert abs(float((pred == y).double().mean()) - result.test_top1) < 1e-12
+    (tmp_path / "run" / "top.safetensors").write_bytes(b"not weights")
+    with pytest.raises(InputError, match="not a partially frozen run"):
+        load_top(str(tmp_path / "run"))
+    assert files["config"].endswith("top.json")
