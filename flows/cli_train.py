@@ -308,7 +308,7 @@ def run_train_top(args: argparse.Namespace, store) -> int:
     from pipeline.embed.backbone import resolve_device
     from pipeline.errors import InputError
     from pipeline.heads.probe import parse_names
-    from pipeline.heads.top import TopSettings, cache_point
+    from pipeline.heads.top import TopSettings, check_blocks
 
     defaults = {  # the bank's defaults, left as they are: this mode's own (TopSettings) apply
         "aug": ",".join(DEFAULT_AUGS),
@@ -322,12 +322,7 @@ def run_train_top(args: argparse.Namespace, store) -> int:
             f"--trainable-blocks trains one model: give one --aug (got {','.join(augs)}), "
             "e.g. --aug none or --aug carrot"
         )
-    cached, _ = cache_point(store)
-    if args.trainable_blocks > cached:
-        raise InputError(
-            f"--trainable-blocks {args.trainable_blocks}: the store caches the input of its "
-            f"last {cached} block(s); give at most {cached}"
-        )
+    check_blocks(store, args.trainable_blocks)  # before a Prefect server starts
     settings = TopSettings(
         blocks=args.trainable_blocks,
         aug=augs[0],

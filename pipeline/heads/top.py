@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.embed.cache_point import model_top
 from pipeline.errors import InputError
 
 
@@ -90,6 +91,17 @@ def cache_point(store: Any) -> tuple[int, tuple[int, int]]:
     return int(str(extra["cache_at"]).split(":-")[1]), (int(t), int(d))
 
 
+def check_blocks(store: Any, blocks: int) -> int:
+    """The store's cache point M, or `InputError` when ``blocks`` > M (or not a token cache)."""
+    cached, _ = cache_point(store)
+    if blocks > cached:
+        raise InputError(
+            f"--trainable-blocks {blocks}: store {store.url} caches the input of the last "
+            f"{cached} block(s); give at most {cached}, or embed with --cache-at block:-{blocks}"
+        )
+    return cached
+
+
 def backbone_config_of(store: Any, *, device: str = "cpu"):
     """The `BackboneConfig` that wrote ``store`` (random-init seed or hub tag; a checkpoint's
     path is not in the store, so such stores are refused with the fix)."""
@@ -125,6 +137,7 @@ class PartialTop(nn.Module):
         self.model = model
         self.frozen = list(model.blocks[-cached:][: cached - trainable])
         self.trainable = model.blocks[-trainable:]
+        self._top = model_top(model, trainable)  # the trainable blocks, final norm, pooling
         dim = int(model.num_features)
         self.ln = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
@@ -135,9 +148,7 @@ class PartialTop(nn.Module):
             with torch.no_grad():
                 for block in self.frozen:
                     tokens = block(tokens)
-        for block in self.trainable:
-            tokens = block(tokens)
-        return self.model.forward_head(self.model.norm(tokens), pre_logits=True)
+        return self._top(tokens)
 
     def head_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) → (B, D') the head's post-LayerNorm input."""
@@ -161,6 +172,12 @@ def _rows(store: Any, split: str, shape: tuple[int, int]) -> tuple[torch.Tensor,
     return x, torch.from_numpy(store.labels(split).astype(np.int64))
 
 
+def _head_inputs(top: PartialTop, X: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N, T, D) tokens → (N, D') head inputs without gradient, 256 rows at a time."""
+    with torch.no_grad():
+        return torch.cat([top.head_input(X[b].to(device)) for b in torch.arange(len(X)).split(256)])
+
+
 def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     yield from order.split(size)
@@ -176,13 +193,8 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
     from pipeline.embed.backbone import create_backbone
 
     t0 = time.perf_counter()
-    cached, shape = cache_point(store)
-    if settings.blocks > cached:
-        raise InputError(
-            f"--trainable-blocks {settings.blocks}: store {store.url} caches the input of the "
-            f"last {cached} block(s); give at most {cached}, or embed with --cache-at "
-            f"block:-{settings.blocks}"
-        )
+    cached = check_blocks(store, settings.blocks)
+    _, shape = cache_point(store)
     num_classes = len(store.class_names)
     device = torch.device(settings.device)
     with torch.random.fork_rng(devices=[]):
@@ -197,13 +209,7 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
     generator = torch.Generator().manual_seed(settings.seed)
     noise = torch.Generator(device=device).manual_seed(settings.seed + 1)
     if aug.needs_fit:
-        with torch.no_grad():
-            aug.fit(
-                torch.cat(
-                    [top.head_input(X[b].to(device)) for b in torch.arange(len(X)).split(256)]
-                ),
-                y.to(device),
-            )
+        aug.fit(_head_inputs(top, X, device), y.to(device))
     params = [p for p in top.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     losses, extra_rows = [], 0
@@ -247,12 +253,7 @@ def _top1(top: PartialTop, store: Any, split: str, shape, device) -> float | Non
     if not len(y):
         return None
     with torch.no_grad():
-        pred = torch.cat(
-            [
-                top.fc(top.head_input(X[b].to(device))).argmax(-1).cpu()
-                for b in torch.arange(len(X)).split(256)
-            ]
-        )
+        pred = top.fc(_head_inputs(top, X, device)).argmax(-1).cpu()
     return float((pred == y).double().mean())
 
 
