@@ -13,8 +13,17 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from flows.cli_args import add_dask_options, dask_options, fraction, nonneg_int, positive_int
+from flows.cli_args import (
+    add_dask_options,
+    add_weights_options,
+    checked_checkpoint,
+    dask_options,
+    fraction,
+    nonneg_int,
+    positive_int,
+)
 from flows.cli_bench import add_bench
+from flows.cli_finetune import add_finetune
 from flows.cli_serve import add_serve
 from flows.cli_sweep import add_sweep
 from flows.cli_train import add_demo, add_predict, add_train
@@ -48,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo(sub)
     add_bench(sub, _Parser)
     add_sweep(sub)
+    add_finetune(sub)
     add_serve(sub)
     _add_server(sub)
     return parser
@@ -62,10 +72,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="ImageFolder dir, CUB/NABirds root, CSV manifest, or sklearn:digits",
     )
     p.add_argument("--backbone", required=True, metavar="NAME", help="timm model name")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", action="store_true", help="hub weights (needs network or cache)")
-    w.add_argument("--checkpoint", metavar="FILE", help="local .safetensors or .pth weights")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random-init seed (default 0)")
+    add_weights_options(p)
     p.add_argument("--root", metavar="DIR|URL", help="store root (default $CARROT_HOME/stores)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -130,11 +137,7 @@ def embed_settings_from_args(args: argparse.Namespace):
     from pipeline.embed.run import EmbedSettings, default_root
     from stores.schema import DEFAULT_CHUNK_ROWS
 
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise InputError(
-            f"--checkpoint {args.checkpoint!r}: no such file; give a local .safetensors or .pth "
-            "file"
-        )
+    checked_checkpoint(args.checkpoint)
     workers = {} if args.workers is None else {"num_workers": args.workers}
     extract = ExtractConfig(
         batch_size=args.batch_size, views=args.views, strict=args.strict, **workers

@@ -51,6 +51,13 @@ def threads_or_auto(text: str) -> int | None:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a finite number > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def nonneg_float(text: str) -> float:
     value = _number(text, float, "a finite number ≥ 0")
     if not (math.isfinite(value) and value >= 0):
@@ -122,3 +129,24 @@ def dask_options(args: argparse.Namespace):
     from pipeline.cluster import DaskOptions
 
     return DaskOptions(address=args.dask_address, workers=args.dask_workers)
+
+
+def add_weights_options(p: argparse.ArgumentParser) -> None:
+    """The backbone's weights: ``--pretrained`` | ``--checkpoint FILE`` (one of them), ``--seed``."""
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="hub weights (needs network or cache)")
+    w.add_argument("--checkpoint", metavar="FILE", help="local .safetensors or .pth weights")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random-init seed (default 0)")
+
+
+def checked_checkpoint(path: str | None) -> str | None:
+    """``--checkpoint`` when it names a file; `InputError` naming the fix otherwise."""
+    import os
+
+    from pipeline.errors import InputError
+
+    if path and not os.path.isfile(path):
+        raise InputError(
+            f"--checkpoint {path!r}: no such file; give a local .safetensors or .pth file"
+        )
+    return path

@@ -59,7 +59,7 @@ def write_outputs_task(
     return {k: str(v) for k, v in written.items()}
 
 
-def _png_data_url(path: str) -> str:
+def png_data_url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
@@ -77,7 +77,7 @@ def train_head_flow(store_url: str, settings: ProbeSettings, out: str) -> dict:
     for name in ("learning_curves", "confusion"):
         if name in paths:
             create_image_artifact(
-                image_url=_png_data_url(paths[name]), key=f"train-{name.replace('_', '-')}"
+                image_url=png_data_url(paths[name]), key=f"train-{name.replace('_', '-')}"
             )
     return {**s, "out": out, "store": store.url}
 

@@ -19,10 +19,17 @@ LAYERS = {
     "pipeline.augment": 2,
     "pipeline.heads": 3,
     "pipeline.evaluation": 4,
+    "pipeline.finetune": 4,  # end to end: models and images of embed, heads, augmentations
     "benchmarks": 5,
     "flows": 6,
 }
-STAGES = ("pipeline.embed", "pipeline.augment", "pipeline.heads", "pipeline.evaluation")
+STAGES = (
+    "pipeline.embed",
+    "pipeline.augment",
+    "pipeline.heads",
+    "pipeline.evaluation",
+    "pipeline.finetune",
+)
 
 
 def _layer(module: str) -> str:

@@ -158,7 +158,7 @@ def extract_rows(
         pin_memory=backbone.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(0),  # leave the global torch RNG alone
-        worker_init_fn=_die_with_parent if workers else None,
+        worker_init_fn=die_with_parent if workers else None,
     )
     micro = [cfg.batch_size * n_views]  # forward batch size (rows × views); shrinks on OOM
     start = 0
@@ -272,12 +272,14 @@ class _RowDataset(Dataset):
         out = [self.clean(img)]
         for v in range(1, 1 + self.views):
             out.append(
-                _seeded(self.augment, img, view_seed_for(self.view_seed, self.row_offset + row, v))
+                run_seeded(
+                    self.augment, img, view_seed_for(self.view_seed, self.row_offset + row, v)
+                )
             )  # type: ignore[arg-type]
         return torch.stack(out), True, ""
 
 
-def _die_with_parent(_worker_id: int) -> None:
+def die_with_parent(_worker_id: int) -> None:
     """In a DataLoader worker: ask Linux to SIGKILL it when its parent dies. torch's own
     watchdog polls the parent every 5 s; a ``kill -9`` of ``carrot embed`` otherwise leaves
     workers for up to that long (measured: alive at 3 s, gone by 6 s; with this, 0.5 s)."""
@@ -285,7 +287,9 @@ def _die_with_parent(_worker_id: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _seeded(fn: Callable[[Image.Image], torch.Tensor], img: Image.Image, seed: int) -> torch.Tensor:
+def run_seeded(
+    fn: Callable[[Image.Image], torch.Tensor], img: Image.Image, seed: int
+) -> torch.Tensor:
     """Run ``fn(img)`` with Python, NumPy and torch RNGs seeded by ``seed``; the global RNG
     states are restored afterwards."""
     py_state, np_state = random.getstate(), np.random.get_state()

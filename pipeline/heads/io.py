@@ -55,6 +55,9 @@ RUN_FILES = frozenset(
         "summary.json",
         "top.safetensors",  # partially frozen runs (pipeline.heads.top)
         "top.json",
+        "model.safetensors",  # fine-tuned backbone (pipeline.finetune: its best/ folder)
+        "best.json",
+        "head",
     }
 )
 SEED_DIR = re.compile(r"^seed-\d+$")  # few-shot runs: one head folder per seed (also run files)

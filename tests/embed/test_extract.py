@@ -169,10 +169,10 @@ def test_view_seeds_are_distinct():
 
 _ORPHAN = """
 import multiprocessing as mp, os, sys, time
-from pipeline.embed.extract import _die_with_parent
+from pipeline.embed.extract import die_with_parent
 
 def child():
-    _die_with_parent(0)
+    die_with_parent(0)
     time.sleep(60)
 
 if __name__ == "__main__":
