@@ -21,3 +21,5 @@ r = run(quick=True, device='cuda')
 print(format_table(r))
 write_json(r, '$OUT/perf_gpu.json')
 " 2>&1 | tee "$OUT/perf_gpu.log" | tail -30
+timeout 150 python3 -m benchmarks.finetune --device cuda --json "$OUT/finetune_gpu.json" 2>&1 \
+  | tee "$OUT/finetune_gpu.log" | tail -8

@@ -112,3 +112,36 @@ def test_head_bank_trains_on_cuda():
     )
     result = train_head_bank(fs, grid, TrainConfig(epochs=30, device="cuda"))
     assert result.test["top1"] > 0.9
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_finetune_amp_on_cuda_trains_and_resumes(tmp_path, precision):
+    """AMP fine-tuning (bf16; fp16 with the grad scaler, whose state the checkpoint keeps)."""
+    from pipeline.embed.backbone import BackboneConfig
+    from pipeline.finetune.checkpoint import load_checkpoint
+    from pipeline.finetune.loop import Finetuner, finetune
+    from pipeline.finetune.settings import FinetuneSettings
+
+    settings = FinetuneSettings(
+        data="sklearn:digits",
+        backbone=BackboneConfig(name="test_vit", image_size=32, device="cuda", precision=precision),
+        epochs=2,
+        batch_size=64,
+        lr=1e-4,
+        workers=0,
+        aug="carrot",
+    )
+
+    def stop(_metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(settings, tmp_path / "run", on_epoch=stop)
+    saved = load_checkpoint(tmp_path / "run")
+    assert (saved["scaler"] is not None) == (precision == "fp16")
+    tuner = Finetuner(settings, tmp_path / "run", resume=True)
+    assert tuner.precision == precision and tuner.step == saved["step"]
+    tuner.run_epoch()
+    summary = tuner.finish()
+    assert all(np.isfinite(h["train_loss"]) for h in summary["history"])
+    assert summary["history"][0]["aug_rows"] > 0
