@@ -168,7 +168,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         )
     print(
         f"best     epoch {summary['best_epoch']}: val {_pct(summary['val_top1'])}  test "
-        f"{_pct(summary['test_top1'])}  (warm start: {summary['warm_start'].get('kind')})"
+        f"{_pct(summary['test_top1'])}  (warm start: {summary['warm_start'].get('kind')}, "
+        f"val {_pct(summary['warm_start'].get('val_top1'))})"
     )
     print(
         f"wrote    {summary['files']['backbone']} (carrot embed --checkpoint), {summary['files']['head']}"

@@ -155,6 +155,8 @@ class Finetuner:
         self.best: dict[str, Any] = {"epoch": None, "val_top1": -1.0}
         if payload is not None:
             self._restore(payload)
+        elif "val" in self.eval_sets:  # the baseline every epoch is compared with
+            self.warm_start["val_top1"] = self.evaluate("val", self.model)["top1"]
 
     def _warm_start_head(self, identity: dict[str, Any]):
         s = self.settings
@@ -171,7 +173,6 @@ class Finetuner:
         head, val = probe_head(self.backbone, splits, self.class_names)
         self.warm_start = {
             "kind": "probe",
-            "val_top1": val.get("accuracy"),
             "seconds": round(time.perf_counter() - t0, 2),
         }
         log.info("warm start: linear probe, val top-1 %s", val.get("accuracy"))

@@ -142,8 +142,8 @@ def test_a_stage2_head_is_the_warm_start(tmp_path):
     head = tuner.model.head
     save_head(head, tmp_path / "head", class_names=[str(c) for c in range(10)])
     warm = Finetuner(_settings(epochs=1, init_head=str(tmp_path / "head")), tmp_path / "warm")
-    assert warm.warm_start == {"kind": "head", "from": str(tmp_path / "head")}
-    assert warm.evaluate("val")["top1"] == tuner.evaluate("val")["top1"]
+    assert warm.warm_start["kind"] == "head" and warm.warm_start["from"] == str(tmp_path / "head")
+    assert warm.warm_start["val_top1"] == tuner.warm_start["val_top1"] > 0.5  # the same model
     save_head(Head(64, 3), tmp_path / "three", class_names=["a", "b", "c"])
     with pytest.raises(InputError, match="classes"):
         Finetuner(_settings(init_head=str(tmp_path / "three")), tmp_path / "x")
