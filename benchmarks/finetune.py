@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from benchmarks._report import median_time, write_report
 from pipeline.embed.backbone import BackboneConfig
-from pipeline.finetune.loop import Finetuner, _Totals
+from pipeline.finetune.loop import Finetuner
 from pipeline.finetune.settings import FinetuneSettings
 from pipeline.heads.bank import Head
 from pipeline.heads.io import save_head
@@ -65,13 +65,7 @@ def _carrot_step(device: torch.device, x: torch.Tensor, y: torch.Tensor, aug: st
     )
     tuner = Finetuner(settings, folder / f"run-{aug}")
     noise = torch.Generator(device=device).manual_seed(0)
-    totals = _Totals()
-
-    def step() -> None:
-        tuner._micro_step(x, y, noise, totals, scale=1.0)
-        tuner._optimizer_step()
-
-    return step
+    return lambda: tuner.train_step(x, y, noise)
 
 
 def measure(device: torch.device, repeats: int) -> list[dict]:

@@ -141,6 +141,7 @@ def default_out(data: str, backbone: str) -> str:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Check the options (and the backbone name, device, weights), then run the flow."""
+    from flows.cli_train import percent
     from flows.finetune import finetune_flow
     from flows.runtime import flow_settings
     from pipeline.embed.backbone import check_weights, resolve_device
@@ -163,13 +164,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         carrot = f"  CARROT rows {h['aug_rows']}, violations {h.get('violation_rate', 0):.3f}"
         print(
             f"epoch {h['epoch']:>3}  loss {h['train_loss']:.4f}  val top-1 "
-            f"{_pct(h['val_top1'])}  {h['images_per_s']:.1f} img/s"
+            f"{percent(h['val_top1'])}  {h['images_per_s']:.1f} img/s"
             + (carrot if h["aug_rows"] else "")
         )
     print(
-        f"best     epoch {summary['best_epoch']}: val {_pct(summary['val_top1'])}  test "
-        f"{_pct(summary['test_top1'])}  (warm start: {summary['warm_start'].get('kind')}, "
-        f"val {_pct(summary['warm_start'].get('val_top1'))})"
+        f"best     epoch {summary['best_epoch']}: val {percent(summary['val_top1'])}  test "
+        f"{percent(summary['test_top1'])}  (warm start: {summary['warm_start'].get('kind')}, "
+        f"val {percent(summary['warm_start'].get('val_top1'))})"
     )
     print(
         f"wrote    {summary['files']['backbone']} (carrot embed --checkpoint), {summary['files']['head']}"
@@ -177,7 +178,3 @@ def run_finetune(args: argparse.Namespace) -> int:
     if "store" in summary:
         print(f"store    {summary['store']['store']}")
     return 0
-
-
-def _pct(v) -> str:
-    return "  n/a" if v is None else f"{100 * v:5.1f}"

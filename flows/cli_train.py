@@ -349,14 +349,15 @@ def run_train_top(args: argparse.Namespace, store) -> int:
         )
         print(f"loss     {losses}  (per epoch)")
         print(
-            f"top-1    val {_pct(summary['val_top1'])}  test {_pct(summary['test_top1'])}  "
+            f"top-1    val {percent(summary['val_top1'])}  test {percent(summary['test_top1'])}  "
             f"({summary['seconds']:.1f} s)"
         )
         print(f"wrote    {summary['files']['weights']}, {summary['files']['config']}")
     return 0
 
 
-def _pct(v) -> str:
+def percent(v) -> str:
+    """A fraction as a 5-wide percentage, or n/a."""
     return "  n/a" if v is None else f"{100 * v:5.1f}"
 
 
@@ -364,12 +365,12 @@ def print_train_summary(s: dict) -> None:
     spec = s.get("best_head", {})
     print(f"best head  lr={spec.get('lr')} wd={spec.get('weight_decay')} aug={spec.get('aug')}")
     print(
-        f"test       top1 {_pct(s.get('top1'))} %   top5 {_pct(s.get('top5'))} %   "
-        f"mean/class {_pct(s.get('mean_per_class'))} %"
+        f"test       top1 {percent(s.get('top1'))} %   top5 {percent(s.get('top5'))} %   "
+        f"mean/class {percent(s.get('mean_per_class'))} %"
     )
     if "baseline" in s:
         print(
-            f"baseline   top1 {_pct(s['baseline'].get('top1'))} %  (logistic regression, "
+            f"baseline   top1 {percent(s['baseline'].get('top1'))} %  (logistic regression, "
             f"C={s['baseline'].get('C'):.3g})"
         )
     if s.get("carrot_diagnostics"):
@@ -425,7 +426,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     elif labelled:
-        print(f"wrote {summary['n']} predictions to {out} (top1 {_pct(summary['top1'])} %)")
+        print(f"wrote {summary['n']} predictions to {out} (top1 {percent(summary['top1'])} %)")
     else:
         print(
             f"wrote {summary['n']} predictions to {out} (no accuracy: the store's classes are "

@@ -214,10 +214,15 @@ def resolve_num_workers(num_workers: int | str, *, n_images: int, batch_size: in
     return max(0, min(4, cpus - 1))
 
 
+def derived_seed(*parts: int) -> int:
+    """A 64-bit RNG seed derived from non-negative integers (NumPy's ``SeedSequence``)."""
+    state = np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
 def view_seed_for(view_seed: int, row: int, view: int) -> int:
     """The RNG seed of augmented view ``view`` (1-based) of source row ``row``."""
-    state = np.random.SeedSequence([view_seed, row, view]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 32 | int(state[1])
+    return derived_seed(view_seed, row, view)
 
 
 def _forward_with_backoff(forward: ForwardFn, x: torch.Tensor, micro: list[int]) -> torch.Tensor:

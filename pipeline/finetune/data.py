@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import timm.data
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.embed.extract import resolve_num_workers, run_seeded
+from pipeline.embed.extract import derived_seed, resolve_num_workers, run_seeded
 from pipeline.embed.images import ImageLoadError
 from pipeline.embed.sources import ImageSource
 
@@ -24,19 +23,8 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> int:
-    """A 63-bit seed derived from the run seed, the epoch and any further indices."""
-    state = np.random.SeedSequence([seed, epoch, *more]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
-
-
-def transforms(data_config: dict, *, train_aug: bool) -> tuple[Transform, Transform]:
-    """(train, eval) transforms of a timm data config: PIL RGB → (3, H, W) float32 normalized.
-    ``train_aug=False``: the eval transform for both."""
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
-    evaluate = timm.data.create_transform(**config, is_training=False)
-    return (
-        timm.data.create_transform(**config, is_training=True) if train_aug else evaluate
-    ), evaluate
+    """The seed of what epoch ``epoch`` draws (``more``: which draw, which image)."""
+    return derived_seed(seed, epoch, *more)
 
 
 class SplitImages(Dataset):

@@ -32,7 +32,7 @@ from pipeline.embed.backbone import create_backbone
 from pipeline.embed.sources import resolve_source
 from pipeline.errors import InputError
 from pipeline.finetune.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.finetune.data import EpochOrder, SplitImages, epoch_seed, loader, transforms
+from pipeline.finetune.data import EpochOrder, SplitImages, epoch_seed, loader
 from pipeline.finetune.model import FinetuneModel, export_files, head_from_run, probe_head
 from pipeline.finetune.optim import create_optimizer, lr_at, set_lr
 from pipeline.finetune.settings import FinetuneSettings
@@ -110,7 +110,8 @@ class Finetuner:
         self.backbone = create_backbone(s.backbone)  # weights checked and loaded; frozen
         self.device, self.precision = self.backbone.device, self.backbone.precision
         self.class_names = tuple(self.source.class_names)
-        train_tf, eval_tf = transforms(self.backbone.data_config, train_aug=s.train_aug)
+        eval_tf = self.backbone.transform()  # timm's, for the model's data config
+        train_tf = self.backbone.transform(train=True) if s.train_aug else eval_tf
         size = self.backbone.input_size
         self.train_set = SplitImages(
             self.source, self.rows["train"], train_tf, size, seed=s.seed if s.train_aug else None
@@ -119,12 +120,11 @@ class Finetuner:
             k: SplitImages(self.source, r, eval_tf, size) for k, r in self.rows.items() if len(r)
         }
         self.order = EpochOrder(len(self.train_set), s.seed)
-        identity = {
+        self.identity = identity = {
             "backbone": s.backbone.name,
             "weights": self.backbone.weights,
             "input_size": list(self.backbone.data_config["input_size"]),
         }
-        self.identity = identity
         self.warm_start: dict[str, Any] = {}
         if payload is None:
             head = self._warm_start_head(identity)
@@ -262,6 +262,12 @@ class Finetuner:
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
+        """One optimizer step on one micro-batch ``x`` (B, 3, H, W), ``y`` (B,): what
+        ``benchmarks.finetune`` times against a bare timm loop."""
+        self._micro_step(x, y, generator, _Totals(), scale=1.0)
+        self._optimizer_step()
 
     def _micro_step(self, x, y, noise, totals: _Totals, *, scale: float) -> None:
         if not len(y):

@@ -40,20 +40,6 @@ def test_finetune_exports_reembeds_and_predicts(prefect_harness, tmp_path, capsy
     assert again["steps"] == 20 and again["test_top1"] == summary["test_top1"]
 
 
-@pytest.fixture
-def no_server(monkeypatch):
-    """Fail loudly if a command gets as far as starting a Prefect server or a flow."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    import flows.runtime
-
-    def tripwire(*_a, **_k):
-        raise AssertionError("a Prefect server or flow was started for bad input")
-
-    monkeypatch.setattr(flows.runtime, "flow_settings", tripwire)
-    monkeypatch.setattr(SubprocessASGIServer, "start", tripwire)
-
-
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

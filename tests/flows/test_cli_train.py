@@ -201,20 +201,6 @@ def test_demo_runs_end_to_end(prefect_harness, tmp_path, capsys):
 # --------------------------------------------------------------------------- bad input, no server
 
 
-@pytest.fixture
-def no_server(monkeypatch):
-    """Fail loudly if a command gets as far as starting a Prefect server or a flow."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    import flows.runtime
-
-    def tripwire(*_a, **_k):
-        raise AssertionError("a Prefect server or flow was started for bad input")
-
-    monkeypatch.setattr(flows.runtime, "flow_settings", tripwire)
-    monkeypatch.setattr(SubprocessASGIServer, "start", tripwire)
-
-
 def _exit_2_one_line(capsys, argv: list[str]) -> str:
     code = main(argv)
     err = capsys.readouterr().err
