@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks._report import median_time, write_report
 from pipeline.embed.backbone import BackboneConfig, create_backbone
-from pipeline.embed.cache_point import cached_tokens
+from pipeline.embed.cache_point import cached_activations
 from pipeline.heads.top import PartialTop, trainable_parameters
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "partial_top.json"
@@ -36,7 +36,7 @@ def measure(blocks: int, repeats: int) -> list[dict]:
     images = torch.randn(BATCH, 3, 224, 224, generator=g)
     y = torch.randint(0, CLASSES, (BATCH,), generator=g)
     with torch.no_grad():
-        tokens = cached_tokens(model, images, blocks)  # what the store holds
+        tokens = cached_activations(model, images, blocks)  # what the store holds
 
     def step(x: torch.Tensor) -> None:
         loss = F.cross_entropy(top.fc(top.head_input(x)), y)
@@ -49,7 +49,7 @@ def measure(blocks: int, repeats: int) -> list[dict]:
 
     def through_trunk() -> None:
         with torch.no_grad():
-            x = cached_tokens(model, images, blocks)  # the frozen trunk, every step
+            x = cached_activations(model, images, blocks)  # the frozen trunk, every step
         step(x)
 
     cached = median_time(from_cache, repeats=repeats, warmup=2)

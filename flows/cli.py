@@ -96,8 +96,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache-at",
         metavar="block:-N",
-        help="store the tokens entering the last N blocks of a ViT (for carrot train "
-        "--trainable-blocks) instead of pooled embeddings",
+        help="store what enters the last N blocks (ViT: tokens; ResNet, ConvNeXt: the feature "
+        "map of the stage before the last N stages) for carrot train --trainable-blocks, instead "
+        "of pooled embeddings",
     )
     p.add_argument(
         "--chunk-rows",
@@ -173,7 +174,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     options = dask_options(args)
     plan = check_settings(settings)  # every input check, before a Prefect server starts
     if settings.backbone.cache_at:
-        settings = _token_cache(settings, plan, chunk_rows=args.chunk_rows)
+        settings = _activation_cache(settings, plan, chunk_rows=args.chunk_rows)
     from flows.embed import embed_flow
     from pipeline.cluster import dask_cluster
 
@@ -194,8 +195,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_cache(settings, plan, *, chunk_rows: int | None):
-    """A token cache's settings (chunks of about 64 MiB unless --chunk-rows), after printing
+def _activation_cache(settings, plan, *, chunk_rows: int | None):
+    """An activation cache's settings (chunks of about 64 MiB unless --chunk-rows), after printing
     its storage cost on stderr."""
     import dataclasses
     import math
@@ -204,17 +205,18 @@ def _token_cache(settings, plan, *, chunk_rows: int | None):
 
     from pipeline.embed.cache_point import chunk_rows_for
 
-    tokens = plan.identity.extra["tokens"]
+    extra = plan.identity.extra
+    shape = extra.get("tokens") or extra["feature_map"]
+    what = f"{shape[0]} tokens × {shape[1]}" if "tokens" in extra else "×".join(map(str, shape))
     itemsize = np.dtype(settings.dtype).itemsize
     rows = len(plan.source.records)
-    size = rows * math.prod(tokens) * itemsize
+    size = rows * math.prod(shape) * itemsize
     print(
-        f"cache    {plan.identity.extra['cache_at']}: {rows} rows × {tokens[0]} tokens × "
-        f"{tokens[1]} × {itemsize} bytes = "
+        f"cache    {extra['cache_at']}: {rows} rows × {what} × {itemsize} bytes = "
         + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"),
         file=sys.stderr,
     )
-    rows_per_chunk = chunk_rows or chunk_rows_for(math.prod(tokens), itemsize)
+    rows_per_chunk = chunk_rows or chunk_rows_for(math.prod(shape), itemsize)
     return dataclasses.replace(settings, chunk_rows=rows_per_chunk)
 
 

@@ -42,9 +42,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="over a token cache (carrot embed --cache-at block:-M): train the backbone's last "
-        "N ≤ M blocks, final norm and a LayerNorm+Linear head (one --aug, default none; the "
-        "first --lrs, default 1e-3; the first --wds; --batch-size default 64)",
+        help="over an activation cache (carrot embed --cache-at block:-M): train the "
+        "backbone's last N ≤ M blocks, final norm and a LayerNorm+Linear head (one --aug, "
+        "default none; the first --lrs, default 1e-3; the first --wds; --batch-size default 64)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="with --trainable-blocks, over a cache embedded from a checkpoint: that file "
+        "(checked against the store's sha256)",
     )
     p.add_argument(
         "--out",
@@ -282,6 +288,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Check every input (options, device, store, ``--shots``, ``--out``), then run the flow."""
     from flows.runtime import flow_settings
     from flows.train import train_head_flow
+    from pipeline.errors import InputError
     from pipeline.heads.io import check_out_dir
     from stores import open_store
 
@@ -289,6 +296,11 @@ def run_train(args: argparse.Namespace) -> int:
     store = open_store(args.store)  # fail fast (exit 2) on a missing or incomplete store
     if args.trainable_blocks is not None:
         return run_train_top(args, store)
+    if args.checkpoint is not None:
+        raise InputError(
+            f"--checkpoint {args.checkpoint}: only a --trainable-blocks run rebuilds the "
+            "backbone; a head trains on the stored features alone (drop --checkpoint)"
+        )
     check_shots(store, settings.shots)
     out = args.out or default_out(store.url, "-".join(settings.augs))
     check_out_dir(out)
@@ -308,7 +320,7 @@ def run_train_top(args: argparse.Namespace, store) -> int:
     from pipeline.embed.backbone import resolve_device
     from pipeline.errors import InputError
     from pipeline.heads.probe import parse_names
-    from pipeline.heads.top import TopSettings, check_blocks
+    from pipeline.heads.top import TopSettings, backbone_config_of, check_blocks
 
     defaults = {  # the bank's defaults, left as they are: this mode's own (TopSettings) apply
         "aug": ",".join(DEFAULT_AUGS),
@@ -323,6 +335,7 @@ def run_train_top(args: argparse.Namespace, store) -> int:
             "e.g. --aug none or --aug carrot"
         )
     check_blocks(store, args.trainable_blocks)  # before a Prefect server starts
+    backbone_config_of(store, checkpoint=args.checkpoint)  # a checkpoint-written cache's file
     settings = TopSettings(
         blocks=args.trainable_blocks,
         aug=augs[0],
@@ -332,6 +345,7 @@ def run_train_top(args: argparse.Namespace, store) -> int:
         batch_size=TopSettings.batch_size if "batch_size" in own else args.batch_size,
         seed=args.seed,
         device=str(resolve_device(args.device)),
+        checkpoint=args.checkpoint,
     )
     from pipeline.heads.io import check_out_dir
 
@@ -388,7 +402,12 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         formatter_class=_DEFAULTS,
     )
     p.add_argument("store", metavar="STORE", help="store path or URL")
-    p.add_argument("--head", required=True, metavar="DIR", help="folder written by carrot train")
+    p.add_argument(
+        "--head",
+        required=True,
+        metavar="DIR",
+        help="folder written by carrot train (a head, or a --trainable-blocks run)",
+    )
     p.add_argument("--split", help="only this split; None: all rows")
     p.add_argument(
         "--out", metavar="CSV", help="predictions file; None: DIR/predictions-<store>.csv"
@@ -407,15 +426,15 @@ def run_predict(args: argparse.Namespace) -> int:
     from flows.runtime import flow_settings
     from flows.train import predict_flow
     from pipeline.errors import InputError
-    from pipeline.heads.io import check_out_file, load_head
-    from pipeline.heads.predict import check_head_fits
+    from pipeline.heads.io import check_out_file
+    from pipeline.heads.predict import open_predictor
     from stores import open_store
 
     store = open_store(args.store)
-    _, config = load_head(args.head)  # fail fast on a bad --head
-    labelled = check_head_fits(
-        config, store, head_dir=args.head, allow_other_classes=args.allow_other_classes
-    )
+    # fail fast on a bad --head
+    labelled = open_predictor(
+        args.head, store, allow_other_classes=args.allow_other_classes
+    ).labelled
     if args.split is not None and args.split not in store.splits():
         raise InputError(f"--split {args.split}: the store has splits {store.splits()}")
     name = Path(store.url.rstrip("/")).name.removesuffix(".zarr")

@@ -14,8 +14,8 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.heads.features import FeatureSet
-from pipeline.heads.io import load_head, write_fewshot_run, write_outputs
-from pipeline.heads.predict import check_head_fits, predict, write_predictions_csv
+from pipeline.heads.io import write_fewshot_run, write_outputs
+from pipeline.heads.predict import open_predictor, predict, write_predictions_csv
 from pipeline.heads.probe import ProbeReport, ProbeSettings, run_probe, settings_dict
 from stores import EmbeddingStore, open_store
 
@@ -86,7 +86,8 @@ def train_head_flow(store_url: str, settings: ProbeSettings, out: str) -> dict:
 def train_top_flow(store_url: str, settings, out: str) -> dict:
     """Partially frozen training over a token cache (`pipeline.heads.top`), its run folder
     ``out`` and a summary artifact. Returns the result dict with ``files``."""
-    from pipeline.heads.top import train_top, write_top_run
+    from pipeline.heads.top import train_top
+    from pipeline.heads.top_io import write_top_run
 
     store = open_store(store_url)
     trained = train_top(store, settings)
@@ -109,21 +110,20 @@ def predict_flow(
     split: str | None = None,
     allow_other_classes: bool = False,
 ) -> dict:
-    """Predict every (valid) row of ``split`` (all splits when None) with a saved head.
+    """Predict every (valid) row of ``split`` (all splits when None) with a saved head or a
+    partially frozen run (`pipeline.heads.predict.open_predictor`).
 
-    The head must take the store's feature width; accuracy is computed (and the CSV's label
+    The head must take the store's feature width (a run: the store's cache point); accuracy is computed (and the CSV's label
     column filled) only when the store has the head's classes, same names in the same order;
     other classes are refused unless ``allow_other_classes``."""
     store = open_store(store_url)
-    head, config = load_head(head_dir)
-    labelled = check_head_fits(
-        config, store, head_dir=head_dir, allow_other_classes=allow_other_classes
-    )
+    predictor = open_predictor(head_dir, store, allow_other_classes=allow_other_classes)
+    labelled = predictor.labelled
     X, ids = store.features(split), store.ids(split)
     labels = store.labels(split) if labelled else None
-    _, probs = predict(head, X)
+    _, probs = predict(predictor.model, X, batch_size=predictor.batch_rows)
     write_predictions_csv(
-        out_csv, probs=probs, class_names=config["class_names"], ids=ids, labels=labels
+        out_csv, probs=probs, class_names=predictor.class_names, ids=ids, labels=labels
     )
     summary: dict = {"predictions": out_csv, "n": len(ids), "labelled": labelled}
     if labelled:

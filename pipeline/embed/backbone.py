@@ -23,7 +23,7 @@ import timm.data
 import torch
 from PIL import Image
 
-from pipeline.embed.cache_point import cached_tokens, check_cache_model
+from pipeline.embed.cache_point import cached_activations, check_cache_model
 from pipeline.embed.feature_modes import check_model, last_blocks
 from pipeline.embed.feature_modes import embed as embed_features
 from pipeline.embed.weights import (
@@ -88,7 +88,7 @@ def model_output(model: torch.nn.Module, x: torch.Tensor, cfg: BackboneConfig) -
     """What ``cfg`` stores per image, unflattened: (B, D) features of ``cfg.features``, or with
     ``cfg.cache_at`` the (B, T, D) tokens entering the last ``cache_at`` blocks."""
     if cfg.cache_at:
-        return cached_tokens(model, x, cfg.cache_at)
+        return cached_activations(model, x, cfg.cache_at)
     return embed_features(model, x, cfg.features)
 
 

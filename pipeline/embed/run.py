@@ -152,7 +152,8 @@ def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:
         extra["features"] = settings.backbone.features
     if settings.backbone.cache_at:
         extra["cache_at"] = f"block:-{settings.backbone.cache_at}"
-        extra["tokens"] = list(row_shape(settings.backbone))  # (T, D) of each flattened row
+        shape = list(row_shape(settings.backbone))  # of each flattened row
+        extra["tokens" if len(shape) == 2 else "feature_map"] = shape  # (T, D) or (C, H, W)
     if source.outside_paths:
         extra["id_root"] = source.root
     identity = StoreIdentity(

@@ -1,9 +1,10 @@
-"""Predict with a trained `Head` and write predictions as CSV."""
+"""Predict with a trained `Head` (or a partially frozen run's top) and write predictions as CSV."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,35 @@ def check_head_fits(
 def _preview(names: Sequence[str], n: int = 3) -> str:
     shown = ", ".join(names[:n])
     return shown + (f", … {len(names) - n} more" if len(names) > n else "")
+
+
+@dataclass
+class Predictor:
+    """What ``carrot predict --head DIR`` runs: a saved head, or a partially frozen run's top
+    (`pipeline.heads.top_io`), checked against the store it predicts."""
+
+    model: nn.Module  # (B, store dim) → (B, C) logits
+    class_names: list[str]
+    labelled: bool  # the store has the model's classes: its labels can be scored
+    batch_rows: int
+
+
+def open_predictor(head_dir: str | Path, store: Any, *, allow_other_classes: bool) -> Predictor:
+    """Load ``head_dir`` (a head folder or a partially frozen run) and check it fits ``store``
+    (width or cache point, classes). `InputError` naming the fix when it does not."""
+    from pipeline.heads import top_io
+    from pipeline.heads.io import load_head
+
+    if top_io.is_top_run(head_dir):
+        config = top_io.read_top_config(head_dir)
+        labelled = top_io.check_top_fits(
+            config, store, run_dir=head_dir, allow_other_classes=allow_other_classes
+        )
+        _, shape = top_io.cache_point(store)
+        model = top_io.TopClassifier(top_io.load_top(head_dir), shape)
+        return Predictor(model, list(config["class_names"]), labelled, model.batch_rows)
+    head, config = load_head(head_dir)
+    labelled = check_head_fits(
+        config, store, head_dir=head_dir, allow_other_classes=allow_other_classes
+    )
+    return Predictor(head, list(config["class_names"]), labelled, 8192)

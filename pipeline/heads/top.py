@@ -1,7 +1,9 @@
-"""Partially frozen training over a token cache (``carrot train STORE --trainable-blocks N``).
+"""Partially frozen training over an activation cache (``carrot train STORE --trainable-blocks
+N``).
 
-A store written with ``carrot embed --cache-at block:-M`` holds, per image, the tokens entering
-the backbone's last M blocks. This module rebuilds the backbone from the store's identity (same
+A store written with ``carrot embed --cache-at block:-M`` holds, per image, what enters the
+backbone's last M blocks (ViT tokens, or a ResNet / ConvNeXt feature map:
+`pipeline.embed.cache_point`). This module rebuilds the backbone from the store's identity (same
 name, weights and input size), keeps its last M blocks, final norm and pooling, and trains the
 last N ≤ M of those blocks, the final norm and pooling norm, and a LayerNorm + Linear head on the
 pooled embedding — never running the frozen trunk. Blocks between (M − N of them) run frozen.
@@ -9,7 +11,8 @@ An augmentation (CARROT included) acts on the head's post-LayerNorm input as in 
 extra rows keep their gradient to the pooled embedding, so the augmented loss reaches the
 trainable blocks.
 
-Shapes: tokens (B, T, D) → pooled (B, D') → logits (B, C).
+Shapes: a cached row (B, T, D) or (B, C, H, W) → pooled (B, D') → logits (B, C). BatchNorm in
+the frozen blocks stays in eval mode while the top trains.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.embed.cache_point import model_top
+from pipeline.embed.cache_point import model_top, top_blocks, top_norms
 from pipeline.errors import InputError
 
 
@@ -41,6 +44,7 @@ class TopSettings:
     batch_size: int = 64
     seed: int = 0
     device: str = "cpu"
+    checkpoint: str | None = None  # the file a checkpoint-written cache came from (sha256-checked)
 
     def __post_init__(self) -> None:
         if self.blocks < 1:
@@ -79,20 +83,21 @@ class TopResult:
         }
 
 
-def cache_point(store: Any) -> tuple[int, tuple[int, int]]:
-    """(M, (T, D)) of a token-cache store; `InputError` naming the fix for any other store."""
+def cache_point(store: Any) -> tuple[int, tuple[int, ...]]:
+    """(M, row shape) of an activation-cache store — (T, D) tokens or (C, H, W) feature map;
+    `InputError` naming the fix for any other store."""
     extra = store.identity.extra
     if "cache_at" not in extra:
         raise InputError(
-            f"store {store.url} holds pooled embeddings; --trainable-blocks needs a token cache: "
-            "carrot embed DATA --backbone NAME --cache-at block:-N"
+            f"store {store.url} holds pooled embeddings; --trainable-blocks needs an activation "
+            "cache: carrot embed DATA --backbone NAME --cache-at block:-N"
         )
-    t, d = extra["tokens"]
-    return int(str(extra["cache_at"]).split(":-")[1]), (int(t), int(d))
+    shape = extra.get("tokens") or extra["feature_map"]
+    return int(str(extra["cache_at"]).split(":-")[1]), tuple(int(v) for v in shape)
 
 
 def check_blocks(store: Any, blocks: int) -> int:
-    """The store's cache point M, or `InputError` when ``blocks`` > M (or not a token cache)."""
+    """The store's cache point M, or `InputError` when ``blocks`` > M (or not an activation cache)."""
     cached, _ = cache_point(store)
     if blocks > cached:
         raise InputError(
@@ -102,10 +107,12 @@ def check_blocks(store: Any, blocks: int) -> int:
     return cached
 
 
-def backbone_config_of(store: Any, *, device: str = "cpu"):
-    """The `BackboneConfig` that wrote ``store`` (random-init seed or hub tag; a checkpoint's
-    path is not in the store, so such stores are refused with the fix)."""
+def backbone_config_of(store: Any, *, device: str = "cpu", checkpoint: str | None = None):
+    """The `BackboneConfig` that wrote ``store``: its random-init seed, hub tag, or — for a
+    checkpoint-written store, whose identity keeps the file's sha256 but not its path — the
+    ``checkpoint`` file given, refused unless its sha256 is the store's."""
     from pipeline.embed.backbone import BackboneConfig
+    from pipeline.embed.weights import file_sha256
 
     ident = store.identity
     weights = ident.weights
@@ -119,31 +126,47 @@ def backbone_config_of(store: Any, *, device: str = "cpu"):
         return BackboneConfig(name=ident.backbone, seed=int(weights.get("seed", 0)), **common)
     if weights.get("kind") == "hub":
         return BackboneConfig(name=weights.get("tag", ident.backbone), pretrained=True, **common)
-    raise InputError(
-        f"store {store.url} was written from a checkpoint ({weights.get('file')}); training its "
-        "top from a checkpoint is not supported yet: write the cache with --pretrained or a "
-        "random init"
-    )
+    fix = f"pass --checkpoint PATH, the file {weights.get('file')!r} the cache was written with"
+    if checkpoint is None:
+        raise InputError(f"store {store.url} was written from a checkpoint; {fix}")
+    try:
+        digest = file_sha256(checkpoint)
+    except (OSError, InputError) as e:
+        raise InputError(f"--checkpoint {checkpoint}: cannot read it ({e}); {fix}") from None
+    if digest != weights.get("sha256"):
+        raise InputError(
+            f"--checkpoint {checkpoint}: sha256 {digest[:12]}… is not the {weights.get('sha256', '')[:12]}… "
+            f"of store {store.url}; {fix}"
+        )
+    return BackboneConfig(name=ident.backbone, checkpoint=checkpoint, **common)
 
 
 class PartialTop(nn.Module):
-    """The backbone's top over cached tokens plus a LayerNorm + Linear head.
+    """The backbone's top over cached activations plus a LayerNorm + Linear head.
 
-    ``frozen`` blocks (no gradient) run first, then the ``trainable`` ones, the final norm and
-    ``forward_head(pre_logits=True)`` (pooling, ``fc_norm``)."""
+    ``frozen`` blocks (no gradient, always in eval mode) run first, then the ``trainable`` ones,
+    the final norm and ``forward_head(pre_logits=True)`` (pooling and its norm)."""
 
     def __init__(self, model: nn.Module, cached: int, trainable: int, num_classes: int) -> None:
         super().__init__()
         self.model = model
-        self.frozen = list(model.blocks[-cached:][: cached - trainable])
-        self.trainable = model.blocks[-trainable:]
+        self.frozen = top_blocks(model, cached)[: cached - trainable]
+        self.trainable = nn.ModuleList(top_blocks(model, trainable))
+        self.norms = top_norms(model)
         self._top = model_top(model, trainable)  # the trainable blocks, final norm, pooling
         dim = int(model.num_features)
         self.ln = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
 
+    def train(self, mode: bool = True) -> PartialTop:
+        """Train mode for the top; the frozen blocks stay in eval mode (BatchNorm statistics)."""
+        super().train(mode)
+        for block in self.frozen:
+            block.eval()
+        return self
+
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) cached tokens → (B, D') pooled embedding."""
+        """(B, T, D) or (B, C, H, W) cached rows → (B, D') pooled embedding."""
         if self.frozen:
             with torch.no_grad():
                 for block in self.frozen:
@@ -151,7 +174,7 @@ class PartialTop(nn.Module):
         return self._top(tokens)
 
     def head_input(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) → (B, D') the head's post-LayerNorm input."""
+        """A cached row (B, T, D) or (B, C, H, W) → (B, D') the head's post-LayerNorm input."""
         return self.ln(self.pooled(tokens))
 
 
@@ -159,21 +182,18 @@ def trainable_parameters(top: PartialTop) -> list[str]:
     """Mark what trains (the trainable blocks, the final and pooling norms, the head); freeze the
     rest. Returns their names."""
     top.requires_grad_(False)
-    parts: list[nn.Module] = [top.trainable, top.model.norm, top.ln, top.fc]
-    if isinstance(getattr(top.model, "fc_norm", None), nn.Module):
-        parts.append(top.model.fc_norm)
-    for part in parts:
+    for part in [top.trainable, *top.norms, top.ln, top.fc]:
         part.requires_grad_(True)
     return [n for n, p in top.named_parameters() if p.requires_grad]
 
 
-def _rows(store: Any, split: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(store.features(split)).view(-1, *shape)  # (n, T, D) float32
+def _rows(store: Any, split: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(store.features(split)).view(-1, *shape)  # (n, T, D) or (n, C, H, W)
     return x, torch.from_numpy(store.labels(split).astype(np.int64))
 
 
 def _head_inputs(top: PartialTop, X: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(N, T, D) tokens → (N, D') head inputs without gradient, 256 rows at a time."""
+    """(N, ...) cached rows → (N, D') head inputs without gradient, 256 rows at a time."""
     with torch.no_grad():
         return torch.cat([top.head_input(X[b].to(device)) for b in torch.arange(len(X)).split(256)])
 
@@ -184,10 +204,11 @@ def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Te
 
 
 def train_top(store: Any, settings: TopSettings) -> TopResult:
-    """Train ``settings.blocks`` blocks + norms + head over the token cache ``store``.
+    """Train ``settings.blocks`` blocks + norms + head over the activation cache ``store``.
 
     Raises:
-        InputError: not a token cache, N above the cache point, a checkpoint-written store.
+        InputError: not an activation cache, N above the cache point, a checkpoint-written
+            store without its checkpoint (or with another file).
     """
     from pipeline.augment.registry import create_augmentation
     from pipeline.embed.backbone import create_backbone
@@ -199,7 +220,8 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
     device = torch.device(settings.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        backbone = create_backbone(backbone_config_of(store, device=settings.device))
+        cfg = backbone_config_of(store, device=settings.device, checkpoint=settings.checkpoint)
+        backbone = create_backbone(cfg)
         top = PartialTop(backbone.model, cached, settings.blocks, num_classes).to(device)
     names = trainable_parameters(top)
     top.train()
@@ -255,81 +277,3 @@ def _top1(top: PartialTop, store: Any, split: str, shape, device) -> float | Non
     with torch.no_grad():
         pred = top.fc(_head_inputs(top, X, device)).argmax(-1).cpu()
     return float((pred == y).double().mean())
-
-
-TOP_WEIGHTS, TOP_CONFIG = "top.safetensors", "top.json"
-
-
-def write_top_run(out_dir: str, result: TopResult, store: Any, settings: TopSettings) -> dict:
-    """Publish a run folder (`pipeline.heads.io.publish_run`: all or nothing) holding the
-    trained tensors (``top.safetensors``: the trainable blocks, norms and head, by parameter
-    name) and ``top.json`` (the store, its cache point, the settings, class names, metrics).
-    Returns the file paths."""
-    import dataclasses
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from pipeline.heads.io import atomic_file, publish_run, write_json
-
-    cached, tokens = cache_point(store)
-    config = {
-        "kind": "carrot-top",
-        "version": 1,
-        "store": store.url,
-        "store_key": store.key,
-        "cached_blocks": cached,
-        "tokens": list(tokens),
-        "class_names": list(store.class_names),
-        "settings": dataclasses.asdict(settings),
-        "metrics": result.to_dict(),
-    }
-
-    def write(staging: Path) -> dict:
-        with atomic_file(staging / TOP_WEIGHTS) as tmp:
-            save_file(result.state, str(tmp))
-        write_json(staging / TOP_CONFIG, config)
-        return {
-            "weights": str(Path(out_dir) / TOP_WEIGHTS),
-            "config": str(Path(out_dir) / TOP_CONFIG),
-        }
-
-    return publish_run(out_dir, write)
-
-
-def load_top(run_dir: str) -> PartialTop:
-    """The trained top of a run folder, on the CPU in eval mode, rebuilt from its store's
-    backbone. `InputError` naming the folder when a file is missing or does not fit."""
-    import json
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from pipeline.embed.backbone import create_backbone
-    from stores import open_store
-
-    folder = Path(run_dir)
-    try:
-        config = json.loads((folder / TOP_CONFIG).read_text())
-        state = load_file(str(folder / TOP_WEIGHTS))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise InputError(
-            f"{run_dir}: not a partially frozen run ({e}); re-run carrot train "
-            "--trainable-blocks N --out DIR"
-        ) from None
-    store = open_store(config["store"])
-    if store.key != config["store_key"]:
-        raise InputError(f"{run_dir}: its store {config['store']} has changed since training")
-    settings = config["settings"]
-    backbone = create_backbone(backbone_config_of(store))
-    top = PartialTop(
-        backbone.model, config["cached_blocks"], settings["blocks"], len(config["class_names"])
-    )
-    missing = set(state) - {n for n, _ in top.named_parameters()}
-    if missing:
-        raise InputError(f"{run_dir}: tensors {sorted(missing)[:3]} do not fit the model")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            top.get_parameter(name).copy_(tensor)
-    return top.eval()

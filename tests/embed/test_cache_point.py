@@ -1,7 +1,7 @@
-"""``--cache-at block:-N``: the tokens entering a ViT's last N blocks, stored flattened; the
-model's own top (last N blocks, final norm, pooling) over them gives back the backbone's pooled
-embeddings; the store records the cache point; models and cache points that cannot are
-one-line errors."""
+"""``--cache-at block:-N``: what enters the last N blocks (ViT tokens; ResNet and ConvNeXt
+feature maps, a block being a stage), stored flattened; the model's own top (last N blocks, final
+norm, pooling) over them gives back the backbone's pooled embeddings; the store records the cache
+point; models and cache points that cannot are one-line errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from pipeline.embed.backbone import BackboneConfig, create_backbone, embedding_dim, row_shape
 from pipeline.embed.cache_point import (
-    cached_tokens,
+    cached_activations,
     chunk_rows_for,
     model_top,
     parse_cache_at,
@@ -36,12 +36,12 @@ def test_cache_points_parse_and_bad_ones_name_the_option():
 
 
 @pytest.mark.parametrize("blocks", [1, 2])
-def test_the_models_top_over_cached_tokens_gives_its_pooled_embedding(blocks):
+def test_the_models_top_over_cached_activations_gives_its_pooled_embedding(blocks):
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
     x = torch.randn(4, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        tokens = cached_tokens(model, x, blocks)
+        tokens = cached_activations(model, x, blocks)
         assert tokens.shape == (4, model.patch_embed.num_patches + model.num_prefix_tokens, 64)
         torch.testing.assert_close(model_top(model, blocks)(tokens), model(x))
 
@@ -73,10 +73,12 @@ def test_store_of_tokens_round_trips_to_the_pooled_store(tmp_path):
 
 
 def test_models_and_points_that_cannot_are_refused():
-    with pytest.raises(InputError, match="not a ViT-style model"):
-        create_backbone(BackboneConfig(name="test_resnet", cache_at=1))
+    with pytest.raises(InputError, match=r"'test_efficientnet' .* not a family .* ResNet"):
+        create_backbone(BackboneConfig(name="test_efficientnet", cache_at=1))
     with pytest.raises(InputError, match="at most block:-5"):
         embedding_dim(BackboneConfig(name="test_vit", cache_at=6))
+    with pytest.raises(InputError, match="has 4 stages; cache at most block:-3"):
+        embedding_dim(BackboneConfig(name="test_resnet", cache_at=4))
 
 
 def test_token_caches_get_chunks_of_about_64_mib():
