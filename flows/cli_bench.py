@@ -26,6 +26,12 @@ def add_bench(sub: argparse._SubParsersAction, parser_class: type) -> None:
     q.add_argument(
         "--no-builtin", action="store_true", help="skip the built-in synthetic and digits data sets"
     )
+    q.add_argument(
+        "--partial",
+        action="store_true",
+        help="the partially frozen regime instead: the last 1-2 blocks of a small ViT trained "
+        "over cached activations (built-in digits cache; --store: activation caches)",
+    )
     q.add_argument("--methods", metavar="LIST", help="comma list (default: all)")
     q.add_argument("--shots", metavar="LIST", help="comma list of k, 'all' = full data")
     q.add_argument("--seeds", type=positive_int, metavar="S", help="seeds per regime")
@@ -58,6 +64,7 @@ def run_quality_cmd(args: argparse.Namespace) -> int:
         shots=shots,
         seeds=args.seeds,
         device=args.device,
+        partial=args.partial,
     )
     from pipeline.home import carrot_home
 

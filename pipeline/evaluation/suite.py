@@ -9,7 +9,9 @@ Built-in data sets (offline):
 - ``digits``: scikit-learn's digits embedded by a randomly initialised resnet18 at 64 px
   (stage 1, cached in the store root like any other store).
 
-Any store (``--store URL``) is run through the same protocol.
+Any store (``--store URL``) is run through the same protocol. With ``partial`` the partially
+frozen regime runs instead (`pipeline.evaluation.partial`): on the built-in digits activation
+cache and on any ``--store`` that is one.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
+from pipeline.evaluation.partial import (
+    DIGITS_CACHE,
+    PartialConfig,
+    check_seeds_fit,
+    digits_cache,
+    run_partial,
+)
 from pipeline.evaluation.protocol import METHODS, QualityConfig, Record, run_quality, summarize
 from pipeline.evaluation.report import markdown, write_quality_report
 from pipeline.evaluation.synthetic import SyntheticConfig, make_synthetic
 from pipeline.heads.features import FeatureSet
+from pipeline.heads.top import cache_point
 from pipeline.heads.train import TrainConfig
 from pipeline.threads import torch_threads
 
@@ -71,6 +81,7 @@ class SuiteSettings:
     shots: tuple[int | None, ...] | None = None  # None: (1, 2, 4, 8, 16, all) or quick's
     seeds: int | None = None  # None: 5 (quick: 3)
     device: str = "cpu"
+    partial: bool = False  # the partially frozen regime (pipeline.evaluation.partial) instead
 
 
 def quality_config(s: SuiteSettings) -> QualityConfig:
@@ -125,10 +136,61 @@ def _digits(device: str) -> FeatureSet:
     return FeatureSet.from_store(open_store(summary.store), device=device)
 
 
+def partial_config(s: SuiteSettings) -> PartialConfig:
+    """The partially frozen regime's settings; quick mode: one trainable block, 4 shots and all
+    rows, 3 seeds."""
+    cfg = PartialConfig(device=s.device)
+    if s.quick:
+        cfg = replace(cfg, blocks=(1,), shots=(4, None), seeds=(0, 1, 2))
+    if s.methods is not None:
+        cfg = replace(cfg, methods=s.methods)
+    if s.shots is not None:
+        cfg = replace(cfg, shots=s.shots)
+    if s.seeds is not None:
+        cfg = replace(cfg, seeds=tuple(range(s.seeds)))
+    return PartialConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})  # re-validate
+
+
+def run_partial_suite(s: SuiteSettings, out_dir: str | Path) -> dict[str, Any]:
+    """The partially frozen regime on the digits cache and ``s.stores``; the same report."""
+    from stores import open_store
+
+    cfg = partial_config(s)
+    stores = {url: open_store(url) for url in s.stores}
+    for store in stores.values():
+        cache_point(store)  # an activation cache, else the one-line fix
+        check_seeds_fit(store, cfg.shots)
+    if s.builtin:
+        d = DIGITS_CACHE
+        name = f"digits ({d['backbone']} random init, {d['image_size']}px, cache block:-{d['cache_at']})"
+        stores = {name: digits_cache(s.device), **stores}
+    t0 = time.perf_counter()
+    records: list[Record] = []
+    for name, store in stores.items():
+        logger.info("quality, partially frozen: %s", name)
+        records += run_partial(store, cfg, dataset=name)
+    rows = summarize(records)
+    meta = {
+        "regime": "partially frozen (pipeline.evaluation.partial)",
+        "methods": list(cfg.methods),
+        "method_settings": {m: repr(METHODS[m][1]) for m in cfg.methods},
+        "blocks": list(cfg.blocks),
+        "shots": ["all" if k is None else k for k in cfg.shots],
+        "seeds": list(cfg.seeds),
+        "config": repr(cfg),
+        "quick": s.quick,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_quality_report(records, rows, out_dir, meta=meta)
+    return {"summary": rows, "markdown": markdown(rows), "meta": meta}
+
+
 def run_suite(s: SuiteSettings, out_dir: str | Path) -> dict[str, Any]:
     """Run the protocol on every data set; write JSON, markdown and plots to ``out_dir``."""
     from stores import open_store
 
+    if s.partial:
+        return run_partial_suite(s, out_dir)
     cfg = quality_config(s)
     datasets = builtin_datasets(s) if s.builtin else {}
     for url in s.stores:

@@ -65,6 +65,7 @@ class TopResult:
     train_loss: list[float]
     val_top1: float | None
     test_top1: float | None
+    test_mean_per_class: float | None
     trainable: list[str]  # parameter names (model parameters prefixed "model.")
     changed: list[str]  # parameters that differ from their initial values after training
     seconds: float
@@ -76,6 +77,7 @@ class TopResult:
             "train_loss": self.train_loss,
             "val_top1": self.val_top1,
             "test_top1": self.test_top1,
+            "test_mean_per_class": self.test_mean_per_class,
             "trainable": self.trainable,
             "changed": self.changed,
             "seconds": round(self.seconds, 2),
@@ -203,8 +205,16 @@ def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Te
     yield from order.split(size)
 
 
-def train_top(store: Any, settings: TopSettings) -> TopResult:
-    """Train ``settings.blocks`` blocks + norms + head over the activation cache ``store``.
+def train_top(
+    store: Any,
+    settings: TopSettings,
+    *,
+    train_index: np.ndarray | None = None,
+    aug_settings: Any = None,
+) -> TopResult:
+    """Train ``settings.blocks`` blocks + norms + head over the activation cache ``store``:
+    on the rows ``train_index`` of its train split (None: all of them), with the augmentation's
+    ``aug_settings`` (None: its defaults).
 
     Raises:
         InputError: not an activation cache, N above the cache point, a checkpoint-written
@@ -227,7 +237,10 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
     top.train()
     before = {n: p.detach().clone() for n, p in top.named_parameters() if p.requires_grad}
     X, y = _rows(store, "train", shape)
-    aug = create_augmentation(settings.aug, num_classes=num_classes)
+    if train_index is not None:
+        keep = torch.as_tensor(np.asarray(train_index), dtype=torch.int64)
+        X, y = X[keep], y[keep]
+    aug = create_augmentation(settings.aug, aug_settings, num_classes=num_classes)
     generator = torch.Generator().manual_seed(settings.seed)
     noise = torch.Generator(device=device).manual_seed(settings.seed + 1)
     if aug.needs_fit:
@@ -255,11 +268,14 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
         losses.append(total / seen)
     top.eval()
     changed = [n for n in names if not torch.equal(before[n], top.get_parameter(n).detach())]
-    accuracy = {s: _top1(top, store, s, shape, device) for s in ("val", "test")}
+    (val_top1, _), (test_top1, test_mpc) = (
+        _accuracy(top, store, s, shape, device) for s in ("val", "test")
+    )
     return TopResult(
         train_loss=losses,
-        val_top1=accuracy["val"],
-        test_top1=accuracy["test"],
+        val_top1=val_top1,
+        test_top1=test_top1,
+        test_mean_per_class=test_mpc,
         trainable=names,
         changed=changed,
         seconds=time.perf_counter() - t0,
@@ -268,12 +284,19 @@ def train_top(store: Any, settings: TopSettings) -> TopResult:
     )
 
 
-def _top1(top: PartialTop, store: Any, split: str, shape, device) -> float | None:
+def _accuracy(
+    top: PartialTop, store: Any, split: str, shape, device
+) -> tuple[float | None, float | None]:
+    """(top-1, mean per-class accuracy) on ``split``; (None, None) when it has no rows."""
+    from pipeline.heads.metrics import mean_per_class_accuracy
+
     if split not in store.splits():
-        return None
+        return None, None
     X, y = _rows(store, split, shape)
     if not len(y):
-        return None
+        return None, None
     with torch.no_grad():
         pred = top.fc(_head_inputs(top, X, device)).argmax(-1).cpu()
-    return float((pred == y).double().mean())
+    return float((pred == y).double().mean()), float(
+        mean_per_class_accuracy(y.numpy(), pred.numpy())
+    )
