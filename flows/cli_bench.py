@@ -1,4 +1,4 @@
-"""``carrot bench quality`` and ``carrot bench perf``."""
+"""``carrot bench quality``, ``carrot bench perf`` and ``carrot bench faults``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def add_bench(sub: argparse._SubParsersAction, parser_class: type) -> None:
     f.add_argument("--device", default="auto")
     f.add_argument("--json", metavar="FILE", help="default $CARROT_HOME/bench/perf.json")
     f.set_defaults(run=run_perf_cmd)
+    x = bs.add_parser(
+        "faults",
+        help="bad inputs, corrupt images and kill -9 of carrot embed, counted (flows.faults)",
+    )
+    x.add_argument("--quick", action="store_true", help="3 kill trials instead of 20")
+    x.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    x.add_argument("--json", metavar="FILE", help="default $CARROT_HOME/bench/faults.json")
+    x.set_defaults(run=run_faults_cmd)
 
 
 def run_quality_cmd(args: argparse.Namespace) -> int:
@@ -89,3 +97,18 @@ def run_perf_cmd(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"wrote {path} ({result['seconds']:.0f} s)")
     return 0
+
+
+def run_faults_cmd(args: argparse.Namespace) -> int:
+    """Exit 0 when every count with target 0 is 0, else 1 (the table says which)."""
+    from flows.faults.report import failures, run_faults, table
+    from pipeline.home import carrot_home
+
+    path = Path(args.json) if args.json else carrot_home() / "bench" / "faults.json"
+    result = run_faults(path, quick=args.quick, seed=args.seed)
+    print(table(result))
+    bad = failures(result)
+    for line in bad:
+        print(f"FAILED   {line}")
+    print(f"wrote {path} ({result['seconds']:.0f} s)")
+    return 1 if bad else 0

@@ -294,6 +294,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     settings = probe_settings_from_args(args)
     store = open_store(args.store)  # fail fast (exit 2) on a missing or incomplete store
+    store.labels()  # labels outside the class names (an edited store): refused before a flow
     if args.trainable_blocks is not None:
         return run_train_top(args, store)
     if args.checkpoint is not None:

@@ -75,8 +75,29 @@ class EmbeddingStore:
     # -- per-row arrays (small; read once) ----------------------------------------------------
     def _row_array(self, name: str) -> np.ndarray:
         if name not in self._cache:
-            self._cache[name] = read_all(self._group[name], url=self.url)
+            values = read_all(self._group[name], url=self.url)
+            if name == "labels":
+                self._check_labels(values)
+            self._cache[name] = values
         return self._cache[name]
+
+    def _check_labels(self, labels: np.ndarray) -> None:
+        """`StoreCorruptError` when a label is not an index into ``class_names`` (the writer
+        never writes one: the store was edited or damaged)."""
+        bad = (labels < 0) | (labels >= len(self.class_names))
+        if bad.any():
+            from stores.errors import corrupt_error
+
+            first = int(np.flatnonzero(bad)[0])
+            raise corrupt_error(
+                self.url,
+                [
+                    f"labels: {int(bad.sum())} row(s) outside 0..{len(self.class_names) - 1} "
+                    f"(the {len(self.class_names)} class names), e.g. row {first} = "
+                    f"{int(labels[first])}"
+                ],
+                resumable=False,
+            )
 
     def valid_mask(self) -> np.ndarray:
         """(N,) bool, False for skipped (unreadable) rows."""

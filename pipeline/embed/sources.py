@@ -626,6 +626,7 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
                 _Found(f"{cls}/{rel}", cls, "", real, direct)
                 for rel, real, direct in _walk_images(root / cls)
             ]
+    _refuse_empty_classes(found, root, spec, split_dirs)
     stray = [f.name for f in root.iterdir() if f.is_file() and is_image_file(f.name)]
     if stray:
         logger.warning(
@@ -654,6 +655,25 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
         splits,
         **settings,
     )
+
+
+def _refuse_empty_classes(found: list[_Found], root: Path, spec: str, split_dirs: list[str]) -> None:
+    """`InputError` naming the class folders that hold no images (as torchvision's
+    ``ImageFolder`` refuses them): a class the user made would silently not exist."""
+    if not found:
+        return  # the caller's error: no images at all
+    if split_dirs:  # ids are "<split folder>/<class>/<file>"
+        have = {tuple(f.id.split("/", 2)[:2]) for f in found}
+        folders = [(sd, cls) for sd in split_dirs for cls in _class_dirs(root / sd, spec)]
+    else:
+        have = {(f.cls,) for f in found}
+        folders = [(cls,) for cls in _class_dirs(root, spec)]
+    empty = ["/".join(f) for f in folders if f not in have]
+    if empty:
+        raise InputError(
+            f"DATA {spec!r}: class folder(s) {empty[:5]} hold no images "
+            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
+        )
 
 
 def _is_above(folder: str, path: str) -> bool:

@@ -257,8 +257,10 @@ def _read_torch(p: Path, path: str) -> Any:
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found or "Unsupported" in str(e):
+        # "Unsupported global: GLOBAL builtins.print …" or "… unsupported GLOBAL posix.system
+        # whose module posix is blocked" (torch words it by what the global is)
+        found = re.search(r"unsupported global(?:: GLOBAL)? ([\w.]+)", str(e), re.IGNORECASE)
+        if found or "unsupported" in str(e).lower():
             what = found.group(1) if found else "objects other than tensors"
             raise InputError(
                 f"checkpoint {path!r} is refused: it carries pickled code ({what}), which carrot "

@@ -1,0 +1,120 @@
+"""``carrot bench faults``: run the fault scenarios, print the counts, write JSON.
+
+Scenarios: the bad-input catalogue (`bad_inputs`), `carrot store verify` on each damaged store,
+corrupt and odd image files (`corrupt_images`), and ``carrot embed`` killed with SIGKILL at
+seeded moments (`kills`). Every count named ``…lost``, ``…half_written``, ``…tracebacks`` or
+``…wrong`` has target 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.faults import bad_inputs, corrupt_images, kills
+
+
+def run_bad_inputs(root: Path) -> dict[str, Any]:
+    """Every catalogue case, and `carrot store verify` on every damaged store."""
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    bad_inputs.prepare(root)
+    outcomes = [bad_inputs.run_case(case, root) for case in bad_inputs.cases()]
+    verify = {}
+    for name in bad_inputs.DAMAGED:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            verify[name] = main(["store", "verify", str(root / "stores" / f"{name}.zarr")])
+    return {
+        "tried": len(outcomes),
+        "refused_right": sum(o.ok for o in outcomes),
+        "exit_not_2": sum(o.code != 2 for o in outcomes),
+        "not_one_line": sum(len(o.lines) != 1 for o in outcomes),
+        "tracebacks": sum(o.traceback for o in outcomes),
+        "fix_not_named": sum(not o.needle_found for o in outcomes),
+        "wrong": [dataclasses.asdict(o) for o in outcomes if not o.ok],
+        "damaged_stores": len(verify),
+        "damaged_stores_verified_ok": sum(code == 0 for code in verify.values()),
+    }
+
+
+def run_faults(out: Path | None, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """All scenarios (quick: 3 kill trials instead of 20); the JSON document."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="carrot-faults-") as tmp:
+        root = Path(tmp)
+        result: dict[str, Any] = {"bad_inputs": run_bad_inputs(root / "bad")}
+        result["corrupt_images"] = corrupt_images.run_corrupt_images(root / "images")
+        trials = 3 if quick else 20
+        result["kills"] = dataclasses.asdict(
+            kills.run_kill_trials(root / "kills", trials=trials, seed=seed)
+        )
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["quick"] = quick
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The report as a markdown table: scenario, count, target."""
+    b, c, k = result["bad_inputs"], result["corrupt_images"], result["kills"]
+    rows = [
+        ("bad inputs tried", b["tried"], "≥ 40"),
+        (
+            "… refused right (exit 2, one line naming the input, no flow)",
+            b["refused_right"],
+            b["tried"],
+        ),
+        ("… exit code other than 2", b["exit_not_2"], 0),
+        ("… more or less than one stderr line", b["not_one_line"], 0),
+        ("… tracebacks", b["tracebacks"], 0),
+        ("damaged stores that `carrot store verify` passed", b["damaged_stores_verified_ok"], 0),
+        ("corrupt or odd image files embedded", c["files"], "—"),
+        ("… skipped and recorded", c["skipped"], c["expected_skipped"]),
+        ("… crashes", c["crashes"], 0),
+        ("… ids lost on the way to predictions.csv", c["ids_lost"], 0),
+        ("… `--strict` runs not refused", c["strict_not_refused"], 0),
+        ("kill -9 of carrot embed: trials", k["trials"], "—"),
+        ("… landed mid-write (an incomplete store left)", k["killed_mid_write"], "—"),
+        ("… incomplete stores that verified", k["verified_incomplete"], 0),
+        ("… stores marked complete early", k["complete_early"], 0),
+        ("… reruns that failed", k["failed_reruns"], 0),
+        ("… final stores not identical to the uninterrupted run", k["not_identical"], 0),
+        ("… rows lost", k["lost_rows"], 0),
+    ]
+    lines = ["| scenario | count | target |", "|---|---|---|"]
+    lines += [f"| {name} | {count} | {target} |" for name, count, target in rows]
+    return "\n".join(lines)
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """Each count that missed its target, as a line naming it (and the cases behind it)."""
+    b, c, k = result["bad_inputs"], result["corrupt_images"], result["kills"]
+    out = [f"bad input {o['name']!r}: exit {o['code']}, {o['lines'][:2]}" for o in b["wrong"]]
+    if b["tried"] < 40:
+        out.append(f"only {b['tried']} bad inputs tried (target ≥ 40)")
+    if b["damaged_stores_verified_ok"]:
+        out.append(f"{b['damaged_stores_verified_ok']} damaged store(s) passed verify")
+    for key in ("crashes", "ids_lost", "strict_not_refused"):
+        if c[key]:
+            out.append(f"corrupt images: {key} = {c[key]} {c.get('error', '')}")
+    if c["skipped"] != c["expected_skipped"]:
+        out.append(f"corrupt images: skipped {c.get('skipped_ids')}")
+    for key in (
+        "verified_incomplete",
+        "complete_early",
+        "failed_reruns",
+        "not_identical",
+        "lost_rows",
+    ):
+        if k[key]:
+            out.append(f"kills: {key} = {k[key]}")
+    return out
