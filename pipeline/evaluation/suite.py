@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.defaults import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 from pipeline.evaluation.partial import (
@@ -39,6 +39,7 @@ from pipeline.heads.train import TrainConfig
 from pipeline.threads import torch_threads
 
 logger = logging.getLogger(__name__)
+C = TypeVar("C", QualityConfig, PartialConfig)
 
 SYNTHETIC: dict[str, SyntheticConfig] = {
     "synthetic-nuisance": SyntheticConfig(
@@ -97,13 +98,16 @@ def quality_config(s: SuiteSettings) -> QualityConfig:
         )
     else:
         cfg = QualityConfig(train=train)
-    if s.methods is not None:
-        cfg = replace(cfg, methods=s.methods)
-    if s.shots is not None:
-        cfg = replace(cfg, shots=s.shots)
+    return _with_options(cfg, s)
+
+
+def _with_options(cfg: C, s: SuiteSettings) -> C:
+    """``cfg`` with the user's ``--methods``, ``--shots`` and ``--seeds``, validated again."""
+    given = {"methods": s.methods, "shots": s.shots}
     if s.seeds is not None:
-        cfg = replace(cfg, seeds=tuple(range(s.seeds)))
-    return QualityConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})  # re-validate
+        given["seeds"] = tuple(range(s.seeds))
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    return type(cfg)(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
 
 
 def builtin_datasets(s: SuiteSettings) -> dict[str, FeatureSet]:
@@ -142,13 +146,7 @@ def partial_config(s: SuiteSettings) -> PartialConfig:
     cfg = PartialConfig(device=s.device)
     if s.quick:
         cfg = replace(cfg, blocks=(1,), shots=(4, None), seeds=(0, 1, 2))
-    if s.methods is not None:
-        cfg = replace(cfg, methods=s.methods)
-    if s.shots is not None:
-        cfg = replace(cfg, shots=s.shots)
-    if s.seeds is not None:
-        cfg = replace(cfg, seeds=tuple(range(s.seeds)))
-    return PartialConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})  # re-validate
+    return _with_options(cfg, s)
 
 
 def run_partial_suite(s: SuiteSettings, out_dir: str | Path) -> dict[str, Any]:
