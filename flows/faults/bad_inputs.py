@@ -4,7 +4,7 @@
 A case passes when the command exits with code 2, prints exactly one non-empty line on stderr
 that holds the case's ``needle`` (the input it names, or the fix), prints no traceback, and
 starts no Prefect flow or server (`no_flows`: reaching one is a failure — the input was
-checked too late), except for damage only the data's bytes show (``in_flow``: NaN written into a
+checked too late) and writes no store, except for damage only the data's bytes show (``in_flow``: NaN written into a
 store), which the flow's first read refuses. `prepare` writes every file and store the cases need under one folder.
 """
 
@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,17 @@ class Outcome:
     lines: list[str]  # non-empty stderr lines
     traceback: bool
     needle_found: bool
+    wrote_store: bool = False  # a store appeared under the case's --root
 
     @property
     def ok(self) -> bool:
-        return self.code == 2 and len(self.lines) == 1 and not self.traceback and self.needle_found
+        return (
+            self.code == 2
+            and len(self.lines) == 1
+            and not self.traceback
+            and self.needle_found
+            and not self.wrote_store
+        )
 
 
 class ReachedFlow(RuntimeError):
@@ -85,12 +93,16 @@ def run_case(case: BadInput, root: Path) -> Outcome:
             os.environ["CARROT_HOME"] = saved
     text = err.getvalue()
     lines = [ln for ln in text.splitlines() if ln.strip()]
+    written = root / "out"
+    wrote_store = written.exists() and any(written.rglob("*.zarr"))
+    shutil.rmtree(written, ignore_errors=True)
     return Outcome(
         name=case.name,
         code=code,
         lines=lines,
         traceback="Traceback (most recent call last)" in text,
         needle_found=bool(lines) and case.needle in lines[0],
+        wrote_store=wrote_store,
     )
 
 
@@ -196,8 +208,6 @@ def _damage(stores: Path) -> None:
     doc = json.loads(meta.read_text())
     doc["attributes"]["schema_version"] = 999
     meta.write_text(json.dumps(doc))
-    import shutil
-
     shutil.rmtree(stores / "no-array.zarr" / "labels")
     (stores / "bad-json.zarr" / "zarr.json").write_text('{"zarr_format": 3, "attrib')
     chunks = sorted(p for p in (stores / "no-chunk.zarr" / "features").rglob("*") if p.is_file())
@@ -288,8 +298,24 @@ _CASES: tuple[tuple, ...] = (
         "embed sklearn:digits --backbone test_vit --features last:0",
         "--features",
     ),
+    (
+        "embed: --features last:2 on a ConvNet",
+        f"embed {_DIGITS} --features last:2",
+        "no class token",
+    ),
     ("embed: --chunk-rows 0", f"embed {_DIGITS} --chunk-rows 0", "--chunk-rows"),
     ("embed: --dask-workers 0", f"embed {_DIGITS} --dask-workers 0", "--dask-workers"),
+    ("embed: no --backbone", "embed sklearn:digits", "--backbone"),
+    (
+        "embed: a --dask-address that is no address",
+        f"embed {_DIGITS} --dask-address nonsense",
+        "'nonsense'",
+    ),
+    (
+        "embed: --dask-address with --dask-workers",
+        f"embed {_DIGITS} --dask-address tcp://a:1 --dask-workers 2",
+        "not allowed with argument",
+    ),
     # ---- stores
     ("store verify: missing store", "store verify {r}/stores/none.zarr", "none.zarr"),
     ("store info: an edited zarr.json", "store info {r}/stores/bad-json.zarr", "bad-json.zarr"),
@@ -308,6 +334,7 @@ _CASES: tuple[tuple, ...] = (
     ("train: --shots above the smallest class", "train {r}/stores/few.zarr --shots 50", "--shots"),
     ("train: --epochs 0", f"train {_STORE} --epochs 0", "--epochs"),
     ("train: --lrs -1", f"train {_STORE} --lrs -1", "--lrs"),
+    ("train: --lrs not a number", f"train {_STORE} --lrs fast", "--lrs"),
     ("train: --wds nan", f"train {_STORE} --wds nan", "--wds"),
     ("train: --aug unknown", f"train {_STORE} --aug nope", "nope"),
     ("train: --topk 0", f"train {_STORE} --topk 0", "--topk"),
@@ -356,6 +383,8 @@ _CASES: tuple[tuple, ...] = (
     ),
     ("finetune: --accum-steps 0", f"finetune {_DIGITS} --accum-steps 0", "--accum-steps"),
     ("sweep: no backbones", "sweep {r}/good", "--backbones"),
+    ("sweep: no data", "sweep", "DATA"),
+    ("sweep: a missing --config", "sweep --config {r}/nope.toml", "nope.toml"),
     (
         "serve: a bad cron",
         ["serve", "embed", "{r}/good", "--backbone", "test_resnet", "--cron", "61 * * * *"],

@@ -657,7 +657,9 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
     )
 
 
-def _refuse_empty_classes(found: list[_Found], root: Path, spec: str, split_dirs: list[str]) -> None:
+def _refuse_empty_classes(
+    found: list[_Found], root: Path, spec: str, split_dirs: list[str]
+) -> None:
     """`InputError` naming the class folders that hold no images (as torchvision's
     ``ImageFolder`` refuses them): a class the user made would silently not exist."""
     if not found:

@@ -7,8 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,15 +126,9 @@ def test_train_few_shot_reports_mean_and_std(prefect_harness, digits_store, tmp_
         (["--epochs", "0"], "--epochs"),
     ],
 )
-def test_train_bad_options_exit_2_in_one_line(digits_store, args, needle):
-    r = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", digits_store, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+def test_train_bad_options_exit_2_in_one_line(digits_store, args, needle, capsys, no_server):
+    assert main(["train", digits_store, *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0]
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -198,9 +196,10 @@ def test_bad_cluster_options_are_input_errors():
         (["--dask-workers", "0"], "expected a positive integer"),
     ],
 )
-def test_cli_cluster_options_one_line_exit_2(tmp_path, args, expected):
-    env = os.environ | {"CARROT_HOME": str(tmp_path), "CARROT_RUNNER": "0"}
-    cmd = [sys.executable, "-m", "flows.cli", "embed", "sklearn:digits", "--backbone", "test_vit"]
-    p = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, p.stderr
-    assert expected in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_cli_cluster_options_one_line_exit_2(tmp_path, args, expected, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.setenv("CARROT_HOME", str(tmp_path))
+    assert main(["embed", "sklearn:digits", "--backbone", "test_vit", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err

@@ -88,7 +88,8 @@ def test_spec_file_is_checked(tmp_path):
 
 def test_cli_usage_errors_are_one_line_exit_2(tmp_path):
     carrot = str(Path(sys.executable).with_name("carrot"))
-    for args in (["sweep"], ["sweep", "sklearn:digits"], ["sweep", "--config", "nope.toml"]):
+    # through the installed console script (the catalogue of flows.faults has the others)
+    for args in (["sweep", "sklearn:digits"],):
         r = subprocess.run(
             [carrot, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120
         )
