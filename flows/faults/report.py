@@ -1,8 +1,8 @@
 """``carrot bench faults``: run the fault scenarios, print the counts, write JSON.
 
 Scenarios: the bad-input catalogue (`bad_inputs`), `carrot store verify` on each damaged store,
-corrupt and odd image files (`corrupt_images`), and ``carrot embed`` killed with SIGKILL at
-seeded moments (`kills`). Every count named ``…lost``, ``…half_written``, ``…tracebacks`` or
+corrupt and odd image files (`corrupt_images`), ``carrot embed`` killed with SIGKILL at seeded
+moments (`kills`), and ``carrot train`` / ``carrot finetune`` killed likewise (`run_kills`). Every count named ``…lost``, ``…half_written``, ``…tracebacks`` or
 ``…wrong`` has target 0.
 """
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.faults import bad_inputs, corrupt_images, kills
+from flows.faults import bad_inputs, corrupt_images, kills, run_kills
 
 
 def run_bad_inputs(root: Path) -> dict[str, Any]:
@@ -45,7 +45,8 @@ def run_bad_inputs(root: Path) -> dict[str, Any]:
 
 
 def run_faults(out: Path | None, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """All scenarios (quick: 3 kill trials instead of 20); the JSON document."""
+    """All scenarios (quick: 3 embed kill trials instead of 20, 2 train and finetune kills
+    instead of 5); the JSON document."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="carrot-faults-") as tmp:
         root = Path(tmp)
@@ -54,6 +55,14 @@ def run_faults(out: Path | None, *, quick: bool = False, seed: int = 0) -> dict[
         trials = 3 if quick else 20
         result["kills"] = dataclasses.asdict(
             kills.run_kill_trials(root / "kills", trials=trials, seed=seed)
+        )
+        store = str(next((root / "kills" / "reference").rglob("*.zarr")))
+        runs = 2 if quick else 5
+        result["train_kills"] = dataclasses.asdict(
+            run_kills.run_train_kills(root / "train", store, trials=runs, seed=seed)
+        )
+        result["finetune_kills"] = dataclasses.asdict(
+            run_kills.run_finetune_kills(root / "finetune", trials=runs, seed=seed)
         )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["quick"] = quick
@@ -90,6 +99,19 @@ def table(result: dict[str, Any]) -> str:
         ("… final stores not identical to the uninterrupted run", k["not_identical"], 0),
         ("… rows lost", k["lost_rows"], 0),
     ]
+    for key in ("train_kills", "finetune_kills"):
+        r = result[key]
+        rows += [
+            (
+                f"kill -9 of {r['command']}: trials (killed before the end)",
+                f"{r['trials']} ({r['killed']})",
+                "—",
+            ),
+            ("… outputs seen half-written", r["half_written"], 0),
+            ("… summaries claiming a killed run complete", r["complete_early"], 0),
+            ("… reruns that failed", r["failed_reruns"], 0),
+            ("… resumed runs with other final metrics", r["not_identical"], 0),
+        ]
     lines = ["| scenario | count | target |", "|---|---|---|"]
     lines += [f"| {name} | {count} | {target} |" for name, count, target in rows]
     return "\n".join(lines)
@@ -117,4 +139,9 @@ def failures(result: dict[str, Any]) -> list[str]:
     ):
         if k[key]:
             out.append(f"kills: {key} = {k[key]}")
+    for name in ("train_kills", "finetune_kills"):
+        r = result[name]
+        for key in ("half_written", "complete_early", "failed_reruns", "not_identical"):
+            if r[key]:
+                out.append(f"{r['command']} kills: {key} = {r[key]}: {r['details']}")
     return out

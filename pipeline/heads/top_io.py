@@ -90,7 +90,9 @@ def read_top_config(run_dir: str | Path) -> dict[str, Any]:
         config = json.loads((Path(run_dir) / TOP_CONFIG).read_text())
         if config.get("kind") != "carrot-top" or config.get("version") not in (1, VERSION):
             raise ValueError(f"kind {config.get('kind')!r}, version {config.get('version')!r}")
-        config["class_names"], config["settings"]["blocks"]
+        missing = [k for k in ("class_names", "settings", "cached_blocks") if k not in config]
+        if missing or "blocks" not in config["settings"]:
+            raise ValueError(f"missing {missing or ['settings.blocks']}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{run_dir}: not a partially frozen run ({e}); {_RERUN}") from None
     return config
