@@ -11,7 +11,6 @@ store), which the flow's first read refuses. `prepare` writes every file and sto
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flows.faults.console import carrot
 
 
 @dataclass(frozen=True)
@@ -77,21 +78,9 @@ def no_flows() -> Iterator[None]:
 
 def run_case(case: BadInput, root: Path) -> Outcome:
     """Run one case in process (``CARROT_HOME`` under ``root``) and judge it."""
-    from flows.cli import main
-
-    err, out = io.StringIO(), io.StringIO()
-    saved = os.environ.get("CARROT_HOME")
-    os.environ["CARROT_HOME"] = str(root / "home")
-    try:
-        guard = contextlib.nullcontext() if case.in_flow else no_flows()
-        with guard, contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = main(case.argv(root))
-    finally:
-        if saved is None:
-            os.environ.pop("CARROT_HOME", None)
-        else:
-            os.environ["CARROT_HOME"] = saved
-    text = err.getvalue()
+    guard = contextlib.nullcontext() if case.in_flow else no_flows()
+    with guard:
+        code, _, text = carrot(case.argv(root), CARROT_HOME=str(root / "home"))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     written = root / "out"
     wrote_store = written.exists() and any(written.rglob("*.zarr"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flows.faults.console import carrot, environment
 from flows.faults.kills import shared_api_url
 
 UNREADABLE = ("a/truncated.jpg", "a/zero.jpg", "b/text.jpg", "b/bomb.png")
@@ -81,38 +82,16 @@ def make_folder(root: Path) -> Path:
     return root
 
 
-def _carrot(args: list[str]) -> tuple[int, str, str]:
-    """``carrot ARGS`` through its entry point, in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from flows.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
 def run_corrupt_images(root: Path) -> dict[str, Any]:
     """Embed the folder (and again with ``--strict``), train, predict; the counts."""
     folder = make_folder(root / "data")
-    saved = {k: os.environ.get(k) for k in ("CARROT_HOME", "PREFECT_API_URL")}
-    os.environ["PREFECT_API_URL"] = shared_api_url()
-    os.environ["CARROT_HOME"] = str(root / "home")
-    try:
+    with environment(PREFECT_API_URL=shared_api_url(), CARROT_HOME=str(root / "home")):
         return _run(folder, root)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run(folder: Path, root: Path) -> dict[str, Any]:
     common = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0"]
-    code, out, err = _carrot(["embed", str(folder), *common, "--root", str(root / "s"), "--json"])
+    code, out, err = carrot(["embed", str(folder), *common, "--root", str(root / "s"), "--json"])
     result: dict[str, Any] = {
         "files": len(UNREADABLE) + len(ODD),
         "expected_skipped": len(UNREADABLE),
@@ -130,14 +109,14 @@ def _run(folder: Path, root: Path) -> dict[str, Any]:
     result["skipped"] = len(skipped)
     result["skipped_ids"] = skipped
     result["skipped_right"] = skipped == sorted(UNREADABLE)
-    code, _, err = _carrot(["embed", str(folder), *common, "--root", str(root / "x"), "--strict"])
+    code, _, err = carrot(["embed", str(folder), *common, "--root", str(root / "x"), "--strict"])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     # exit 2, the last line naming the first unreadable image (warnings may come before it)
     refused = code == 2 and bool(lines) and "unreadable image" in lines[-1]
     result["strict_not_refused"] = int(not refused)
     run, predictions = root / "run", root / "predictions.csv"
-    trained, _, err_train = _carrot(["train", summary["store"], "--out", str(run), "--json"])
-    predicted, _, err_predict = _carrot(
+    trained, _, err_train = carrot(["train", summary["store"], "--out", str(run), "--json"])
+    predicted, _, err_predict = carrot(
         ["predict", summary["store"], "--head", str(run), "--out", str(predictions)]
     )
     if trained != 0 or predicted != 0:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from flows.faults.console import carrot, spawn
 
 ROW_ARRAYS = ("features", "labels", "ids", "split", "valid", "errors")
 EMBED_ARGS = (
@@ -36,7 +37,6 @@ EMBED_ARGS = (
     "--workers",
     "0",
 )
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -56,16 +56,6 @@ class KillReport:
     details: list[dict] = field(default_factory=list)
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def _store_of(root: Path) -> Path | None:
     found = sorted(root.rglob("*.zarr"))
     return found[0] if found else None
@@ -78,19 +68,8 @@ def _rows(url: Path) -> dict[str, np.ndarray]:
     return {name: np.asarray(group[name][:]) for name in ROW_ARRAYS}
 
 
-def _verify(store: Path) -> int:
-    """``carrot store verify STORE`` in this process (output discarded): its exit code."""
-    import contextlib
-    import io
-
-    from flows.cli import main
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return main(["store", "verify", str(store)])
-
-
 def _embed(root: Path, env: dict[str, str]) -> tuple[int, str]:
-    proc = _cli(["embed", *EMBED_ARGS, "--root", str(root)], env)
+    proc = spawn(["embed", *EMBED_ARGS, "--root", str(root)], env, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=600)
     return proc.returncode, err.decode(errors="replace")
 
@@ -98,7 +77,7 @@ def _embed(root: Path, env: dict[str, str]) -> tuple[int, str]:
 def _kill_at(root: Path, env: dict[str, str], *, chunks: int | None, delay_s: float) -> str:
     """Start embed; SIGKILL it after ``delay_s`` (``chunks`` None) or once ``chunks`` chunks
     are flagged. Returns what happened: killed | finished."""
-    proc = _cli(["embed", *EMBED_ARGS, "--root", str(root)], env)
+    proc = spawn(["embed", *EMBED_ARGS, "--root", str(root)], env)
     start = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - start < 300:
@@ -172,7 +151,7 @@ def run_kill_trials(root: Path, *, trials: int, seed: int = 0) -> KillReport:
                 if any(not np.array_equal(rows[k], reference[k]) for k in ROW_ARRAYS):
                     report.complete_early += 1
             else:
-                code = _verify(store)
+                code, _, _ = carrot(["store", "verify", str(store)])
                 detail["verify_exit"] = code
                 report.verified_incomplete += code == 0
         code, err = _embed(trial, env)

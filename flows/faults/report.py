@@ -16,21 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from flows.faults import bad_inputs, corrupt_images, kills, run_kills
+from flows.faults.console import carrot
 
 
 def run_bad_inputs(root: Path) -> dict[str, Any]:
     """Every catalogue case, and `carrot store verify` on every damaged store."""
-    import contextlib
-    import io
-
-    from flows.cli import main
-
     bad_inputs.prepare(root)
     outcomes = [bad_inputs.run_case(case, root) for case in bad_inputs.cases()]
     verify = {}
     for name in bad_inputs.DAMAGED:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            verify[name] = main(["store", "verify", str(root / "stores" / f"{name}.zarr")])
+        verify[name], _, _ = carrot(["store", "verify", str(root / "stores" / f"{name}.zarr")])
     return {
         "tried": len(outcomes),
         "refused_right": sum(o.ok for o in outcomes),

@@ -15,14 +15,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from flows.faults.kills import REPO, shared_api_url
+from flows.faults.console import spawn
+from flows.faults.kills import shared_api_url
 
 FINETUNE_ARGS = (
     "sklearn:digits",
@@ -65,13 +65,7 @@ def _env(root: Path) -> dict[str, str]:
 def _run(args: list[str], env: dict[str, str], *, kill_after: float | None = None):
     """Run ``carrot ARGS``; with ``kill_after`` SIGKILL it then. (exit code, killed, seconds)."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn(args, env)
     try:
         proc.wait(timeout=kill_after)
         return proc.returncode, False, time.monotonic() - start
