@@ -606,6 +606,7 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
     subdirs = _class_dirs(root, spec)
     split_dirs = [d for d in subdirs if d.lower() in _SPLIT_ALIASES]
     found: list[_Found] = []
+    empty: list[str] = []  # class folders that hold no images
     if split_dirs:
         others = [d for d in subdirs if d not in split_dirs]
         if others:
@@ -616,17 +617,22 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
         for sd in split_dirs:
             split = _SPLIT_ALIASES[sd.lower()]
             for cls in _class_dirs(root / sd, spec):
+                images = _walk_images(root / sd / cls)
+                empty += [] if images else [f"{sd}/{cls}"]
                 found += [
                     _Found(f"{sd}/{cls}/{rel}", cls, split, real, direct)
-                    for rel, real, direct in _walk_images(root / sd / cls)
+                    for rel, real, direct in images
                 ]
     else:
         for cls in subdirs:
-            found += [
-                _Found(f"{cls}/{rel}", cls, "", real, direct)
-                for rel, real, direct in _walk_images(root / cls)
-            ]
-    _refuse_empty_classes(found, root, spec, split_dirs)
+            images = _walk_images(root / cls)
+            empty += [] if images else [cls]
+            found += [_Found(f"{cls}/{rel}", cls, "", real, direct) for rel, real, direct in images]
+    if found and empty:  # a class the user made would silently not exist (ImageFolder refuses it)
+        raise InputError(
+            f"DATA {spec!r}: class folder(s) {empty[:5]} hold no images "
+            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
+        )
     stray = [f.name for f in root.iterdir() if f.is_file() and is_image_file(f.name)]
     if stray:
         logger.warning(
@@ -655,27 +661,6 @@ def _folder_source(spec: str, root: Path, **settings) -> ImageSource:
         splits,
         **settings,
     )
-
-
-def _refuse_empty_classes(
-    found: list[_Found], root: Path, spec: str, split_dirs: list[str]
-) -> None:
-    """`InputError` naming the class folders that hold no images (as torchvision's
-    ``ImageFolder`` refuses them): a class the user made would silently not exist."""
-    if not found:
-        return  # the caller's error: no images at all
-    if split_dirs:  # ids are "<split folder>/<class>/<file>"
-        have = {tuple(f.id.split("/", 2)[:2]) for f in found}
-        folders = [(sd, cls) for sd in split_dirs for cls in _class_dirs(root / sd, spec)]
-    else:
-        have = {(f.cls,) for f in found}
-        folders = [(cls,) for cls in _class_dirs(root, spec)]
-    empty = ["/".join(f) for f in folders if f not in have]
-    if empty:
-        raise InputError(
-            f"DATA {spec!r}: class folder(s) {empty[:5]} hold no images "
-            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
-        )
 
 
 def _is_above(folder: str, path: str) -> bool:
