@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -20,6 +21,7 @@ from flows.cli_args import (
     dask_options,
     fraction,
     nonneg_int,
+    positive_float,
     positive_int,
 )
 from flows.cli_bench import add_bench
@@ -30,6 +32,7 @@ from flows.cli_train import add_demo, add_predict, add_train
 from flows.runtime import apply_defaults
 from pipeline.errors import InputError
 from pipeline.terminal import printable
+from stores.errors import storage_error, write_failure
 
 USAGE_ERRORS = (InputError,)  # the store errors derive from it
 
@@ -112,6 +115,16 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F")
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
     p.add_argument(
+        "--wait",
+        nargs="?",
+        type=positive_float,
+        const=math.inf,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another live `carrot embed` is writing this store, wait for it (up to SECONDS; "
+        "alone: as long as it runs) instead of refusing; its finished store is then a cache hit",
+    )
+    p.add_argument(
         "--fingerprint",
         choices=("stat", "content"),
         default="stat",
@@ -163,6 +176,7 @@ def embed_settings_from_args(args: argparse.Namespace):
         test_fraction=args.test_fraction,
         fingerprint=args.fingerprint,
         allow_outside_paths=args.allow_outside_paths,
+        wait_s=args.wait,
     )
 
 
@@ -438,13 +452,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as e:
+        mapped = storage_error(e, _failed_path(e), then="what was written whole is kept")
+        if mapped is None:
+            return _unexpected(e, debug)
         if debug:
             traceback.print_exc()
-        print(
-            f"carrot: error: {type(e).__name__}: {printable(e)} (CARROT_DEBUG=1 for a traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        print(f"carrot: error: {printable(mapped)}", file=sys.stderr)
+        return 2
+
+
+def _failed_path(e: BaseException) -> str:
+    """The file a write failure names, or a general phrase."""
+    failure = write_failure(e)
+    name = getattr(failure, "filename", None)
+    return repr(str(name)) if name else "the output"
+
+
+def _unexpected(e: BaseException, debug: bool) -> int:
+    """A bug or an unforeseen failure: one line (a traceback with CARROT_DEBUG=1), exit 1."""
+    if debug:
+        traceback.print_exc()
+    print(
+        f"carrot: error: {type(e).__name__}: {printable(e)} (CARROT_DEBUG=1 for a traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pipeline.embed.sources import ImageSource
 from pipeline.errors import InputError
 from pipeline.terminal import printable
 from stores import StoreWriter
-from stores.errors import StoreInputError
+from stores.errors import StoreInputError, write_failure
 
 # Retry transient I/O (network filesystems, object stores), never the user's mistakes.
 _TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -44,8 +44,8 @@ def _retry_transient(task, task_run, state) -> bool:
         state.result()
     except (InputError, StoreInputError):
         return False
-    except _TRANSIENT:
-        return True
+    except _TRANSIENT as e:
+        return write_failure(e) is None  # a full disk or a read-only folder stays so
     except Exception:
         return False
     return False

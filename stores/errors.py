@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import errno
+from collections.abc import Iterator, Sequence
 
 
 class InputError(ValueError):
@@ -65,3 +67,64 @@ def corrupt_error(url: str, problems: Sequence[str], *, resumable: bool) -> Stor
         f"then {fix}.",
         problems,
     )
+
+
+# ------------------------------------------------------------------ disk full, read-only, denied
+_WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+}
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageError(InputError):
+    """Writing failed for lack of space or permission. Nothing retries it: the user frees space
+    or picks a writable place, then runs the same command again."""
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The disk-full / read-only / permission `OSError` behind ``exc`` (itself, its cause or its
+    context), or None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def storage_error(exc: BaseException, where: str, *, then: str) -> StorageError | None:
+    """A one-line :class:`StorageError` for a write failure behind ``exc`` at ``where`` (a
+    store, a folder), or None when ``exc`` is not one. ``then``: what the rerun does (for a
+    store: resumes from its last whole chunk)."""
+    e = write_failure(exc)
+    if e is None:
+        return None
+    if e.errno in _FULL:
+        fix = "free space there (or choose another place)"
+    else:
+        fix = "choose a writable place (--root, --out or CARROT_HOME) or fix its permissions"
+    return StorageError(
+        f"cannot write {where}: {_WRITE_FAILURES[e.errno]}; {fix}, then run the same command "
+        f"again ({then})"
+    )
+
+
+@contextlib.contextmanager
+def storage_errors(where: str, *, then: str) -> Iterator[None]:
+    """Turn a disk-full / read-only / permission `OSError` raised in the block into a
+    :class:`StorageError` naming ``where``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        mapped = storage_error(e, where, then=then)
+        if mapped is None:
+            raise
+        raise mapped from e

@@ -139,9 +139,14 @@ class StoreLock:
     def _overwrite(self, payload: bytes) -> None:
         if self._local is not None:
             tmp = f"{self._local}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, self._local)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(payload)
+                os.replace(tmp, self._local)
+            except BaseException:  # e.g. disk full: no temporary left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             self.location.fs.pipe_file(self._remote, payload)
 
@@ -187,7 +192,8 @@ class StoreLock:
         where = self._local or self.location.url.rstrip("/") + "/" + LOCK_NAME
         return StoreLockedError(
             f"store {self.location.url} is being written by another writer ({who}). Wait for it "
-            f"to finish, or, if that writer is gone, delete the lock file {where} and retry."
+            f"to finish (`carrot embed --wait` does), or, if that writer is gone, delete the lock "
+            f"file {where} and retry."
         )
 
     # -- public ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import contextlib
 import glob
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,10 @@ from stores.errors import (
     StoreError,
     StoreIncompleteError,
     StoreInputError,
+    StoreLockedError,
     StoreNotFoundError,
     corrupt_error,
+    storage_errors,
 )
 from stores.identity import StoreIdentity, jsonable
 from stores.integrity import REBUILT_BY_WRITER, inspect_store
@@ -49,6 +52,11 @@ if TYPE_CHECKING:
     import zarr
 
 logger = logging.getLogger(__name__)
+
+RESUMES = "the store resumes from its last whole chunk"
+"""What running ``carrot embed`` again does after a write failed (disk full, read-only)."""
+WAIT_POLL_S = 2.0
+"""Seconds between two tries for a store's lock while waiting for another writer."""
 
 
 class StoreWriter:
@@ -187,13 +195,14 @@ class StoreWriter:
             raise StoreError(f"store {self.url} is complete; it is never rewritten")
         rows = self.chunk_rows_range(i)
         feats, valid_arr, errors_arr = self._prepare(rows, features, valid, errors)
-        if self._lock is not None:
-            self._lock.refresh()  # still ours? and a fresh heartbeat
-        sl = slice(rows.start, rows.stop)
-        self._arrays["features"][sl] = feats
-        self._arrays["valid"][sl] = valid_arr
-        self._arrays["errors"][sl] = errors_arr
-        self._arrays["progress"][i] = True  # only after all of the chunk's rows
+        with storage_errors(f"store {self.url}", then=RESUMES):
+            if self._lock is not None:
+                self._lock.refresh()  # still ours? and a fresh heartbeat
+            sl = slice(rows.start, rows.stop)
+            self._arrays["features"][sl] = feats
+            self._arrays["valid"][sl] = valid_arr
+            self._arrays["errors"][sl] = errors_arr
+            self._arrays["progress"][i] = True  # only after all of the chunk's rows
 
     def heartbeat(self) -> None:
         """Refresh the lock's heartbeat (and check it is still ours); for a coordinator whose
@@ -233,8 +242,9 @@ class StoreWriter:
             {"id": str(ids[r]), "reason": str(errors[r]) or "skipped"}
             for r in np.flatnonzero(~valid)
         ]
-        self._group.attrs.update({"skipped": skipped, "timings": jsonable(dict(timings))})
-        self._group.attrs["complete"] = True  # written last
+        with storage_errors(f"store {self.url}", then=RESUMES):
+            self._group.attrs.update({"skipped": skipped, "timings": jsonable(dict(timings))})
+            self._group.attrs["complete"] = True  # written last
         self.complete = True
         logger.info(
             "store %s complete: %d rows (%d skipped), %d chunks",
@@ -391,6 +401,7 @@ def open_writer(
     storage_options: dict | None = None,
     lock: bool = True,
     lock_ttl_s: float = DEFAULT_TTL_S,
+    wait_s: float = 0.0,
 ) -> StoreWriter:
     """Create (preallocate) or resume the store at ``url``; a complete one is a cache hit.
 
@@ -399,7 +410,9 @@ def open_writer(
     chunk; ``compressor`` for features (None = fastest reads, or "zstd", "lz4", ...). Resuming
     keeps the stored chunking and compressor and checks that key, ids, labels and split match
     (StoreInputError naming the store and the fix otherwise). ``lock=False`` skips the writer
-    lock: only for callers that hold it some other way.
+    lock: only for callers that hold it some other way. ``wait_s``: while another live writer
+    holds the lock, try again every `WAIT_POLL_S` for up to this many seconds (0: refuse at
+    once); a store that writer finished is then a cache hit.
     """
     if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim <= 0:
         raise StoreInputError(f"dim must be a positive int (the feature width), got {dim!r}")
@@ -435,55 +448,83 @@ def open_writer(
             return StoreWriter(location, group, lock=None, can_finalize=True)
         # damaged: checked (and lost chunks repaired) below, under the lock
 
-    held = StoreLock(location, ttl_s=lock_ttl_s).acquire() if lock else None
+    held = _acquire(location, lock_ttl_s, wait_s) if lock else None
     try:
-        group = _open_for_write(location)
-        if group.attrs.get("initialized") is True:
-            _open_for_resume(group, location, key, same)
-            attrs = group.attrs.asdict()
-            if (attrs["chunk_rows"], attrs["compressor"]) != (chunk_rows, compressor):
-                logger.info(
-                    "resuming %s with its stored chunk_rows=%s, compressor=%s",
-                    location.url,
-                    attrs["chunk_rows"],
-                    attrs["compressor"],
-                )
-            if attrs["complete"] is True:
-                if held is not None:
-                    held.release()
-                return StoreWriter(location, group, lock=None, can_finalize=True)
-            _remove_partials(location)
-            writer = StoreWriter(location, group, lock=held, can_finalize=True)
-            logger.info(
-                "resuming %s: %d of %d chunks pending",
-                location.url,
-                len(writer.pending_chunks()),
-                writer.n_chunks,
-            )
-            return writer
-        attrs = group.attrs.asdict()
-        if attrs.get("key") not in (None, key):
-            _check_same_store(group, location.url, key, **same)  # raises: another store's leftovers
-        fresh = initial_attrs(
-            identity,
-            n=len(ids_arr),
-            dim=int(dim),
-            chunk_rows=int(chunk_rows),
-            class_names=list(class_names),
-            compressor=compressor,
-        )
-        group.attrs.put(fresh)
-        create_arrays(group, attrs=fresh, ids=ids_arr, labels=labels_arr, split=split_arr)
-        group.attrs["initialized"] = True
-        logger.info(
-            "created store %s: %d rows, dim %d, %d chunks",
-            location.url,
-            len(ids_arr),
-            dim,
-            fresh["n_chunks"],
-        )
-        return StoreWriter(location, group, lock=held, can_finalize=True)
+        with storage_errors(f"store {location.url}", then=RESUMES):
+            return _open_held(location, held, identity, same, chunk_rows, compressor)
     except BaseException:
         if held is not None:
             held.release()
         raise
+
+
+def _acquire(location: StoreLocation, ttl_s: float, wait_s: float) -> StoreLock:
+    """The store's lock; while another live writer holds it, retry for up to ``wait_s``."""
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        try:
+            return StoreLock(location, ttl_s=ttl_s).acquire()
+        except StoreLockedError:
+            if time.monotonic() + WAIT_POLL_S > deadline:
+                raise
+            time.sleep(WAIT_POLL_S)
+
+
+def _open_held(
+    location: StoreLocation,
+    held: StoreLock | None,
+    identity: StoreIdentity,
+    same: dict[str, Any],
+    chunk_rows: int,
+    compressor: str | None,
+) -> StoreWriter:
+    """Resume or create the store under the lock ``held``; a store found complete releases it."""
+    key = identity.key()
+    ids_arr, labels_arr, split_arr = same["ids"], same["labels"], same["split"]
+    dim, class_names = same["dim"], same["class_names"]
+    group = _open_for_write(location)
+    if group.attrs.get("initialized") is True:
+        _open_for_resume(group, location, key, same)
+        attrs = group.attrs.asdict()
+        if (attrs["chunk_rows"], attrs["compressor"]) != (chunk_rows, compressor):
+            logger.info(
+                "resuming %s with its stored chunk_rows=%s, compressor=%s",
+                location.url,
+                attrs["chunk_rows"],
+                attrs["compressor"],
+            )
+        if attrs["complete"] is True:
+            if held is not None:
+                held.release()
+            return StoreWriter(location, group, lock=None, can_finalize=True)
+        _remove_partials(location)
+        writer = StoreWriter(location, group, lock=held, can_finalize=True)
+        logger.info(
+            "resuming %s: %d of %d chunks pending",
+            location.url,
+            len(writer.pending_chunks()),
+            writer.n_chunks,
+        )
+        return writer
+    attrs = group.attrs.asdict()
+    if attrs.get("key") not in (None, key):
+        _check_same_store(group, location.url, key, **same)  # raises: another store's leftovers
+    fresh = initial_attrs(
+        identity,
+        n=len(ids_arr),
+        dim=int(dim),
+        chunk_rows=int(chunk_rows),
+        class_names=list(class_names),
+        compressor=compressor,
+    )
+    group.attrs.put(fresh)
+    create_arrays(group, attrs=fresh, ids=ids_arr, labels=labels_arr, split=split_arr)
+    group.attrs["initialized"] = True
+    logger.info(
+        "created store %s: %d rows, dim %d, %d chunks",
+        location.url,
+        len(ids_arr),
+        dim,
+        fresh["n_chunks"],
+    )
+    return StoreWriter(location, group, lock=held, can_finalize=True)

@@ -56,12 +56,12 @@ class KillReport:
     details: list[dict] = field(default_factory=list)
 
 
-def _store_of(root: Path) -> Path | None:
+def store_of(root: Path) -> Path | None:
     found = sorted(root.rglob("*.zarr"))
     return found[0] if found else None
 
 
-def _rows(url: Path) -> dict[str, np.ndarray]:
+def rows_of(url: Path) -> dict[str, np.ndarray]:
     import zarr
 
     group = zarr.open_group(str(url), mode="r")
@@ -85,7 +85,7 @@ def _kill_at(root: Path, env: dict[str, str], *, chunks: int | None, delay_s: fl
                 if time.monotonic() - start >= delay_s:
                     break
             else:
-                store = _store_of(root)
+                store = store_of(root)
                 flags = store / "progress" / "c" if store else None
                 if flags is not None and flags.is_dir() and len(os.listdir(flags)) >= chunks:
                     break
@@ -126,7 +126,7 @@ def run_kill_trials(root: Path, *, trials: int, seed: int = 0) -> KillReport:
     code, err = _embed(root / "reference", env)
     if code != 0:
         raise RuntimeError(f"the uninterrupted reference run failed ({code}): {err[-500:]}")
-    reference = _rows(_store_of(root / "reference"))
+    reference = rows_of(store_of(root / "reference"))
     n_chunks = -(-len(reference["labels"]) // 64)
     rng = np.random.default_rng(seed)
     report = KillReport()
@@ -136,7 +136,7 @@ def run_kill_trials(root: Path, *, trials: int, seed: int = 0) -> KillReport:
         chunks = None if before else int(rng.integers(1, n_chunks))
         delay = float(rng.uniform(0.5, 6.0))
         what = _kill_at(trial, env, chunks=chunks, delay_s=delay)
-        store = _store_of(trial)
+        store = store_of(trial)
         detail = {"trial": t, "chunks": chunks, "delay_s": round(delay, 2), "outcome": what}
         report.trials += 1
         if what == "finished":
@@ -147,7 +147,7 @@ def run_kill_trials(root: Path, *, trials: int, seed: int = 0) -> KillReport:
             report.killed_mid_write += 1
             state = open_store(str(store), require_complete=False)
             if state.complete:
-                rows = _rows(store)
+                rows = rows_of(store)
                 if any(not np.array_equal(rows[k], reference[k]) for k in ROW_ARRAYS):
                     report.complete_early += 1
             else:
@@ -160,7 +160,7 @@ def run_kill_trials(root: Path, *, trials: int, seed: int = 0) -> KillReport:
             report.failed_reruns += 1
             detail["rerun_error"] = err.strip().splitlines()[-1:]
         else:
-            rows = _rows(_store_of(trial))
+            rows = rows_of(store_of(trial))
             same = all(np.array_equal(rows[k], reference[k]) for k in ROW_ARRAYS)
             report.not_identical += not same
             valid = int(rows["valid"].astype(bool).sum())

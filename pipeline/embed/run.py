@@ -66,6 +66,7 @@ class EmbedSettings:
     storage_options: dict[str, Any] | None = None  # fsspec options for the root
     fingerprint: str = "stat"  # how the key sees files: "stat" (size, mtime) | "content" (bytes)
     allow_outside_paths: bool = False  # manifest paths may lead out of the manifest's folder
+    wait_s: float = 0.0  # wait this long for another live writer of the store (0: refuse)
 
     def __post_init__(self) -> None:
         check_fingerprint_mode(self.fingerprint)
@@ -184,6 +185,7 @@ def open_plan_writer(plan: EmbedPlan, settings: EmbedSettings, dim: int) -> Stor
         chunk_rows=settings.chunk_rows,
         compressor=settings.compressor,
         storage_options=settings.storage_options,
+        wait_s=settings.wait_s,
     )
 
 

@@ -108,16 +108,15 @@ def probe_head(
 def export_files(model: FinetuneModel, folder: Path, *, class_names, extra: dict) -> dict[str, str]:
     """Write ``model.safetensors`` (the backbone's float32 state dict, timm's names, no
     classifier) and ``head/`` (`pipeline.heads.io.save_head`) into ``folder``. Paths by kind."""
-    from safetensors.torch import save_file
-
-    from pipeline.heads.io import atomic_file, save_head
+    from pipeline.heads.io import save_head, write_safetensors
 
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in model.backbone.state_dict().items()
     }
-    with atomic_file(folder / BACKBONE_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "carrot": json.dumps(extra)})
+    write_safetensors(
+        folder / BACKBONE_FILE, state, metadata={"format": "pt", "carrot": json.dumps(extra)}
+    )
     head = Head(model.head.dim, model.head.num_classes, eps=model.head.norm.eps)
     head.load_state_dict({k: v.detach().cpu() for k, v in model.head.state_dict().items()})
     save_head(head, folder / HEAD_DIR, class_names=class_names, extra={"finetune": extra})

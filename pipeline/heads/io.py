@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from pipeline.defaults import LN_EPS
 from pipeline.errors import InputError
 from pipeline.heads.bank import Head, HeadSpec
+from stores.errors import storage_errors
 
 if TYPE_CHECKING:
     from pipeline.heads.fewshot import FewShotResult
@@ -62,6 +64,7 @@ RUN_FILES = frozenset(
 )
 SEED_DIR = re.compile(r"^seed-\d+$")  # few-shot runs: one head folder per seed (also run files)
 _REWRITE = "re-run carrot train to write the head again"
+_KEPT = "a run already in that folder is left as it was"
 
 # The head does its own normalization; features go in exactly as the store holds them.
 FEATURE_NORMALIZATION = {
@@ -92,6 +95,18 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_safetensors(
+    path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
+    """Write ``state`` (contiguous CPU tensors) as safetensors to ``path`` atomically, through
+    Python's own file writes (a full disk raises `OSError` with its errno, which safetensors'
+    writer hides); returns the file's sha256 (hex)."""
+    data = safetensors_bytes(state, metadata=metadata)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -152,9 +167,9 @@ def save_head(
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()
     }
-    with atomic_file(out / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-        weights_sha = _sha256(tmp)
+    weights_sha = write_safetensors(
+        out / WEIGHTS_FILE, state, metadata={"format_version": str(FORMAT_VERSION)}
+    )
     config = {
         "format_version": FORMAT_VERSION,
         "dim": head.dim,
@@ -338,13 +353,14 @@ def publish_run(out_dir: str | Path, write: Callable[[Path], T]) -> T:
     _clean_stale(out)
     staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # a failed earlier attempt of this process
-    staging.mkdir(parents=True)
     try:
-        value = write(staging)
-        if out.is_dir():
-            _carry_over(out, staging)
-        _fsync(staging, directory=True)
-        _switch_in(staging, out)
+        with storage_errors(f"run folder {out}", then=_KEPT):
+            staging.mkdir(parents=True)
+            value = write(staging)
+            if out.is_dir():
+                _carry_over(out, staging)
+            _fsync(staging, directory=True)
+            _switch_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

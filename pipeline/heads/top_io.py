@@ -47,9 +47,7 @@ def cache_identity(store: Any) -> dict[str, Any]:
 def write_top_run(out_dir: str, result: TopResult, store: Any, settings: TopSettings) -> dict:
     """Publish the run folder (`pipeline.heads.io.publish_run`: all or nothing). Returns the
     file paths."""
-    from safetensors.torch import save_file
-
-    from pipeline.heads.io import atomic_file, publish_run, write_json
+    from pipeline.heads.io import publish_run, write_json, write_safetensors
 
     cfg = backbone_config_of(store, checkpoint=settings.checkpoint)
     checkpoint = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
@@ -73,8 +71,7 @@ def write_top_run(out_dir: str, result: TopResult, store: Any, settings: TopSett
     }
 
     def write(staging: Path) -> dict:
-        with atomic_file(staging / TOP_WEIGHTS) as tmp:
-            save_file(result.state, str(tmp))
+        write_safetensors(staging / TOP_WEIGHTS, result.state)
         write_json(staging / TOP_CONFIG, config)
         return {
             "weights": str(Path(out_dir) / TOP_WEIGHTS),

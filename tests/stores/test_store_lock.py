@@ -153,3 +153,36 @@ def test_lock_object_is_reentrant_safe(tmp_path):
     lock.release()  # twice is fine
     assert not lock.held
     StoreLock(location).acquire().release()
+
+
+def test_wait_s_waits_for_the_live_writer_then_finds_its_finished_store(tmp_path):
+    import threading
+
+    url = str(tmp_path / "s.zarr")
+    first = open_it(url)
+
+    def finish() -> None:
+        time.sleep(1.0)
+        write_chunks(first, DATA)
+        first.finalize(timings={})
+        first.close()
+
+    with pytest.raises(StoreLockedError, match="--wait"):
+        open_it(url)  # no wait: refused at once, the message names the option that waits
+    worker = threading.Thread(target=finish)
+    worker.start()
+    try:
+        second = open_it(url, wait_s=60)
+    finally:
+        worker.join()
+    assert second.complete and second.pending_chunks() == []  # the finished store: no work
+    assert read_owner(resolve(url)) is None
+
+
+def test_wait_s_gives_up_after_its_time(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    with open_it(url):
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError):
+            open_it(url, wait_s=3)
+        assert 1.5 <= time.monotonic() - start < 30
