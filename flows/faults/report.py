@@ -2,8 +2,9 @@
 
 Scenarios: the bad-input catalogue (`bad_inputs`), `carrot store verify` on each damaged store,
 corrupt and odd image files (`corrupt_images`), ``carrot embed`` killed with SIGKILL at seeded
-moments (`kills`), and ``carrot train`` / ``carrot finetune`` killed likewise (`run_kills`). Every count named ``…lost``, ``…half_written``, ``…tracebacks`` or
-``…wrong`` has target 0.
+moments (`kills`), ``carrot train`` / ``carrot finetune`` / ``carrot sweep`` killed likewise (`run_kills`), a full
+disk and read-only places (`storage`), and writers that meet on a store (`concurrency`). Every
+count named ``…lost``, ``…half_written``, ``…tracebacks`` or ``…wrong`` has target 0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.faults import bad_inputs, corrupt_images, kills, run_kills
+from flows.faults import bad_inputs, concurrency, corrupt_images, kills, run_kills, storage
 from flows.faults.console import carrot
 
 
@@ -40,8 +41,8 @@ def run_bad_inputs(root: Path) -> dict[str, Any]:
 
 
 def run_faults(out: Path | None, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """All scenarios (quick: 3 embed kill trials instead of 20, 2 train and finetune kills
-    instead of 5); the JSON document."""
+    """All scenarios (quick: 3 embed kill trials instead of 20, 2 train, finetune and sweep
+    kills instead of 5); the JSON document."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="carrot-faults-") as tmp:
         root = Path(tmp)
@@ -58,6 +59,13 @@ def run_faults(out: Path | None, *, quick: bool = False, seed: int = 0) -> dict[
         )
         result["finetune_kills"] = dataclasses.asdict(
             run_kills.run_finetune_kills(root / "finetune", trials=runs, seed=seed)
+        )
+        result["sweep_kills"] = dataclasses.asdict(
+            run_kills.run_sweep_kills(root / "sweep", trials=runs, seed=seed)
+        )
+        result["storage"] = dataclasses.asdict(storage.run_storage_faults(root / "storage"))
+        result["concurrency"] = dataclasses.asdict(
+            concurrency.run_concurrency(root / "concurrency")
         )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["quick"] = quick
@@ -94,7 +102,7 @@ def table(result: dict[str, Any]) -> str:
         ("… final stores not identical to the uninterrupted run", k["not_identical"], 0),
         ("… rows lost", k["lost_rows"], 0),
     ]
-    for key in ("train_kills", "finetune_kills"):
+    for key in ("train_kills", "finetune_kills", "sweep_kills"):
         r = result[key]
         rows += [
             (
@@ -107,6 +115,24 @@ def table(result: dict[str, Any]) -> str:
             ("… reruns that failed", r["failed_reruns"], 0),
             ("… resumed runs with other final metrics", r["not_identical"], 0),
         ]
+    st, cc = result["storage"], result["concurrency"]
+    rows += [
+        ("disk full / read-only trials", st["trials"], "—" if not st["not_run"] else st["not_run"]),
+        (
+            "… refused right (exit 2, one line naming the place and the fix)",
+            st["refused_right"],
+            st["trials"],
+        ),
+        ("… tracebacks", st["tracebacks"], 0),
+        ("… stores or earlier runs corrupted, files half-written", st["corrupted"], 0),
+        ("… runs that did not finish once space returned", st["failed_resumes"], 0),
+        ("concurrent-writer scenarios", cc["scenarios"], "—"),
+        ("… second writers not refused on one line", cc["refusals_wrong"], 0),
+        ("… `--wait` runs not ending in the finished store", cc["waits_wrong"], 0),
+        ("… stale locks (killed process, expired host) not recovered", cc["recoveries_wrong"], 0),
+        ("… final stores not identical to a lone run's", cc["not_identical"], 0),
+        ("… tracebacks", cc["tracebacks"], 0),
+    ]
     lines = ["| scenario | count | target |", "|---|---|---|"]
     lines += [f"| {name} | {count} | {target} |" for name, count, target in rows]
     return "\n".join(lines)
@@ -134,9 +160,16 @@ def failures(result: dict[str, Any]) -> list[str]:
     ):
         if k[key]:
             out.append(f"kills: {key} = {k[key]}")
-    for name in ("train_kills", "finetune_kills"):
+    for name in ("train_kills", "finetune_kills", "sweep_kills"):
         r = result[name]
         for key in ("half_written", "complete_early", "failed_reruns", "not_identical"):
             if r[key]:
                 out.append(f"{r['command']} kills: {key} = {r[key]}: {r['details']}")
+    st, cc = result["storage"], result["concurrency"]
+    for key in ("wrong_refusals", "tracebacks", "corrupted", "failed_resumes"):
+        if st[key]:
+            out.append(f"storage: {key} = {st[key]}: {st['details']}")
+    for key in ("refusals_wrong", "waits_wrong", "recoveries_wrong", "not_identical", "tracebacks"):
+        if cc[key]:
+            out.append(f"concurrency: {key} = {cc[key]}: {cc['details']}")
     return out

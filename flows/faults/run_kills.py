@@ -1,4 +1,4 @@
-"""``carrot train`` and ``carrot finetune`` killed with SIGKILL at seeded moments.
+"""``carrot train``, ``carrot finetune`` and ``carrot sweep`` killed with SIGKILL at seeded moments.
 
 - ``carrot train STORE --out DIR`` over a folder that already holds a finished run, killed at a
   drawn fraction of an uninterrupted run's time: afterwards every file in DIR must be whole (JSON
@@ -7,6 +7,9 @@
 - ``carrot finetune … --out DIR`` killed likewise: no ``summary.json`` may claim completion, the
   checkpoint (if any) must load, and ``--resume`` (or a fresh start where no checkpoint was
   written yet) must finish with the uninterrupted run's final metrics.
+- ``carrot sweep`` of two tiny backbones, killed likewise on a fresh store root and ``--out``:
+  no table file or store may be half-written or claim rows it does not hold, and the command run
+  again must finish with the uninterrupted sweep's rows (every deterministic field).
 """
 
 from __future__ import annotations
@@ -39,6 +42,34 @@ FINETUNE_ARGS = (
 )
 
 
+SWEEP_ARGS = (
+    "sklearn:digits",
+    "--backbones",
+    "test_resnet,test_vit",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "64",
+    "--device",
+    "cpu",
+)
+SWEEP_FIELDS = (  # the fields of a sweep row that a rerun must reproduce (not timings, paths)
+    "backbone",
+    "params_m",
+    "dim",
+    "probe_top1",
+    "probe_mean_per_class",
+    "knn10_top1",
+    "knn20_top1",
+    "carrot_minus_plain",
+    "carrot_minus_plain_lo",
+    "carrot_minus_plain_hi",
+    "best_head",
+    "store_key",
+    "error",
+)
+
+
 @dataclass
 class RunKillReport:
     """Counts (targets: ``half_written`` 0, ``complete_early`` 0, ``failed_reruns`` 0,
@@ -50,7 +81,7 @@ class RunKillReport:
     half_written: int = 0  # an output that did not load whole
     complete_early: int = 0  # a summary claiming completion of a killed run
     failed_reruns: int = 0
-    not_identical: int = 0  # a resumed fine-tune whose final metrics differ
+    not_identical: int = 0  # a resumed fine-tune (or rerun sweep) whose results differ
     details: list[dict] = field(default_factory=list)
 
 
@@ -75,9 +106,17 @@ def _run(args: list[str], env: dict[str, str], *, kill_after: float | None = Non
         return proc.returncode, True, time.monotonic() - start
 
 
+def _temporary(path: Path) -> bool:
+    """A writer's temporary: ``pipeline.heads.io.atomic_file``'s hidden ``.NAME.tmp-PID-HEX.EXT``,
+    a ``*.tmp`` or zarr's ``*.partial`` (moved onto the real name only once whole)."""
+    name = path.name
+    return path.suffix in (".tmp", ".partial") or (name.startswith(".") and ".tmp-" in name)
+
+
 def half_written(folder: Path) -> list[str]:
     """Files under ``folder`` that do not load whole (JSON, safetensors, PNG, CSV, a checkpoint,
-    a head with its config). Empty: every reader sees complete files."""
+    a head with its config). Empty: every reader sees complete files. Temporaries a killed
+    writer left (`_temporary`) are no one's output and are not read."""
     import csv
 
     import torch
@@ -90,7 +129,7 @@ def half_written(folder: Path) -> list[str]:
     problems = []
     if not folder.exists():
         return problems
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _temporary(p)):
         try:
             if path.suffix == ".json":
                 json.loads(path.read_text())
@@ -181,6 +220,114 @@ def run_finetune_kills(root: Path, *, trials: int, seed: int = 0) -> RunKillRepo
                 "killed": killed,
                 "resumed": bool(resume),
                 "problems": problems,
+            }
+        )
+    return report
+
+
+def _sweep_rows(out: Path) -> list[dict] | None:
+    """The rows of ``out/sweep.json``, or None where there is no whole one."""
+    try:
+        rows = json.loads((out / "sweep.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rows if isinstance(rows, list) else None
+
+
+def _same_rows(rows: list[dict], want: list[dict]) -> bool:
+    """``rows`` and ``want`` agree, row for row, on `SWEEP_FIELDS`."""
+    return len(rows) == len(want) and all(
+        all(r.get(k) == w.get(k) for k in SWEEP_FIELDS) for r, w in zip(rows, want, strict=True)
+    )
+
+
+def _store_problems(stores: Path, reference: Path) -> tuple[list[str], dict[str, bool | None]]:
+    """Stores under ``stores`` marked complete whose rows differ from the same store (by file
+    name: backbone and content key) under ``reference``; and each store's ``complete`` (None:
+    cut short while it was created, so it does not open at all)."""
+    from flows.faults.kills import ROW_ARRAYS, rows_of
+    from stores import StoreInputError, open_store
+
+    problems, complete = [], {}
+    for store in sorted(stores.rglob("*.zarr")):
+        try:
+            done = open_store(str(store), require_complete=False).complete
+        except StoreInputError:
+            complete[store.name] = None
+            continue
+        complete[store.name] = done
+        if done:
+            same = next(reference.rglob(store.name), None)
+            rows, want = rows_of(store), rows_of(same) if same else None
+            if want is None or any(not np.array_equal(rows[k], want[k]) for k in ROW_ARRAYS):
+                problems.append(f"{store.name}: complete, rows differ from the reference")
+    return problems, complete
+
+
+def run_sweep_kills(root: Path, *, trials: int, seed: int = 0) -> RunKillReport:
+    """Kill ``carrot sweep`` (`SWEEP_ARGS`) ``trials`` times at seeded moments, then rerun it.
+
+    Each trial has its own store root and ``--out``, so every trial is independent and a kill
+    can land in either backbone's stage 1 (a store being written), its probe, or the table
+    files; the rerun must then resume the store and reuse the saved rows. (Sharing the
+    reference's stores would make stage 1 a cache hit and only the probes would be killed.)
+    Checked after the kill: every file of ``--out`` and of the stores loads whole
+    (`half_written`); ``complete_early`` counts a ``sweep.json`` or saved row, or a store marked
+    complete, that differs from the uninterrupted run's. The rerun must exit 0 with whole
+    files and ``sweep.json`` rows equal to the reference's on `SWEEP_FIELDS`."""
+    env = _env(root)
+
+    def args(at: Path) -> list[str]:
+        return ["sweep", *SWEEP_ARGS, "--root", str(at / "stores"), "--out", str(at / "out")]
+
+    reference = root / "sweep-reference"
+    code, _, took = _run(args(reference), env)
+    want = _sweep_rows(reference / "out")
+    if code != 0 or want is None or any(r.get("error") for r in want):
+        raise RuntimeError(f"the uninterrupted carrot sweep failed ({code})")
+    by_backbone = {r["backbone"]: r for r in want}
+    rng = np.random.default_rng(seed)
+    report = RunKillReport(command="carrot sweep")
+    for t in range(trials):
+        trial = root / f"sweep-{t:02d}"
+        out = trial / "out"
+        after = float(rng.uniform(0.2, 0.95)) * took
+        _, killed, _ = _run(args(trial), env, kill_after=after)
+        problems = half_written(out) + [f"stores/{p}" for p in half_written(trial / "stores")]
+        early, complete = _store_problems(trial / "stores", reference / "stores")
+        table = _sweep_rows(out)
+        if killed and table is not None and not _same_rows(table, want):
+            early.append("sweep.json: rows differ from the reference")
+        saved = []
+        for path in sorted((out / "rows").glob("*.json")):
+            try:
+                row = json.loads(path.read_text())
+            except ValueError:  # counted by half_written
+                continue
+            saved.append(row.get("backbone"))
+            if not _same_rows([row], [by_backbone.get(row.get("backbone"), {})]):
+                early.append(f"rows/{path.name}: differs from the reference")
+        report.trials += 1
+        report.killed += killed
+        report.half_written += bool(problems)
+        report.complete_early += killed and bool(early)
+        code, _, _ = _run(args(trial), env)
+        got = _sweep_rows(out)
+        if code != 0 or got is None or half_written(out):
+            report.failed_reruns += 1
+        else:
+            report.not_identical += not _same_rows(got, want)
+        report.details.append(
+            {
+                "trial": t,
+                "kill_after_s": round(after, 2),
+                "killed": killed,
+                "rows_saved": saved,
+                "stores_complete": complete,
+                "table_written": table is not None,
+                "rerun_exit": code,
+                "rerun_reused": [r["backbone"] for r in got or [] if r.get("reused")],
+                "problems": problems + early,
             }
         )
     return report

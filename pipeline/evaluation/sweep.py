@@ -357,20 +357,20 @@ def default_out(spec: SweepSpec) -> Path:
 
 
 def write_outputs(result: SweepResult) -> dict[str, str]:
-    """``sweep.csv``, ``sweep.json`` and ``sweep.png`` (bar chart) under ``result.out``."""
+    """``sweep.csv``, ``sweep.json`` and ``sweep.png`` (bar chart) under ``result.out``, each
+    written atomically (`pipeline.heads.io.atomic_file`): a reader sees the old file or the new."""
+    from pipeline.heads.io import atomic_file, write_json
+
     out = result.out
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path, png_path = out / "sweep.csv", out / "sweep.json", out / "sweep.png"
-    tmp = csv_path.with_suffix(".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with atomic_file(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=result.fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
-    tmp.replace(csv_path)
-    tmp = json_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": result.rows}, indent=2))
-    tmp.replace(json_path)
-    _chart(result.rows, png_path)
+    write_json(json_path, {"rows": result.rows})
+    with atomic_file(png_path) as tmp:
+        _chart(result.rows, tmp)
     return {"csv": str(csv_path), "json": str(json_path), "png": str(png_path)}
 
 
