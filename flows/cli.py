@@ -436,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_defaults()  # before Prefect is imported: quiet, offline-safe (the user's settings win)
     try:
         args = build_parser().parse_args(argv)
+        _refuse_empty_values(args)
         return int(args.run(args) or 0)
     except UsageError as e:
         print(printable(e), file=sys.stderr)
@@ -459,6 +460,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"carrot: error: {printable(mapped)}", file=sys.stderr)
         return 2
+
+
+def _refuse_empty_values(args: argparse.Namespace) -> None:
+    """An option or argument given as ``''`` names nothing: refuse it rather than read it as
+    "the default" or the current folder."""
+    for dest, value in vars(args).items():
+        if value != "":
+            continue
+        if dest in ("data", "store", "action"):  # the positional arguments
+            raise InputError(f"{dest.upper()} '': empty; give one")
+        option = "--" + dest.replace("_", "-")
+        raise InputError(f"{option} '': empty; give a value, or leave the option out")
 
 
 def _failed_path(e: BaseException) -> str:

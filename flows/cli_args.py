@@ -8,6 +8,8 @@ import math
 
 def _number(text: str, kind: type, what: str):
     try:
+        if not text.isascii():  # int() and float() also read other scripts' digits
+            raise ValueError(text)
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None

@@ -46,7 +46,8 @@ def add_bench(sub: argparse._SubParsersAction, parser_class: type) -> None:
     f.set_defaults(run=run_perf_cmd)
     x = bs.add_parser(
         "faults",
-        help="bad inputs, corrupt images and kill -9 of carrot embed, counted (flows.faults)",
+        help="bad inputs, corrupt images, kill -9 (embed, train, finetune, sweep), disk full, "
+        "read-only places, concurrent writers and fuzzed inputs, counted (flows.faults)",
     )
     x.add_argument("--quick", action="store_true", help="3 kill trials instead of 20")
     x.add_argument("--seed", type=int, default=0, help="seed of the kill moments")

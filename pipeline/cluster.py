@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 
-_ADDRESS = re.compile(r"^(tcp|tls|ucx|ws|wss)://[^\s/:]+:\d{1,5}$")
+_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss)://[^\s/:]+:(?P<port>[0-9]{1,5})", re.ASCII)
 WORKER_CONFIG = {
     "distributed.worker.daemon": False,
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
@@ -36,7 +36,8 @@ CONNECT_TIMEOUT_S = 10.0
 def check_address(address: str) -> str:
     """``address`` when it is a scheduler address (``tcp://host:port``, or tls/ucx/ws/wss);
     else an `InputError` naming it and the form."""
-    if not _ADDRESS.match(address):
+    m = _ADDRESS.fullmatch(address)
+    if m is None or not 0 < int(m["port"]) < 65536:
         raise InputError(
             f"--dask-address {address!r}: give a scheduler address such as tcp://host:8786 "
             "(start one with `dask scheduler`)"

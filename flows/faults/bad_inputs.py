@@ -275,6 +275,8 @@ _CASES: tuple[tuple, ...] = (
     ("embed: --batch-size 0", f"embed {_DIGITS} --batch-size 0", "--batch-size"),
     ("embed: --image-size -5", f"embed {_DIGITS} --image-size -5", "--image-size"),
     ("embed: --views -1", f"embed {_DIGITS} --views -1", "--views"),
+    ("embed: --wait 0", f"embed {_DIGITS} --wait 0", "--wait"),
+    ("embed: --wait inf", f"embed {_DIGITS} --wait inf", "--wait"),
     ("embed: --dtype int8", f"embed {_DIGITS} --dtype int8", "--dtype"),
     ("embed: --cache-at block:1", f"embed {_DIGITS} --cache-at block:1", "--cache-at"),
     (

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shutil
@@ -102,6 +101,23 @@ def _call(argv: Sequence[str], home: Path) -> tuple[int | None, str, str]:
         return None, "", f"{type(e).__name__}: {e}"
 
 
+class _Failures:
+    """The first failing case of each kind (``signature``), up to ``_KEEP`` kinds, each with
+    how many cases of its kind failed (``count``)."""
+
+    def __init__(self) -> None:
+        self.cases: dict[tuple, dict[str, Any]] = {}
+
+    def add(self, signature: tuple, record: Callable[[], dict[str, Any]]) -> None:
+        if signature in self.cases:
+            self.cases[signature]["count"] += 1
+        elif len(self.cases) < _KEEP:
+            self.cases[signature] = {**record(), "count": 1}
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self.cases.values())
+
+
 def _lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
@@ -148,7 +164,18 @@ GOOD = (
 )
 LINK = "a/link.png"  # a symlink to b/0.png
 BROKEN = "b/broken.png"  # text, not an image: skipped (recorded), or refused with --strict
-MISSING = ("a/nope.png", "A/0.png", "a\\0.png", "nope", "a", ".", "a/0.PNG", "../nope.png")
+MISSING = (
+    "a/nope.png",
+    "A/0.png",
+    "a\\0.png",
+    "nope",
+    "a",
+    ".",
+    "a/0.PNG",
+    "../nope.png",
+    "a/" + "n" * 300 + ".png",  # a name longer than the file system allows
+    "../" + "d" * 300 + "/x.png",
+)
 OUTSIDE = "../outside/x.png"  # an existing image outside the manifest's folder
 SPLIT_ALIASES = {
     "train": "train",
@@ -208,6 +235,7 @@ MUTATIONS = (
     "respell",
     "link_row",
     "broken_row",
+    "strict_broken",
     "strict",
     "zero_rows",
     "empty_file",
@@ -246,14 +274,12 @@ class Manifest:
     tags: list[str] = field(default_factory=list)
 
     def data(self) -> bytes:
-        if self.raw:
-            text = "".join(",".join(row) + self.terminator for row in self.lines)
-        else:
-            buf = io.StringIO()
-            quoting = csv.QUOTE_ALL if self.quote_all else csv.QUOTE_MINIMAL
-            writer = csv.writer(buf, quoting=quoting, lineterminator=self.terminator)
-            writer.writerows(self.lines)
-            text = buf.getvalue()
+        def quoted(cell: str) -> str:  # RFC 4180 (Python's csv.writer leaves a lone \r bare)
+            if self.raw or not (self.quote_all or _special(cell)):
+                return cell
+            return '"' + cell.replace('"', '""') + '"'
+
+        text = "".join(",".join(map(quoted, row)) + self.terminator for row in self.lines)
         data = text.encode(self.encoding)
         if self.double_bom:
             data = b"\xef\xbb\xbf\xef\xbb\xbf" + data
@@ -413,8 +439,9 @@ def _manifests(data: Path):
                         row["path"] = _respell(draw, st, images, row["path"])
             elif mut == "link_row":
                 rows.append(new_row(LINK))
-            elif mut == "broken_row":
+            elif mut in ("broken_row", "strict_broken"):  # skipped; --strict: refused in the flow
                 rows.insert(draw(st.integers(0, len(rows))), new_row(BROKEN))
+                m.strict = m.strict or mut == "strict_broken"
             elif mut == "strict":
                 m.strict = True
             elif mut == "zero_rows":
@@ -423,14 +450,18 @@ def _manifests(data: Path):
                 pending.append(lambda lines: lines.clear())
             elif mut == "only_blank":
                 pending.append(lambda lines: lines.__setitem__(slice(None), [[""], [" ", " "]]))
-            elif mut in ("nul_in_path", "nul_in_label") and rows:
-                key = mut.removeprefix("nul_in_")
-                if key == "path" and draw(st.booleans()):  # a new row, any kind of path
-                    pool = (*MISSING, *outside, _respell(draw, st, images, files[0]), LINK)
-                    rows.append(new_row(draw(st.sampled_from(pool))))
+            elif mut == "nul_in_path":  # a new row: a NUL in a path of any kind
+                pool = (*outside, _respell(draw, st, images, files[0]), files[0], LINK, *MISSING)
+                rows.append(new_row(draw(st.sampled_from(pool))))
+                cell = rows[-1]["path"]  # the NUL starts or ends a component, or anywhere
+                ends = [i + 1 for i, ch in enumerate(cell) if ch == "/"]
+                ends += [i for i, ch in enumerate(cell) if ch == "/"] + [0, len(cell)]
+                at = draw(st.sampled_from(ends) | st.integers(0, len(cell)))
+                rows[-1]["path"] = cell[:at] + "\x00" + cell[at:]
+            elif mut == "nul_in_label" and rows:
                 row = draw(st.sampled_from(rows))
-                at = draw(st.integers(0, len(row[key])))
-                row[key] = row[key][:at] + "\x00" + row[key][at:]
+                at = draw(st.integers(0, len(row["label"])))
+                row["label"] = row["label"][:at] + "\x00" + row["label"][at:]
             elif mut == "huge_cell" and rows:
                 draw(st.sampled_from(rows))["label"] = "h" * HUGE
             elif mut == "bom":
@@ -623,7 +654,7 @@ def fuzz_csv_manifests(root: Path, *, examples: int = 100, seed: int = 0) -> dic
         counts[name] = 0
     mutations: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    failures: list[dict[str, Any]] = []
+    failures = _Failures()
 
     def one(m: Manifest) -> None:
         i = counts["examples"]
@@ -672,10 +703,12 @@ def fuzz_csv_manifests(root: Path, *, examples: int = 100, seed: int = 0) -> dic
                     counts["refused_good"] += 1
             for w in wrong:
                 counts[w] += 1
-            if (wrong or (code == 2 and expect.accept is True)) and len(failures) < _KEEP:
-                failures.append(
-                    {
-                        "kinds": wrong or ["refused_good"],
+            if wrong or (code == 2 and expect.accept is True):
+                kinds = wrong or ["refused_good"]
+                failures.add(
+                    (*kinds, expect.why, *sorted(m.tags)),
+                    lambda: {
+                        "kinds": kinds,
                         "mutations": m.tags,
                         "manifest": _shorten(m.data(), 600),
                         "name": m.name,
@@ -684,7 +717,7 @@ def fuzz_csv_manifests(root: Path, *, examples: int = 100, seed: int = 0) -> dic
                         "stderr": _shorten(stderr, 600),
                         "expected": expect.why or ("accept" if expect.accept else "?"),
                         "detail": why,
-                    }
+                    },
                 )
         finally:
             path.unlink(missing_ok=True)
@@ -696,7 +729,7 @@ def fuzz_csv_manifests(root: Path, *, examples: int = 100, seed: int = 0) -> dic
     result["mutations"] = dict(sorted(mutations.items()))
     result["reasons"] = dict(sorted(reasons.items()))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["failures"] = failures
+    result["failures"] = failures.list()
     return result
 
 
@@ -1136,7 +1169,7 @@ def fuzz_cli_options(
     by_command: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
     touched: dict[str, set[str]] = {c: set() for c in COMMANDS}
-    failures: list[dict[str, Any]] = []
+    failures = _Failures()
 
     def one(line: CommandLine) -> None:
         counts["examples"] += 1
@@ -1165,15 +1198,17 @@ def fuzz_cli_options(
         counts["not_named"] += code == 2 and not named
         if not wrong:
             counts["refused_right"] += 1
-        if (wrong or (code == 2 and not named)) and len(failures) < _KEEP:
-            failures.append(
-                {
-                    "kinds": wrong or ["not_named"],
+        if wrong or (code == 2 and not named):
+            kinds = wrong or ["not_named"]
+            failures.add(
+                (*kinds, line.command, *sorted(f for f, _ in line.bad)),
+                lambda: {
+                    "kinds": kinds,
                     "argv": [_shorten(a, 120) for a in line.argv],
                     "invalid": [(f, _shorten(v, 80)) for f, v in line.bad],
                     "code": code,
                     "stderr": _shorten(stderr, 600),
-                }
+                },
             )
 
     for k, command in enumerate(COMMANDS):  # an equal share each
@@ -1192,7 +1227,7 @@ def fuzz_cli_options(
     result["options"] = options
     result["unfuzzed"] = unfuzzed
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["failures"] = failures
+    result["failures"] = failures.list()
     return result
 
 

@@ -2,9 +2,10 @@
 
 Scenarios: the bad-input catalogue (`bad_inputs`), `carrot store verify` on each damaged store,
 corrupt and odd image files (`corrupt_images`), ``carrot embed`` killed with SIGKILL at seeded
-moments (`kills`), ``carrot train`` / ``carrot finetune`` / ``carrot sweep`` killed likewise (`run_kills`), a full
-disk and read-only places (`storage`), and writers that meet on a store (`concurrency`). Every
-count named ``…lost``, ``…half_written``, ``…tracebacks`` or ``…wrong`` has target 0.
+moments (`kills`), ``carrot train`` / ``carrot finetune`` / ``carrot sweep`` killed likewise
+(`run_kills`), a full disk and read-only places (`storage`), writers that meet on a store
+(`concurrency`), and hypothesis-drawn CSV manifests and option strings (`fuzz`). Every count
+named ``…lost``, ``…half_written``, ``…tracebacks`` or ``…wrong`` has target 0.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.faults import bad_inputs, concurrency, corrupt_images, kills, run_kills, storage
+from flows.faults import (
+    bad_inputs,
+    concurrency,
+    corrupt_images,
+    fuzz,
+    kills,
+    run_kills,
+    storage,
+)
 from flows.faults.console import carrot
 
 
@@ -37,6 +46,17 @@ def run_bad_inputs(root: Path) -> dict[str, Any]:
         "wrong": [dataclasses.asdict(o) for o in outcomes if not o.ok],
         "damaged_stores": len(verify),
         "damaged_stores_verified_ok": sum(code == 0 for code in verify.values()),
+    }
+
+
+def _fuzzed(result: dict[str, Any]) -> dict[str, Any]:
+    """A fuzz run's counts, its failure counts summed, and its first failures."""
+    wrong = fuzz.failure_counts(result)
+    keep = ("examples", "accepted", "refused", "refused_right", "seconds")
+    return {k: result[k] for k in keep if k in result} | {
+        "failures": wrong,
+        "wrong": sum(wrong.values()),
+        "first_failures": result.get("failures", [])[:5],
     }
 
 
@@ -62,6 +82,12 @@ def run_faults(out: Path | None, *, quick: bool = False, seed: int = 0) -> dict[
         )
         result["sweep_kills"] = dataclasses.asdict(
             run_kills.run_sweep_kills(root / "sweep", trials=runs, seed=seed)
+        )
+        result["fuzz_csv"] = _fuzzed(
+            fuzz.fuzz_csv_manifests(root / "fuzz-csv", examples=40 if quick else 150, seed=seed)
+        )
+        result["fuzz_cli"] = _fuzzed(
+            fuzz.fuzz_cli_options(root / "fuzz-cli", examples=300 if quick else 1500, seed=seed)
         )
         result["storage"] = dataclasses.asdict(storage.run_storage_faults(root / "storage"))
         result["concurrency"] = dataclasses.asdict(
@@ -115,6 +141,21 @@ def table(result: dict[str, Any]) -> str:
             ("… reruns that failed", r["failed_reruns"], 0),
             ("… resumed runs with other final metrics", r["not_identical"], 0),
         ]
+    fc, fo = result["fuzz_csv"], result["fuzz_cli"]
+    rows += [
+        (
+            "fuzzed CSV manifests through carrot embed (accepted / refused)",
+            f"{fc['examples']} ({fc['accepted']} / {fc['refused']})",
+            "—",
+        ),
+        (
+            "… tracebacks, exit ≠ 0/2, >1 line, complete stores of failed runs, wrong stores",
+            fc["wrong"],
+            0,
+        ),
+        ("fuzzed option strings (embed, train, predict)", fo["examples"], "—"),
+        ("… not refused on one line before any flow", fo["wrong"], 0),
+    ]
     st, cc = result["storage"], result["concurrency"]
     rows += [
         ("disk full / read-only trials", st["trials"], "—" if not st["not_run"] else st["not_run"]),
@@ -165,6 +206,9 @@ def failures(result: dict[str, Any]) -> list[str]:
         for key in ("half_written", "complete_early", "failed_reruns", "not_identical"):
             if r[key]:
                 out.append(f"{r['command']} kills: {key} = {r[key]}: {r['details']}")
+    for key in ("fuzz_csv", "fuzz_cli"):
+        if result[key]["wrong"]:
+            out.append(f"{key}: {result[key]['failures']}: {result[key]['first_failures']}")
     st, cc = result["storage"], result["concurrency"]
     for key in ("wrong_refusals", "tracebacks", "corrupted", "failed_resumes"):
         if st[key]:

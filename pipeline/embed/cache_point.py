@@ -87,7 +87,7 @@ def parse_cache_at(text: str | None) -> int:
     if not text:
         return 0
     head, _, count = text.partition(":-")
-    if head == "block" and count.isdigit() and int(count) >= 1:
+    if head == "block" and count.isascii() and count.isdigit() and int(count) >= 1:
         return int(count)
     raise InputError(
         f"--cache-at {text!r}: use block:-N (N ≥ 1: cache the activations entering the last N "

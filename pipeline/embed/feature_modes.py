@@ -30,7 +30,7 @@ def last_blocks(mode: str) -> int:
     if mode == "cls+avgpool":
         return 1
     head, _, count = mode.partition(":")
-    if head == "last" and count.isdigit() and int(count) >= 1:
+    if head == "last" and count.isascii() and count.isdigit() and int(count) >= 1:
         return int(count)
     raise InputError(
         f"--features {mode!r}: use pooled, cls+avgpool, or last:N (N ≥ 1: the class tokens of "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pipeline.embed.sources import ImageSource, check_fingerprint_mode, resolve_
 from pipeline.errors import InputError
 from pipeline.home import carrot_home
 from stores import StoreIdentity, StoreWriter, open_writer, store_url
+from stores.location import is_url
 from stores.schema import DEFAULT_CHUNK_ROWS
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,38 @@ def check_settings(settings: EmbedSettings) -> EmbedPlan:
 
     Cheap for a random init: no weights are loaded and the backbone is built on the meta device.
     """
+    check_root(settings.root)
     check_weights(settings.backbone)
+    if settings.backbone.cache_at:  # the cache point, before the data (whose splits may warn)
+        row_shape(settings.backbone)
     return plan_embedding(settings, resolve_settings_source(settings))
+
+
+def check_root(root: str) -> None:
+    """`InputError` naming ``--root`` when a local store root cannot hold stores: it (or a
+    folder on its way) is a file, or the nearest existing folder is not writable."""
+    if is_url(root):
+        return  # fsspec roots are checked by writing
+    path = os.path.abspath(os.path.expanduser(root))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise InputError(
+            f"--root {root}: {probe} is a file, not a folder; give a folder for the stores"
+        )
+    test = os.path.join(probe, f".carrot-write-check-{os.getpid()}")
+    try:  # what writing does, without leaving a folder behind (os.access trusts root too much)
+        os.close(os.open(test, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(test)
+    except OSError as e:
+        raise InputError(
+            f"--root {root}: cannot write in {probe} ({e.strerror or e}); give a writable "
+            "folder (or set CARROT_HOME)"
+        ) from None
 
 
 def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:

@@ -460,6 +460,8 @@ def _full_paths(
     folder = str(base)
     fulls, outside = [], False
     for w, g in zip(where, given, strict=True):
+        if "\0" in g:
+            raise InputError(f"{w}: path {g!r} holds a NUL byte, which no file name can")
         full = os.path.normpath(os.path.join(folder, g))
         if not _within(folder, full):
             real_dir = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))

@@ -37,8 +37,8 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
             raise InputError(f"{name}={f!r} is not a fraction in [0, 1); pass e.g. 0.1")
     if val_fraction + test_fraction >= 1.0:
         raise InputError(
-            f"val_fraction + test_fraction = {val_fraction + test_fraction:g} leaves no training "
-            "images; make their sum smaller than 1"
+            f"--val-fraction + --test-fraction = {val_fraction + test_fraction:g} leaves no "
+            "training images; make their sum smaller than 1"
         )
 
 

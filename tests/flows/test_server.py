@@ -105,7 +105,14 @@ def test_server_runs_commands_warm_and_records_them(tmp_path):
         )
         time.sleep(5)  # inside the embed flow
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            # Python drops a KeyboardInterrupt raised inside an at-fork hook ("Exception ignored
+            # in _releaseLock") when the signal lands as the loader forks its workers; a user
+            # presses Ctrl-C again, and so does this test
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, out, err)
         assert _served(env) == 4
         print(f"warm cache-hit command: {warm_s:.2f} s wall")
