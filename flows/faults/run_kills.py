@@ -26,6 +26,7 @@ import numpy as np
 
 from flows.faults.console import spawn
 from flows.faults.kills import shared_api_url
+from pipeline.evaluation.sweep import ROW_FIELDS
 
 FINETUNE_ARGS = (
     "sklearn:digits",
@@ -53,21 +54,9 @@ SWEEP_ARGS = (
     "--device",
     "cpu",
 )
-SWEEP_FIELDS = (  # the fields of a sweep row that a rerun must reproduce (not timings, paths)
-    "backbone",
-    "params_m",
-    "dim",
-    "probe_top1",
-    "probe_mean_per_class",
-    "knn10_top1",
-    "knn20_top1",
-    "carrot_minus_plain",
-    "carrot_minus_plain_lo",
-    "carrot_minus_plain_hi",
-    "best_head",
-    "store_key",
-    "error",
-)
+_VARYING = ("images_per_s", "cache_hit", "seconds", "store", "reused")
+SWEEP_FIELDS = (*(f for f in ROW_FIELDS if f not in _VARYING), "store_key")
+"""The fields of a sweep row that a rerun must reproduce (not timings, paths, reuse)."""
 
 
 @dataclass
