@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -158,3 +159,16 @@ def open_group(location: StoreLocation, *, mode: str) -> zarr.Group:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         problem = f"{location.url}/zarr.json is unreadable ({detail})"
         raise corrupt_error(location.url, [problem], resumable=False) from exc
+
+
+def write_denied(folder: str | os.PathLike) -> OSError | None:
+    """Why a file cannot be created in the local ``folder`` (the `OSError` of creating and
+    removing a probe file), or None when it can. Unlike `os.access`, this sees read-only mounts
+    and special file systems as root too."""
+    probe = os.path.join(folder, f".carrot-write-check-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        return e
+    return None

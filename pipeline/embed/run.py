@@ -31,7 +31,7 @@ from pipeline.embed.sources import ImageSource, check_fingerprint_mode, resolve_
 from pipeline.errors import InputError
 from pipeline.home import carrot_home
 from stores import StoreIdentity, StoreWriter, open_writer, store_url
-from stores.location import is_url
+from stores.location import is_url, write_denied
 from stores.schema import DEFAULT_CHUNK_ROWS
 
 log = logging.getLogger(__name__)
@@ -158,15 +158,12 @@ def check_root(root: str) -> None:
         raise InputError(
             f"--root {root}: {probe} is a file, not a folder; give a folder for the stores"
         )
-    test = os.path.join(probe, f".carrot-write-check-{os.getpid()}")
-    try:  # what writing does, without leaving a folder behind (os.access trusts root too much)
-        os.close(os.open(test, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(test)
-    except OSError as e:
+    e = write_denied(probe)  # without creating the folders on the way
+    if e is not None:
         raise InputError(
             f"--root {root}: cannot write in {probe} ({e.strerror or e}); give a writable "
             "folder (or set CARROT_HOME)"
-        ) from None
+        )
 
 
 def plan_embedding(settings: EmbedSettings, source: ImageSource) -> EmbedPlan:

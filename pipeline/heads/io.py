@@ -34,6 +34,7 @@ from pipeline.defaults import LN_EPS
 from pipeline.errors import InputError
 from pipeline.heads.bank import Head, HeadSpec
 from stores.errors import storage_errors
+from stores.location import write_denied
 
 if TYPE_CHECKING:
     from pipeline.heads.fewshot import FewShotResult
@@ -323,15 +324,12 @@ def check_out_file(path: str | Path, *, option: str = "--out") -> Path:
 
 
 def _check_writable(folder: Path, *, option: str, given: str | Path) -> None:
-    probe = folder / f".carrot-write-check-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
-    except OSError as e:
+    e = write_denied(folder)
+    if e is not None:
         raise InputError(
             f"{option} {given}: cannot write in {folder} ({e.strerror or e}); give a writable "
             "folder"
-        ) from None
+        )
 
 
 def publish_run(out_dir: str | Path, write: Callable[[Path], T]) -> T:
