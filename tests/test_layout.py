@@ -86,3 +86,18 @@ def test_a_stage_module_imports_only_what_it_needs():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_command_line_starts_without_torch_timm_or_prefect():
+    """`carrot server status`, `--help` and a command forwarded to the warm runner pay for
+    argument parsing only; the heavy libraries load where a command runs."""
+    code = (
+        "import sys, flows.cli\n"
+        "flows.cli.build_parser()\n"
+        "print(sorted(m for m in ('torch', 'timm', 'prefect', 'zarr', 'sklearn', 'dask')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

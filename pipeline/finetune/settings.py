@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.embed.backbone import BackboneConfig
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:  # the CLI reads these defaults without importing torch and timm
+    from pipeline.embed.backbone import BackboneConfig
 
 # Settings a resumed run may change without changing what it computes (where it runs).
 RESUMABLE_CHANGES = frozenset({"workers", "device"})
