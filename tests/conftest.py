@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import tempfile
 
-# Set before Prefect, timm or huggingface_hub are imported anywhere.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="carrot-test-prefect-")
-os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+# Set before Prefect, timm or huggingface_hub are imported anywhere. Fresh homes in every
+# process, pytest-xdist workers included (they inherit the controller's environment, and two
+# workers sharing one CARROT_HOME would meet in its stores and locks); never the user's own.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"carrot-test-prefect-{_WORKER}-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("CARROT_HOME", tempfile.mkdtemp(prefix="carrot-test-home-"))
+os.environ["CARROT_HOME"] = tempfile.mkdtemp(prefix=f"carrot-test-home-{_WORKER}-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
