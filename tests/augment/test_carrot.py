@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from binomial_bounds import binomial_upper
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from pipeline.augment import nuisance
@@ -665,3 +667,31 @@ def test_wide_k_benchmark_rows_on_a_tiny_problem(monkeypatch):
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 for r in rows)
     assert rows[0]["time_ratio"] == 1.0 and rows[1]["target"] == carrot_step.WIDE_K_TARGET
     assert carrot_step._rss_bytes() > 0
+
+
+@given(
+    groups=st.integers(1, 6),
+    k=st.integers(1, 5),
+    rows=st.integers(1, 12),
+    copies=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_indexed_projection_equals_the_gathered_one(groups, k, rows, copies, dtype, seed):
+    """The gather-free projection (sampled product + embedding_bag) is the gathered bmm one,
+    for every row's own basis, copies of the rows, zero basis rows (rank-deficient) and dtypes."""
+    g = torch.Generator().manual_seed(seed)
+    d = k + 4
+    basis = torch.linalg.qr(torch.randn(groups, d, k, generator=g, dtype=torch.float64))[0]
+    basis = basis.transpose(1, 2).contiguous().to(dtype)  # (G, K, D) orthonormal rows
+    basis[0, -1] = 0.0  # a dropped direction
+    index = torch.randint(0, groups, (rows,), generator=g)
+    v = torch.randn(copies, rows, d, generator=g, dtype=dtype)
+    got = nuisance.project_out_indexed(basis, index, v)
+    want = nuisance.project_out_explicit(basis.index_select(0, index), v)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert got.shape == v.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    q = basis.index_select(0, index)  # orthogonal to every row's own basis
+    assert torch.einsum("nkd,and->ank", q, got).abs().max() < 10 * tol
