@@ -39,6 +39,7 @@ from pipeline.augment.nuisance import (
     project_out_explicit,
     row_difference_sq,
     row_difference_sq_fast,
+    row_norms_up,
     shared_geometry,
     tail_quantile_sq,
     top_competitors,
@@ -293,7 +294,7 @@ def augment_with_geometry(
             scale = spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
         if stale and factor_y is None:
             drift = _drift(weight, geo, wc)
-            alpha = _stale_alpha_isotropic(slack, eligible, source_geo, drift, cfg, rows)
+            alpha = _stale_alpha_isotropic(slack, eligible, source_geo, drift, cfg, rows, workspace)
         elif stale:
             wc = centered_weight(weight) if wc is None else wc
             alpha = _stale_alpha(slack, eligible, geo, wc, cfg, factor_y, scale, work)
@@ -382,29 +383,75 @@ def _stale_alpha_isotropic(
     drift: Tensor,
     cfg: CarrotConfig,
     rows: Tensor | None = None,
+    workspace: dict | None = None,
 ) -> Tensor:
     """(B,) float64 α of :func:`_stale_alpha` for isotropic noise, one bound per distinct class.
 
     For every class c ≠ y the margin moves by ``√α·d_cᵀ P_N ε`` (OLD projector, CURRENT
     ``d_c = d_c⁰ + (Δ_y − Δ_c)``): variance ``≤ (√s_c⁰ + ‖Δ_y − Δ_c‖)²``, which for a Kset class
     (``s_k⁰ = 0``) is ``‖Δ_y − Δ_k‖²`` (≥ ``‖P_N (Δ_y − Δ_k)‖²``). The union bound runs over all
-    C − 1 classes; ``‖Δ_y − Δ_c‖²`` comes from one float32 (U, D) × (D, C) product rounded up
-    (:func:`row_difference_sq_fast`). Rows not ``eligible`` get 0. ``rows``: as in
-    :func:`augment_with_geometry`.
+    C − 1 classes; ``‖Δ_y − Δ_c‖`` comes from :func:`_moved_norms`. Rows not ``eligible`` get 0.
+    ``rows``: as in :func:`augment_with_geometry`; ``workspace`` keeps the anchor of
+    :func:`_moved_norms` between calls.
     """
     if rows is None:
         first, inverse = distinct_rows(geo)
     else:
         first, inverse = torch.unique(rows, return_inverse=True)
     labels = geo.labels.index_select(0, first)  # (U,)
-    moved = row_difference_sq_fast(drift, labels)  # (U, C) ≥ ‖Δ_y − Δ_c‖²
+    moved = _moved_norms(drift, labels, geo.source, workspace)  # (U, C) ≥ ‖Δ_y − Δ_c‖
     s0 = geo.nuisance_var.index_select(0, first)  # (U, C), 0 for Kset classes and y
-    bound = (s0.sqrt_() + moved.sqrt_()).square_().mul_(1 + 8 * _EPS64)
+    bound = (s0.sqrt_() + moved).square_().mul_(1 + 8 * _EPS64)
     c = drift.shape[0]
     q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
     ratio = slack.clamp_min(0).square_().div_(bound.index_select(0, inverse))  # +inf at y
     alpha = ratio.amin(dim=1).div_(q2)
     return torch.where(eligible & ~alpha.isnan(), alpha, 0.0)
+
+
+# A stale class geometry's drift bound is recomputed exactly (one C × D × C product) every this
+# many calls; in between it grows by the triangle inequality from that anchor.
+DRIFT_ANCHOR_CALLS = 5
+
+
+def _moved_norms(
+    drift: Tensor, labels: Tensor, source: Tensor | None, workspace: dict | None
+) -> Tensor:
+    """(U, C) float64 upper bounds of ``‖Δ_y − Δ_c‖`` for drift rows (C, D) and labels (U,).
+
+    Without a ``workspace``: one float32 (U, D) × (D, C) product rounded up
+    (:func:`row_difference_sq_fast`). With one (a dict kept between calls, as
+    :class:`CarrotAugment` does): the exact (C, C) bound at an *anchor* drift ``Δ^a``, taken
+    every :data:`DRIFT_ANCHOR_CALLS` calls, and in between
+    ``‖Δ_y − Δ_c‖ ≤ ‖Δ^a_y − Δ^a_c‖ + ‖e_y‖ + ‖e_c‖`` with ``e = Δ − Δ^a`` (norms rounded up,
+    the float rounding of ``e`` included) — O(C·D) a call instead of O(U·D·C). The anchor
+    belongs to the geometry's ``source`` weight and is retaken when that changes.
+    """
+    if workspace is None or source is None:
+        return row_difference_sq_fast(drift, labels).sqrt_()
+    anchor = workspace.get("drift_anchor")
+    fresh = (
+        anchor is None
+        or anchor["source"] is not source
+        or anchor["calls"] >= DRIFT_ANCHOR_CALLS
+        or anchor["drift"].shape != drift.shape
+        or anchor["drift"].dtype != drift.dtype
+    )
+    if fresh:
+        every = torch.arange(drift.shape[0], device=drift.device)
+        anchor = workspace["drift_anchor"] = {
+            "source": source,  # held, so that its identity cannot be reused
+            "drift": drift.clone(),
+            "moved": row_difference_sq_fast(drift, every).sqrt_(),  # (C, C)
+            "calls": 0,
+        }
+    anchor["calls"] += 1
+    moved = anchor["moved"].index_select(0, labels)
+    if fresh:
+        return moved
+    unit = torch.finfo(drift.dtype).eps / 2  # e is rounded once: ‖exact e‖ ≤ ‖e‖/(1 − u)
+    step = row_norms_up(drift - anchor["drift"]).mul_((1 + 2 * unit) * (1 + 4 * _EPS64))
+    return moved.add_(step.index_select(0, labels)[:, None]).add_(step[None, :])
 
 
 def _stale_alpha(

@@ -321,15 +321,29 @@ def row_difference_sq_fast(w: Tensor, labels: Tensor) -> Tensor:
     if not _ieee_fp32_matmul(w.device):
         return row_difference_sq(w.double(), labels)
     w32 = w.float()
-    unit = torch.finfo(torch.float32).eps / 2
-    gamma = gemm_error_factor(w.shape[1], torch.float32) * (1 + unit) ** 2 + 3 * unit
-    diag = w32.square().sum(dim=1).double()  # (C,): each within γ·‖w_c‖² of exact
-    norms = (diag * (1 + gamma)).sqrt() * (1 + _EPS64)  # ≥ ‖w_c‖
+    diag, norms, gamma = _fp32_squared_norms(w32)
     rows = (w32.index_select(0, labels) @ w32.T).double()  # (N, C), within γ·‖w_y‖‖w_c‖
     exact = diag[labels][:, None] - 2 * rows + diag[None, :]
     # errors: γ(‖w_y‖² + ‖w_c‖²) + 2γ‖w_y‖‖w_c‖ = γ(‖w_y‖ + ‖w_c‖)²; float64 sums: 4·D·eps64
     slack = (gamma + 4 * w.shape[1] * _EPS64) * (norms[labels][:, None] + norms[None, :]).square()
     return exact.clamp_min(0) + slack
+
+
+def _fp32_squared_norms(w32: Tensor) -> tuple[Tensor, Tensor, float]:
+    """For float32 rows w32 (C, D): their float32 squared norms as float64 (C,), each within
+    ``γ·‖w_c‖²`` of exact, upper bounds ``≥ ‖w_c‖`` (C,), and γ (the float32 dot-product error
+    factor for D terms, inputs rounded to float32 included)."""
+    unit = torch.finfo(torch.float32).eps / 2
+    gamma = gemm_error_factor(w32.shape[1], torch.float32) * (1 + unit) ** 2 + 3 * unit
+    diag = w32.square().sum(dim=1).double()
+    return diag, (diag * (1 + gamma)).sqrt() * (1 + _EPS64), gamma
+
+
+def row_norms_up(w: Tensor) -> Tensor:
+    """(C,) float64 upper bounds ``≥ ‖w_c‖`` for rows w (C, D) float32 or float64."""
+    if w.dtype == torch.float64:
+        return w.square().sum(dim=1).sqrt() * (1 + 2 * w.shape[1] * _EPS64)
+    return _fp32_squared_norms(w.float())[1]
 
 
 def _rounded_up_difference_sq(rows: Tensor, diag: Tensor, labels: Tensor, dim: int) -> Tensor:

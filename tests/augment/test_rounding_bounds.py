@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.augment.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
+from pipeline.augment.carrot import (
+    DRIFT_ANCHOR_CALLS,
+    CarrotAugment,
+    CarrotConfig,
+    _moved_norms,
+    carrot_augment,
+    carrot_loss,
+)
 from pipeline.augment.nuisance import (
     linear_logits_error,
     margin_slack,
@@ -116,6 +123,38 @@ def test_fast_row_difference_never_underestimates(n, d, c, scale, dtype, seed):
     scale_sq = (norms[labels][:, None] + norms[None, :]).square()
     assert (fast - exact <= 1e-3 * scale_sq).all()
     assert (row_difference_sq(w64, labels) >= exact).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(2, 30),
+    st.integers(2, 200),
+    SCALES,
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**16),
+)
+def test_anchored_drift_bound_never_underestimates(c, d, scale, dtype, seed):
+    """The drift bound of a stale class geometry, exact at an anchor call and grown by the
+    triangle inequality in between (``_moved_norms`` with a workspace), is ≥ the float64
+    ‖Δ_y − Δ_c‖ at every call over two anchors and a change of source; and tight (within
+    rounding) at the anchor calls."""
+    g = _gen(seed)
+    source, other = torch.zeros(1), torch.zeros(1)
+    drift = scale * torch.randn(c, d, generator=g, dtype=torch.float64)
+    workspace: dict = {}
+    labels = torch.randint(0, c, (7,), generator=g)
+    for call in range(2 * DRIFT_ANCHOR_CALLS + 3):
+        step = 10.0 ** -int(torch.randint(0, 4, (), generator=g)) * scale
+        drift = drift + step * torch.randn(c, d, generator=g, dtype=torch.float64)
+        src = source if call < 2 * DRIFT_ANCHOR_CALLS else other  # then a refresh
+        got = _moved_norms(drift.to(dtype), labels, src, workspace)
+        d64 = drift.to(dtype).double()
+        exact = (d64[labels][:, None, :] - d64[None, :, :]).square().sum(-1).sqrt()
+        assert (got >= exact).all(), call
+        if call % DRIFT_ANCHOR_CALLS == 0 or call == 2 * DRIFT_ANCHOR_CALLS:  # an anchor
+            norms = d64.norm(dim=1)
+            scale_sq = (norms[labels][:, None] + norms[None, :]).square()
+            assert (got.square() - exact.square() <= 1e-3 * scale_sq).all()
 
 
 def test_margins_read_off_logits_are_no_larger_than_exact():
