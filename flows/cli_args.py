@@ -44,10 +44,7 @@ def threads_or_auto(text: str) -> int | None:
     if text.strip().lower() == "auto":
         return None
     expected = "a positive integer, or auto (one thread for small banks, all cores for large)"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    value = _number(text, int, expected)  # ASCII digits only, as every numeric option
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value

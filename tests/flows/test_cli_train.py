@@ -434,7 +434,7 @@ def test_a_head_scores_a_store_only_with_the_same_classes_in_the_same_order(head
 # --------------------------------------------------------------------------- --threads
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", ""])
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "", "٣"])
 @pytest.mark.parametrize("command", ["train", "demo"])
 def test_a_bad_thread_count_exits_2_naming_the_option(
     no_server, class_stores, capsys, command, value
