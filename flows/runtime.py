@@ -35,6 +35,10 @@ _DEFAULTS = {
     # Prefect's console handler for CRITICAL only: the CLI prints failures itself, on one line
     # (runs still log to the Prefect API; PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO shows them)
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+    # the temporary server takes 5-10 s to answer on an idle 2-core machine and more than
+    # Prefect's 20 s beside other work (a failed command: "Timed out while attempting to connect
+    # to ephemeral Prefect API server"); wait up to 2 minutes
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 

@@ -136,3 +136,23 @@ def test_a_command_that_ends_normally_leaves_nothing_running(tmp_path):
             proc.kill()
             proc.wait()
         _cleanup(kids)
+
+
+def test_the_temporary_server_may_take_two_minutes_to_start_and_the_user_setting_wins(
+    monkeypatch,
+):
+    """Prefect's 20 s start-up wait failed commands beside other work; the CLI waits 120 s
+    unless the user chose otherwise (and Prefect reads the value)."""
+    from flows.runtime import apply_defaults
+
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    monkeypatch.setenv("CARROT_RUNNER", "0")
+    monkeypatch.delenv(name, raising=False)
+    apply_defaults()
+    assert os.environ[name] == "120"
+    monkeypatch.setenv(name, "7")
+    apply_defaults()
+    assert os.environ[name] == "7"
+    from prefect.settings import Settings
+
+    assert Settings().server.ephemeral.startup_timeout_seconds == 7
