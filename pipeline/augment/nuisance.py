@@ -387,6 +387,8 @@ def project_out(
     shape = v.shape
     n, k = geo.kset.shape
     flat = v.reshape(-1, shape[-1])  # (R·N, D)
+    if flat.device.type == "cpu":
+        return _project_out_sampled(geo, flat).view(shape)
     wv = (flat @ geo.weight.T).view(-1, n, geo.weight.shape[0])  # (R, N, C)
     y = geo.labels[None, :, None].expand(wv.shape[0], n, 1)
     kset = geo.kset.expand(wv.shape[0], n, k)
@@ -394,6 +396,36 @@ def project_out(
     c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
     coef = wv.zero_().scatter_add_(2, y, c.sum(-1, keepdim=True)).scatter_add_(2, kset, -c)
     return torch.addmm(flat, coef.view(-1, coef.shape[-1]), geo.weight, alpha=-1).view(shape)
+
+
+def _project_out_sampled(geo: Competitors, flat: Tensor) -> Tensor:
+    """The float64 coefficient form of :func:`project_out` for rows flat (R·N, D) on the CPU,
+    with only the K + 1 products each row needs: ``w_c·v`` for c ∈ {y} ∪ Kset (a sampled
+    product on the (R·N, C) pattern, ``torch.sparse.sampled_addmm``) instead of all C, and
+    ``Aᵀ G⁺ A v = Σ c_k (w_y − w_k)`` as a weighted ``embedding_bag`` of those K + 1 rows of
+    ``W`` instead of a (R·N, C) × (C, D) product: the same nonzero terms, summed in another
+    order (about 2.5× faster at B 256, D 768, C 200, K 10)."""
+    n, k = geo.kset.shape
+    copies = flat.shape[0] // n
+    classes = torch.cat([geo.labels[:, None], geo.kset], dim=1).repeat(copies, 1)  # (R·N, K+1)
+    cols = classes.reshape(-1)
+    starts = torch.arange(0, cols.shape[0] + 1, k + 1, device=flat.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            starts,
+            cols,
+            torch.zeros(cols.shape[0], dtype=flat.dtype, device=flat.device),
+            size=(flat.shape[0], geo.weight.shape[0]),
+            check_invariants=False,
+        )
+        wv = torch.sparse.sampled_addmm(pattern, flat, geo.weight.T).values()
+    wv = wv.view(copies, n, k + 1)
+    av = wv[..., :1] - wv[..., 1:]  # (R, N, K) = A v
+    c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
+    weights = torch.cat([c.sum(-1, keepdim=True), -c], dim=-1).reshape(-1)
+    back = F.embedding_bag(cols, geo.weight, starts[:-1], mode="sum", per_sample_weights=weights)
+    return flat - back
 
 
 def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:

@@ -695,3 +695,31 @@ def test_indexed_projection_equals_the_gathered_one(groups, k, rows, copies, dty
     torch.testing.assert_close(got, want, atol=tol, rtol=0)
     q = basis.index_select(0, index)  # orthogonal to every row's own basis
     assert torch.einsum("nkd,and->ank", q, got).abs().max() < 10 * tol
+
+
+@given(
+    c=st.integers(3, 12),
+    k=st.integers(1, 4),
+    rows=st.integers(1, 10),
+    copies=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_sampled_coefficient_projection_equals_the_dense_one(c, k, rows, copies, seed):
+    """The float64 coefficient form with only each row's K + 1 products (sampled product +
+    embedding_bag) is ``v − Aᵀ G⁺ A v`` with A the row's competitor differences, rank-deficient
+    competitor sets (a duplicated class weight) included."""
+    g = torch.Generator().manual_seed(seed)
+    d = 2 * c
+    k = min(k, c - 1)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    w[-1] = w[-2]  # collinear competitors
+    wc = nuisance.centered_weight(w)
+    y = torch.randint(0, c, (rows,), generator=g)
+    logits = torch.randn(rows, c, generator=g)
+    geo = nuisance.competitor_geometry(wc, wc @ wc.T, y, nuisance.top_competitors(logits, y, k))
+    v = torch.randn(copies, rows, d, generator=g, dtype=torch.float64)
+    got = nuisance.project_out(geo, v)
+    a = wc[y][:, None, :] - wc[geo.kset]  # (N, K, D)
+    dense = v - torch.einsum("nkd,nkj,anj->and", a, geo.pinv, torch.einsum("nkd,and->ank", a, v))
+    torch.testing.assert_close(got, dense, atol=1e-10, rtol=0)
