@@ -409,23 +409,36 @@ def _project_out_sampled(geo: Competitors, flat: Tensor) -> Tensor:
     copies = flat.shape[0] // n
     classes = torch.cat([geo.labels[:, None], geo.kset], dim=1).repeat(copies, 1)  # (R·N, K+1)
     cols = classes.reshape(-1)
-    starts = torch.arange(0, cols.shape[0] + 1, k + 1, device=flat.device)
+    wv = _sampled_dots(flat, geo.weight, cols).view(copies, n, k + 1)  # w_c·v
+    av = wv[..., :1] - wv[..., 1:]  # (R, N, K) = A v
+    c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
+    weights = torch.cat([c.sum(-1, keepdim=True), -c], dim=-1).reshape(-1)
+    return flat - _weighted_row_sums(geo.weight, cols, weights, k + 1)
+
+
+def _sampled_dots(v: Tensor, table: Tensor, cols: Tensor) -> Tensor:
+    """(M·r,) dot products ``v_m · table[cols[m·r + j]]`` for rows v (M, D), a table (T, D) and
+    r = len(cols)/M columns per row (row-major), without gathering table rows: a sampled
+    product on the (M, T) pattern (``torch.sparse.sampled_addmm``)."""
+    r = cols.shape[0] // v.shape[0]
+    starts = torch.arange(0, cols.shape[0] + 1, r, device=v.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
             starts,
             cols,
-            torch.zeros(cols.shape[0], dtype=flat.dtype, device=flat.device),
-            size=(flat.shape[0], geo.weight.shape[0]),
+            torch.zeros(cols.shape[0], dtype=v.dtype, device=v.device),
+            size=(v.shape[0], table.shape[0]),
             check_invariants=False,
         )
-        wv = torch.sparse.sampled_addmm(pattern, flat, geo.weight.T).values()
-    wv = wv.view(copies, n, k + 1)
-    av = wv[..., :1] - wv[..., 1:]  # (R, N, K) = A v
-    c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
-    weights = torch.cat([c.sum(-1, keepdim=True), -c], dim=-1).reshape(-1)
-    back = F.embedding_bag(cols, geo.weight, starts[:-1], mode="sum", per_sample_weights=weights)
-    return flat - back
+        return torch.sparse.sampled_addmm(pattern, v, table.T).values()
+
+
+def _weighted_row_sums(table: Tensor, cols: Tensor, weights: Tensor, r: int) -> Tensor:
+    """(M, D) rows ``Σ_j weights[m·r + j] · table[cols[m·r + j]]`` (a weighted ``embedding_bag``
+    of r table rows each, none gathered into a copy)."""
+    starts = torch.arange(0, cols.shape[0], r, device=cols.device)
+    return F.embedding_bag(cols, table, starts, mode="sum", per_sample_weights=weights)
 
 
 def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:
@@ -469,19 +482,8 @@ def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
     vv = v.reshape(-1, d)  # (a·N, D), copies stacked copy-major
     cols = (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1)
     cols = cols.repeat(vv.shape[0] // n)  # (a·N·K,) basis rows of each row, in row order
-    starts = torch.arange(0, cols.shape[0] + 1, k, device=rows.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            starts,
-            cols,
-            torch.zeros(cols.shape[0], dtype=v.dtype, device=v.device),
-            size=(vv.shape[0], g * k),
-            check_invariants=False,
-        )
-        coef = torch.sparse.sampled_addmm(pattern, vv, flat.T).values()  # (a·N·K,) = Q_r v
-    proj = F.embedding_bag(cols, flat, starts[:-1], mode="sum", per_sample_weights=coef)
-    return (vv - proj).view(v.shape)
+    coef = _sampled_dots(vv, flat, cols)  # (a·N·K,) = Q_r v
+    return (vv - _weighted_row_sums(flat, cols, coef, k)).view(v.shape)
 
 
 def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:
