@@ -15,6 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.defaults import LbfgsSettings
+from pipeline.heads import lbfgs
 from pipeline.heads.lbfgs import (
     CovariancePreconditioner,
     lambda_from_C,
@@ -88,7 +89,8 @@ def test_heads_reach_scikit_learns_optimum_in_one_batch():
 
 
 @pytest.mark.parametrize(("n", "d"), [(300, 40), (30, 60)])  # N ≥ D, and the low-rank form
-def test_preconditioner_is_the_inverse_of_the_regularized_covariance(n, d):
+def test_preconditioner_is_the_inverse_of_the_regularized_covariance(n, d, monkeypatch):
+    monkeypatch.setattr(lbfgs, "DROP_BELOW", 0.0)  # every direction kept: M exactly
     X, _ = correlated(n, d, 3)
     kappa = 0.2
     pre = CovariancePreconditioner.fit(X, kappa)
@@ -98,6 +100,26 @@ def test_preconditioner_is_the_inverse_of_the_regularized_covariance(n, d):
     W = theta[:, : 3 * d].reshape(2, 3, d)
     torch.testing.assert_close(got[:, : 3 * d].reshape(2, 3, d), W @ M)
     torch.testing.assert_close(got[:, 3 * d :], theta[:, 3 * d :])  # bias untouched
+    torch.testing.assert_close(pre.quadratic(theta, 3, d), (theta * got).sum(1))
+
+
+@pytest.mark.parametrize(("n", "d"), [(300, 40), (30, 60)])
+def test_dropped_directions_raise_the_preconditioner_by_at_most_the_stated_factor(n, d):
+    """With the weak directions dropped, θᵀM̃θ / θᵀMθ lies in [1, 1 + DROP_BELOW] for every θ
+    (M̃ and M share eigenvectors; M̃ has 1/κ where M has 1/(e + κ), e ≤ DROP_BELOW·κ)."""
+    X, _ = correlated(n, d, 3)
+    kappa = 0.2
+    pre = CovariancePreconditioner.fit(X, kappa)
+    assert pre.V.shape[1] < min(n, d)  # some direction was dropped: the bound is exercised
+    M = torch.linalg.inv(X.T @ X / n + kappa * torch.eye(d, dtype=torch.float64))
+    theta = torch.randn(64, 3 * d + 3, dtype=torch.float64)
+    theta[:, 3 * d :] = 0
+    W = theta[:, : 3 * d].reshape(64, 3, d)
+    exact = (W * (W @ M)).sum((1, 2))
+    ratio = pre.quadratic(theta, 3, d) / exact
+    assert float(ratio.min()) >= 1 - 1e-12
+    assert float(ratio.max()) <= 1 + lbfgs.DROP_BELOW + 1e-12
+    torch.testing.assert_close(pre.quadratic(theta, 3, d), (theta * pre.apply(theta, 3, d)).sum(1))
 
 
 def test_preconditioning_reaches_the_same_optimum_in_fewer_iterations():
