@@ -723,3 +723,40 @@ def test_sampled_coefficient_projection_equals_the_dense_one(c, k, rows, copies,
     a = wc[y][:, None, :] - wc[geo.kset]  # (N, K, D)
     dense = v - torch.einsum("nkd,nkj,anj->and", a, geo.pinv, torch.einsum("nkd,and->ank", a, v))
     torch.testing.assert_close(got, dense, atol=1e-10, rtol=0)
+
+
+@given(
+    c=st.integers(3, 12),
+    k=st.integers(1, 4),
+    rows=st.integers(1, 12),
+    block=st.sampled_from([1, 7, 1 << 17]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_nuisance_variances_in_row_blocks_equal_the_dense_ones(c, k, rows, block, seed):
+    """``competitor_geometry`` works through the (N, K, C) products in row blocks (one row, a
+    few, all): every block size gives ``s_c`` = ``‖P_N d_c‖²`` of the dense projector, rounded
+    up by at most ``ETA·‖d_c‖²``, for the classes outside the Kset (0 elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    d = 2 * c
+    k = min(k, c - 1)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    wc = nuisance.centered_weight(w)
+    y = torch.randint(0, c, (rows,), generator=g)
+    kset = nuisance.top_competitors(torch.randn(rows, c, generator=g), y, k)
+    old = nuisance._SPAN_BLOCK_ELEMENTS
+    nuisance._SPAN_BLOCK_ELEMENTS = block * k * c  # `block` rows per block
+    try:
+        geo = nuisance.competitor_geometry(wc, wc @ wc.T, y, kset)
+    finally:
+        nuisance._SPAN_BLOCK_ELEMENTS = old
+    a = wc[y][:, None, :] - wc[kset]  # (N, K, D)
+    diffs = wc[y][:, None, :] - wc[None, :, :]  # (N, C, D) d_c
+    ad = torch.einsum("nkd,ncd->nck", a, diffs)  # A d_c
+    p_s = torch.einsum("nck,nkj,ncj->nc", ad, geo.pinv, ad)  # ‖P_S d_c‖²
+    exact = diffs.square().sum(-1) - p_s
+    eta = nuisance.ETA_PER_COMPETITOR * k * diffs.square().sum(-1)
+    out = geo.outside
+    assert torch.all(geo.nuisance_var[~out] == 0)
+    assert torch.all(geo.nuisance_var[out] >= exact[out] - 1e-9)
+    assert torch.all(geo.nuisance_var[out] <= exact[out].clamp_min(0) + eta[out] + 1e-9)
