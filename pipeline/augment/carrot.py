@@ -738,7 +738,7 @@ def _assemble(
         )
     else:  # every row augmented: no gathers
         z_rows = z
-    delta = (noise * scale[None, :, None]).to(z.dtype)  # (a, M, D)
+    delta = noise.mul_(scale[None, :, None]).to(z.dtype)  # (a, M, D); noise is ours
     z_aug = (z_rows.unsqueeze(0) + delta).reshape(-1, z.shape[1])
     source = rows.repeat(cfg.aug_per_sample)
     y_aug = y.index_select(0, source)

@@ -500,7 +500,8 @@ def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
     cols = (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1)
     cols = cols.repeat(vv.shape[0] // n)  # (a·N·K,) basis rows of each row, in row order
     coef = _sampled_dots(vv, flat, cols)  # (a·N·K,) = Q_r v
-    return (vv - _weighted_row_sums(flat, cols, coef, k)).view(v.shape)
+    out = _weighted_row_sums(flat, cols, coef, k)  # a fresh (a·N, D): reused for the result
+    return out.neg_().add_(vv).view(v.shape)
 
 
 def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:
