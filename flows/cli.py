@@ -318,7 +318,7 @@ def _add_store(sub: argparse._SubParsersAction) -> None:
     ls = ss.add_parser("ls", help="list stores under a root")
     ls.add_argument("root", nargs="?", metavar="ROOT", help="default $CARROT_HOME/stores")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(run=_run_store_ls)
+    ls.set_defaults(run=_run_store_ls, positionals=("root",))
 
 
 def _run_store_info(args: argparse.Namespace) -> int:
@@ -468,7 +468,7 @@ def _refuse_empty_values(args: argparse.Namespace) -> None:
     for dest, value in vars(args).items():
         if value != "":
             continue
-        if dest in ("data", "store", "action"):  # the positional arguments
+        if dest in ("data", "store", "action", *getattr(args, "positionals", ())):  # positional
             raise InputError(f"{dest.upper()} '': empty; give one")
         option = "--" + dest.replace("_", "-")
         raise InputError(f"{option} '': empty; give a value, or leave the option out")

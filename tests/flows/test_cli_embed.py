@@ -32,6 +32,20 @@ def test_bad_input_from_the_console_is_one_line_and_exit_code_2():
     assert r.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["store", "ls", ""], "ROOT ''"),
+        (["embed", "x", "--backbone", "test_resnet", "--root", ""], "--root ''"),
+    ],
+)
+def test_an_empty_value_is_named_as_the_user_gave_it(argv, named, capsys):
+    """``carrot store ls ''`` names its positional ROOT; ``--root ''`` names the option."""
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and named in lines[0], lines
+
+
 def test_pretrained_weights_offline_name_the_local_file_option(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = ["embed", "sklearn:digits", "--backbone", "test_resnet", "--pretrained"]
