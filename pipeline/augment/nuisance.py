@@ -430,7 +430,8 @@ def _project_out_sampled(geo: Competitors, flat: Tensor) -> Tensor:
     av = wv[..., :1] - wv[..., 1:]  # (R, N, K) = A v
     c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
     weights = torch.cat([c.sum(-1, keepdim=True), -c], dim=-1).reshape(-1)
-    return flat - _weighted_row_sums(geo.weight, cols, weights, k + 1)
+    out = _weighted_row_sums(geo.weight, cols, weights, k + 1)  # fresh: reused for the result
+    return out.neg_().add_(flat)
 
 
 def _sampled_dots(v: Tensor, table: Tensor, cols: Tensor) -> Tensor:
