@@ -103,7 +103,10 @@ def _unflat(theta: torch.Tensor, C: int, D: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.double() * b.double()).sum(1)  # (h,) float64
+    """Row dot products ``(h,)`` in float64 (one kernel when the rows already are)."""
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return torch.linalg.vecdot(a, b)
+    return (a.double() * b.double()).sum(1)
 
 
 @dataclass(frozen=True)
@@ -213,14 +216,14 @@ def solve_softmax_lbfgs(
         alphas = []
         for i in order:
             a = rho[i] * _dot(S[i], q)
-            q.sub_(a.to(dt)[:, None] * Y[i])
+            q.addcmul_(Y[i], a.to(dt)[:, None], value=-1)
             alphas.append(a)
         if pre is not None:
             q = pre.apply(q, C, D)
         r = q.mul_(gamma.to(dt)[:, None])
         for i, a in zip(reversed(order), reversed(alphas), strict=True):
             beta = rho[i] * _dot(Y[i], r)
-            r.add_((a - beta).to(dt)[:, None] * S[i])
+            r.addcmul_(S[i], (a - beta).to(dt)[:, None])
         d = r.neg_()
         slope = _dot(ga, d)
         bad = ~(slope < 0) | ~torch.isfinite(slope)
