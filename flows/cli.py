@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from flows.cli_args import (
     add_dask_options,
@@ -42,7 +43,15 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 2."""
+    """argparse with one-line errors and exit code 2; the parsed namespace lists the chosen
+    command's positional arguments in ``positionals`` (for `_refuse_empty_values`)."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if not action.option_strings:  # a positional argument
+            known = self.get_default("positionals") or ()
+            self.set_defaults(positionals=(*known, action.dest))
+        return action
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -318,7 +327,7 @@ def _add_store(sub: argparse._SubParsersAction) -> None:
     ls = ss.add_parser("ls", help="list stores under a root")
     ls.add_argument("root", nargs="?", metavar="ROOT", help="default $CARROT_HOME/stores")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(run=_run_store_ls, positionals=("root",))
+    ls.set_defaults(run=_run_store_ls)
 
 
 def _run_store_info(args: argparse.Namespace) -> int:
@@ -468,7 +477,7 @@ def _refuse_empty_values(args: argparse.Namespace) -> None:
     for dest, value in vars(args).items():
         if value != "":
             continue
-        if dest in ("data", "store", "action", *getattr(args, "positionals", ())):  # positional
+        if dest in getattr(args, "positionals", ()):
             raise InputError(f"{dest.upper()} '': empty; give one")
         option = "--" + dest.replace("_", "-")
         raise InputError(f"{option} '': empty; give a value, or leave the option out")

@@ -430,8 +430,7 @@ def _project_out_sampled(geo: Competitors, flat: Tensor) -> Tensor:
     av = wv[..., :1] - wv[..., 1:]  # (R, N, K) = A v
     c = (geo.pinv * av.unsqueeze(-2)).sum(-1)  # (R, N, K) = G⁺ A v
     weights = torch.cat([c.sum(-1, keepdim=True), -c], dim=-1).reshape(-1)
-    out = _weighted_row_sums(geo.weight, cols, weights, k + 1)  # fresh: reused for the result
-    return out.neg_().add_(flat)
+    return _minus_weighted_row_sums(flat, geo.weight, cols, weights, k + 1)
 
 
 def _sampled_dots(v: Tensor, table: Tensor, cols: Tensor) -> Tensor:
@@ -452,11 +451,15 @@ def _sampled_dots(v: Tensor, table: Tensor, cols: Tensor) -> Tensor:
         return torch.sparse.sampled_addmm(pattern, v, table.T).values()
 
 
-def _weighted_row_sums(table: Tensor, cols: Tensor, weights: Tensor, r: int) -> Tensor:
-    """(M, D) rows ``Σ_j weights[m·r + j] · table[cols[m·r + j]]`` (a weighted ``embedding_bag``
-    of r table rows each, none gathered into a copy)."""
+def _minus_weighted_row_sums(
+    v: Tensor, table: Tensor, cols: Tensor, weights: Tensor, r: int
+) -> Tensor:
+    """(M, D) rows ``v_m − Σ_j weights[m·r + j] · table[cols[m·r + j]]`` for v (M, D): a
+    weighted ``embedding_bag`` of r table rows each (none gathered into a copy), whose fresh
+    output becomes the result (no second (M, D) buffer: fresh CPU pages are costly)."""
     starts = torch.arange(0, cols.shape[0], r, device=cols.device)
-    return F.embedding_bag(cols, table, starts, mode="sum", per_sample_weights=weights)
+    sums = F.embedding_bag(cols, table, starts, mode="sum", per_sample_weights=weights)
+    return sums.neg_().add_(v)
 
 
 def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:
@@ -501,8 +504,7 @@ def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
     cols = (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1)
     cols = cols.repeat(vv.shape[0] // n)  # (a·N·K,) basis rows of each row, in row order
     coef = _sampled_dots(vv, flat, cols)  # (a·N·K,) = Q_r v
-    out = _weighted_row_sums(flat, cols, coef, k)  # a fresh (a·N, D): reused for the result
-    return out.neg_().add_(vv).view(v.shape)
+    return _minus_weighted_row_sums(vv, flat, cols, coef, k).view(v.shape)
 
 
 def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:
