@@ -38,7 +38,9 @@ GTOL = 1e-8  # stop when max |gradient| ≤ GTOL (the objective is a mean over r
 # makes it reachable: in float32 the line search stalls near 1e-6, and scikit-learn's 1e-4 stops
 # weakly regularized heads far from their optimum (on separable few-shot rows: early-stopping
 # artefacts 40 points off the optimum's accuracy, either way)
-FTOL = 1e-9  # ... or when one step lowers f by ≤ FTOL · max(|f|, 1)
+FTOL = 1e-9  # ... or when FTOL_STREAK steps in a row each lower f by ≤ FTOL · max(|f|, 1)
+FTOL_STREAK = 3  # one tiny step alone is no proof: L-BFGS takes one now and then far from the
+# optimum (a weakly regularized digits head stopped at max|g| 9e-5, f 1 % above its optimum)
 MAX_ITER = 1000
 HISTORY = 20
 HISTORY_BYTES = 256 * 2**20  # the (s, y) history of all heads is kept under this
@@ -51,6 +53,7 @@ class LbfgsSettings:
     max_iter: int = MAX_ITER  # iterations per head (each = one pass over the rows, or more)
     gtol: float = GTOL  # max-abs gradient tolerance
     ftol: float = FTOL  # relative decrease tolerance
+    ftol_streak: int = FTOL_STREAK  # consecutive iterations the decrease test must hold
     history: int = HISTORY  # (s, y) pairs kept per head (fewer when HISTORY_BYTES is exceeded)
     precondition_kappa: float | None = 0.2  # (Σ + κI)⁻¹ starts L-BFGS; None: plain L-BFGS
     dtype: str = "float64"  # the solve's precision (heads are stored as float32)
@@ -58,8 +61,8 @@ class LbfgsSettings:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float64"):
             raise InputError(f"LbfgsSettings.dtype must be float32 or float64, got {self.dtype!r}")
-        if self.max_iter < 1 or self.history < 1:
-            raise InputError("LbfgsSettings.max_iter and history must be >= 1")
+        if self.max_iter < 1 or self.history < 1 or self.ftol_streak < 1:
+            raise InputError("LbfgsSettings.max_iter, history and ftol_streak must be >= 1")
 
 
 @dataclass(frozen=True)

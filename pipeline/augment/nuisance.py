@@ -106,7 +106,13 @@ def top_competitors(logits: Tensor, y: Tensor, k: int) -> Tensor:
 
 
 def competitor_geometry(
-    wc: Tensor, gram: Tensor, labels: Tensor, kset: Tensor, *, basis: bool = False
+    wc: Tensor,
+    gram: Tensor,
+    labels: Tensor,
+    kset: Tensor,
+    *,
+    basis: bool = False,
+    offsets: Tensor | None = None,
 ) -> Competitors:
     """Build :class:`Competitors` for rows with labels (N,) and competitor sets (N, K).
 
@@ -114,45 +120,56 @@ def competitor_geometry(
     O(N·K·C + N·K³), plus O(N·K²·D) with ``basis=True``; never a D×D matrix. When K ≥ D,
     :func:`_feature_space_geometry` instead (cost O(N·K·D² + N·D³), plus O(N·D²·C) for the
     rank-deficient rows only).
+
+    Rows of several heads at once: ``offsets`` (N,) = h·C for a row of head h, ``wc`` (H·C, D)
+    every head's centred weight stacked, ``gram`` (H·C, C) their Grams stacked, ``labels`` and
+    ``kset`` head-local. The result's ``labels``/``kset`` then index the stacked ``wc`` (what
+    :func:`project_out` reads); ``nuisance_var``/``outside`` stay head-local (N, C).
     """
     n, k = kset.shape
-    c, d = wc.shape
+    c, d = gram.shape[1], wc.shape[1]
     if k >= d:
+        if offsets is not None:
+            raise ValueError("stacked heads need K < D (competitor_geometry per head instead)")
         return _feature_space_geometry(wc, gram, labels, kset, basis=basis)
     y = labels
-    g_yy = gram[y, y]  # (N,)
-    g_yc = gram[y]  # (N, C)
+    yg, kg = (y, kset) if offsets is None else (offsets + y, offsets[:, None] + kset)
+    g_yc = gram.index_select(0, yg)  # (N, C)
+    g_yy = g_yc.gather(1, y[:, None]).squeeze(1)  # (N,)
     g_ky = g_yc.gather(1, kset)  # (N, K)
-    g_kk = gram.reshape(-1).index_select(0, (kset[:, :, None] * c + kset[:, None, :]).view(-1))
+    g_kk = gram.reshape(-1).index_select(0, (kg[:, :, None] * c + kset[:, None, :]).view(-1))
     # A Aᵀ: (N, K, K); (w_y − w_i)ᵀ(w_y − w_j) = g_yy − g_yj − g_iy + g_ij
     gram_a = g_yy[:, None, None] - g_ky[:, None, :] - g_ky[:, :, None] + g_kk.view(n, k, k)
     gram_a = 0.5 * (gram_a + gram_a.transpose(1, 2))
     whiten, rank, condition = _whitening(gram_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
     pinv = whiten @ whiten.transpose(1, 2)  # G⁺ = whiten whitenᵀ
-    in_s = _in_span_sq(gram, whiten.transpose(1, 2), kset, g_ky, g_yc - g_yy[:, None])
-    diff_sq = difference_sq(gram, y, d)
+    in_s = _in_span_sq(gram, whiten.transpose(1, 2), kg, g_ky, g_yc - g_yy[:, None])
+    diag = gram.view(-1, c, c).diagonal(dim1=1, dim2=2)  # (H, C)
+    diag = diag[0] if offsets is None else diag.index_select(0, offsets // c)  # (C,) or (N, C)
+    diff_sq = _rounded_up_difference_sq(g_yc, diag, y, d)
     eta = ETA_PER_COMPETITOR * k
     nuisance = ((diff_sq - in_s).clamp_min(0) + eta * diff_sq).minimum(diff_sq)
     outside = outside_mask(y, kset, c)
     nuisance = torch.where(outside, nuisance, 0.0)
     q = None
     if basis:  # rows v_i/√λ_i · A of the kept eigen-directions: the very subspace of G⁺
-        a = wc.index_select(0, kset.reshape(-1)).view(n, k, d)
-        a = a.neg_().add_(wc.index_select(0, y)[:, None, :])  # (N, K, D) rows d_k, in place
+        a = wc.index_select(0, kg.reshape(-1)).view(n, k, d)
+        a = a.neg_().add_(wc.index_select(0, yg)[:, None, :])  # (N, K, D) rows d_k, in place
         q = _reorthonormalize(whiten.transpose(1, 2) @ a, condition).float()
-    return Competitors(y, kset, pinv, rank, nuisance, outside, wc, q)
+    return Competitors(yg, kg, pinv, rank, nuisance, outside, wc, q)
 
 
 def _in_span_sq(gram: Tensor, wt: Tensor, kset: Tensor, g_ky: Tensor, g_rel: Tensor) -> Tensor:
     """(N, C) ``‖P_S d_c‖²`` for every class c: ``wt`` (N, K, K) is ``whitenᵀ``, ``g_ky`` (N, K)
-    the Gram entries of each competitor with y, ``g_rel`` (N, C) ``g_yc − g_yy``.
+    the Gram entries of each competitor with y, ``g_rel`` (N, C) ``g_yc − g_yy``; ``kset``
+    (N, K) indexes the rows of ``gram`` (C, C), or of stacked Grams (H·C, C).
 
     ``A d_c = (w_y − w_i)ᵀ(w_y − w_c) = g_ic − g_iy − (g_yc − g_yy)`` (N, K, C), whitened:
     ``whitenᵀ g_kc − (whitenᵀ g_ky) 1ᵀ − (whitenᵀ 1) g_relᵀ``, in row blocks of at most
     ``_SPAN_BLOCK_ELEMENTS``: the (N, K, C) float64 blocks then stay in cache and in the
     allocator's pool (whole, they took ~2 000 fresh pages a step, 4–5 ms of page faults)."""
     n, k = kset.shape
-    c = gram.shape[0]
+    c = gram.shape[1]
     out = torch.empty(n, c, dtype=gram.dtype, device=gram.device)
     rows = max(1, _SPAN_BLOCK_ELEMENTS // (k * c))
     for lo in range(0, n, rows):
@@ -364,10 +381,17 @@ def row_norms_up(w: Tensor) -> Tensor:
 
 
 def _rounded_up_difference_sq(rows: Tensor, diag: Tensor, labels: Tensor, dim: int) -> Tensor:
-    """``g_yy − 2 g_yc + g_cc`` from Gram rows (N, C) and diagonal (C,), rounded up."""
-    norms = diag.clamp_min(0).sqrt()
-    exact = diag[labels][:, None] - 2 * rows + diag[None, :]
-    slack = 4 * dim * _EPS64 * (norms[labels][:, None] + norms[None, :]).square()
+    """``g_yy − 2 g_yc + g_cc`` from Gram rows (N, C) and the diagonal (C,), or each row's own
+    diagonal (N, C) (rows of different heads), rounded up."""
+    diag = diag.clamp_min(0)
+    if diag.ndim == 1:
+        diag = diag[None, :]
+        d_yy = diag[0, labels][:, None]
+    else:
+        d_yy = diag.gather(1, labels[:, None])
+    norms = diag.sqrt()
+    exact = d_yy - 2 * rows + diag
+    slack = 4 * dim * _EPS64 * (d_yy.sqrt() + norms).square()
     return exact.clamp_min(0) + slack
 
 
@@ -559,6 +583,7 @@ def margin_slack(
     *,
     logits: Tensor | None = None,
     logits_error: Tensor | None = None,
+    row_heads: Tensor | None = None,
 ) -> Tensor:
     """(B, C) float64 ``m_c − γ`` of features z (B, D), minus a rounding allowance; +inf at y.
 
@@ -574,12 +599,13 @@ def margin_slack(
     Given ``logits`` (B, C) ``≈ W z + b`` (float32 or float64) with ``logits_error`` (broadcastable
     to (B, C)), a bound on ``|logits − (W z + b)|`` per entry (e.g. :func:`linear_logits_error`),
     the margins are read off them: no GEMM; the allowance is ``err_y + err_c`` plus the rounding
-    term.
+    term. Rows of several heads (logits given): ``weight`` (H, C, D) and ``row_heads`` (B,) the
+    head of each row.
     """
     d = z.shape[1]
     u_out = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
     if logits is not None and logits_error is not None:
-        if logits.shape != (z.shape[0], weight.shape[0]):
+        if logits.shape != (z.shape[0], weight.shape[-2]):
             raise ValueError(f"logits {tuple(logits.shape)} do not match z and weight")
         if logits.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"logits with logits_error must be float32/64, not {logits.dtype}")
@@ -587,12 +613,15 @@ def margin_slack(
         err = torch.broadcast_to(logits_error.detach().double(), values.shape)
         if u_out:  # rounding z̃: ‖w_y − w_c‖ ≤ ‖w_y‖ + ‖w_c‖, norms in float32 rounded up
             up = 1 + gemm_error_factor(d, torch.float32)
-            norms = weight.detach().float().norm(dim=1).double()
+            norms = weight.detach().float().norm(dim=-1).double()  # (C,) or (H, C)
+            norms = norms[None, :] if row_heads is None else norms.index_select(0, row_heads)
             z_norm = z.detach().float().norm(dim=1, keepdim=True).double()
-            err = torch.addcmul(err, z_norm, norms[None, :], value=2 * u_out * up * up)
+            err = torch.addcmul(err, z_norm, norms, value=2 * u_out * up * up)
         # margin − allowance = (l_y − e_y) − (l_c + e_c): exact float32 values in float64
         low, high = values - err, values + err
         return (low.gather(1, y[:, None]) - gamma - high).scatter_(1, y[:, None], float("inf"))
+    if row_heads is not None:
+        raise ValueError("margins of several heads are read off their logits: pass logits_error")
     if z.dtype != torch.float64 and _ieee_fp32_matmul(z.device):
         unit = torch.finfo(torch.float32).eps / 2
         zz, w = z.detach().float(), weight.detach().float()

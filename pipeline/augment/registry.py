@@ -76,6 +76,19 @@ class CarrotAugmentation:
             gamma=out.gamma,
         )
 
+    def augment_heads(self, z, y, logits, weight, generators, logits_error):
+        """Every head of a group at once (z (h, B, D), logits (h, B, C), weight (h, C, D),
+        ``logits_error`` broadcastable to (h, B, C), one generator per head):
+        `carrot_augment_heads`'s output, or None
+        where its settings are not covered (then the caller goes head by head)."""
+        from pipeline.augment.carrot_heads import carrot_augment_heads, supports_heads
+
+        if self.pre_ln or not supports_heads(self.settings, z.shape[-1], self.num_classes):
+            return None
+        return carrot_augment_heads(
+            z, y, logits, weight, self.settings, logits_error=logits_error, generators=generators
+        )
+
 
 CLASS_COV_RANK = 16  # rank of the class-covariance factors CARROT's class_cov noise uses
 

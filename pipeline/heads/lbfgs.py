@@ -173,7 +173,9 @@ def solve_softmax_lbfgs(
     """Minimize every head's ``f_h`` (module docstring) from ``W0``/``b0`` (default zeros).
 
     ``xhat (N, D)`` float32 or float64 on the solve's device, ``y (N,)``, ``lam (H,)`` ≥ 0,
-    ``smoothing (H,)`` in [0, 1). Heads stop independently; a head whose line search cannot
+    ``smoothing (H,)`` in [0, 1). Heads stop independently: on the gradient test, or when
+    ``ftol_streak`` consecutive steps each lowered ``f`` by at most ``ftol`` relative; a head
+    whose line search cannot
     decrease ``f`` any more (float precision reached) stops and is reported converged only if
     its gradient test holds within 10×.
     """
@@ -207,6 +209,7 @@ def solve_softmax_lbfgs(
     Y = torch.zeros_like(S)
     rho = torch.zeros(m, len(alive), dtype=torch.float64, device=dev)
     gamma = torch.ones(len(alive), dtype=torch.float64, device=dev)
+    streak = torch.zeros(len(alive), dtype=torch.int64, device=dev)  # consecutive small steps
     for it in range(cfg.max_iter):
         if alive.numel() == 0:
             break
@@ -263,18 +266,20 @@ def solve_softmax_lbfgs(
         gmax = gn.abs().amax(1).double()
         small_g = gmax <= cfg.gtol
         small_f = (fa - fn) <= cfg.ftol * torch.maximum(fn.abs(), torch.ones_like(fn))
-        stop = small_g | (small_f & accepted) | stalled
+        streak = torch.where(small_f & accepted, streak + 1, 0)
+        flat_f = streak >= cfg.ftol_streak
+        stop = small_g | flat_f | stalled
         ta, ga, fa = new_theta, gn, fn
         theta[alive], g[alive], f[alive] = ta, ga, fa
         iters[alive] += 1
-        converged[alive] = small_g | (small_f & accepted) | (stalled & (gmax <= 10 * cfg.gtol))
+        converged[alive] = small_g | flat_f | (stalled & (gmax <= 10 * cfg.gtol))
         trace.append(torch.where(iters == it + 1, f, torch.full_like(f, math.nan)))
         if bool(stop.any()):  # compact the running set's state once
             keep = torch.nonzero(~stop).squeeze(1)
             alive = alive[keep]
             ta, ga, fa, lam_a, s_a = ta[keep], ga[keep], fa[keep], lam_a[keep], s_a[keep]
             S, Y = S.index_select(1, keep), Y.index_select(1, keep)
-            rho, gamma = rho.index_select(1, keep), gamma[keep]
+            rho, gamma, streak = rho.index_select(1, keep), gamma[keep], streak[keep]
     W, b = _unflat(theta, C, D)
     return LbfgsResult(
         W=W.contiguous(),

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment.carrot import violation_rate
+from pipeline.augment.carrot_heads import HeadsOutput
 from pipeline.augment.registry import FeatureAugmentation, create_augmentation
 from pipeline.defaults import LbfgsSettings, TrainConfig
 from pipeline.errors import InputError
@@ -543,6 +544,13 @@ class _MinibatchRun:
         W, b = bank.weight.detach(), bank.bias.detach()
         z = None if getattr(g.augs[0], "pre_ln", False) else bank.group_features(xhat, idx)
         err = None if z is None else bank.logits_error(xhat, z, idx)
+        together = getattr(g.augs[0], "augment_heads", None)  # all of the group's heads at once
+        if together is not None and err is not None:
+            own = logits.detach().index_select(1, idx).transpose(0, 1)  # (h, B, C)
+            gens = [g.generators[j] for j in run]
+            out = together(z.detach(), y, own, W.index_select(0, idx), gens, err)
+            if out is not None:
+                return self._heads_loss(g, run, idx, y, logits, out, losses, diag_acc)
         outs = []
         for i, j in enumerate(run):
             aug, gen, h = g.augs[j], g.generators[j], g.heads[j]
@@ -583,8 +591,36 @@ class _MinibatchRun:
         weight = torch.tensor([g.augs[j].aug_weight for j in run], device=X.device)
         return losses.index_add(0, idx, weight * ce)
 
-    @staticmethod
+    def _heads_loss(
+        self,
+        g: _Group,
+        run: Sequence[int],
+        idx: torch.Tensor,
+        y: torch.Tensor,
+        logits: torch.Tensor,
+        out: HeadsOutput,
+        losses: torch.Tensor,
+        diag_acc: dict[int, dict[str, list[torch.Tensor]]],
+    ) -> torch.Tensor:
+        """``losses (H,)`` plus the augmented CE of a group augmented all at once
+        (:func:`~pipeline.augment.carrot_heads.carrot_augment_heads`): every row of every
+        running head, ``logits + W·delta`` in one batched matmul, unaugmented rows masked."""
+        copies = out.delta.shape[1] // y.shape[0]
+        base = logits.index_select(1, idx).transpose(0, 1)  # (h, B, C), with gradient
+        base = base.repeat(1, copies, 1) if copies > 1 else base
+        la = torch.baddbmm(base, out.delta, self.bank._take(self.bank.weight, idx).transpose(1, 2))
+        y_rows = y.repeat(copies)  # (a·B,) copy-major, as delta
+        rates = violation_rate(la, y_rows.expand(len(run), -1), out.gamma, out.augmented)
+        for i, j in enumerate(run):
+            diag = {k: v[i] for k, v in out.diagnostics.items()}
+            self._append(diag_acc, g.heads[j], diag | {"violation_rate": rates[i]}, y.device)
+        ce = cross_entropy(la.transpose(0, 1), y_rows, self.smoothing[idx], mask=out.augmented.t())
+        weight = torch.tensor([g.augs[j].aug_weight for j in run], device=y.device)
+        return losses.index_add(0, idx, weight * ce)
+
+    @classmethod
     def _record(
+        cls,
         diag_acc: dict[int, dict[str, list[torch.Tensor]]],
         heads: Sequence[int],
         outs: Sequence[Any],
@@ -599,12 +635,22 @@ class _MinibatchRun:
             diag = dict(out.diagnostics)
             if rates is not None and "frac_augmented" in diag:
                 diag.setdefault("violation_rate", rates[i])
-            if not diag:
-                continue
-            acc = diag_acc.setdefault(h, {})
-            for k, v in diag.items():
-                if isinstance(v, (int, float, torch.Tensor)):
-                    acc.setdefault(k, []).append(torch.as_tensor(v, device=out.y.device).detach())
+            cls._append(diag_acc, h, diag, out.y.device)
+
+    @staticmethod
+    def _append(
+        diag_acc: dict[int, dict[str, list[torch.Tensor]]],
+        h: int,
+        diag: dict[str, Any],
+        device: torch.device,
+    ) -> None:
+        """Append head ``h``'s numeric diagnostics of one step (detached tensors, no host sync)."""
+        if not diag:
+            return
+        acc = diag_acc.setdefault(h, {})
+        for k, v in diag.items():
+            if isinstance(v, (int, float, torch.Tensor)):
+                acc.setdefault(k, []).append(torch.as_tensor(v, device=device).detach())
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -149,3 +149,21 @@ def test_lambda_from_C_rejects_bad_values():
     for bad in (0.0, -1.0, np.inf):
         with pytest.raises(ValueError):
             lambda_from_C(bad, 10)
+
+
+@pytest.mark.parametrize("streak", [1, 3])
+def test_decrease_test_stops_a_head_only_after_its_streak_of_small_steps(streak):
+    """With the gradient test off (gtol 0), a head stops as converged only after ``ftol_streak``
+    consecutive steps each lowered f by ≤ ftol relative (one tiny step is no proof)."""
+    X, y = correlated(300, 12, 4, seed=3)
+    lam = torch.tensor([1e-6, 1e-4, 1e-2], dtype=torch.float64)
+    cfg = LbfgsSettings(gtol=0.0, ftol=1e-7, ftol_streak=streak, max_iter=2000)
+    r = solve_softmax_lbfgs(X, y, 4, lam, settings=cfg)
+    assert r.converged.all() and (r.iterations < cfg.max_iter).all()
+    for h in range(3):
+        f = r.trace[: int(r.iterations[h]) + 1, h]
+        small = (f[:-1] - f[1:]) <= cfg.ftol * f[1:].abs().clamp_min(1)
+        assert small[-streak:].all()  # the streak that stopped it ...
+        if streak > 1:  # ... and no earlier one
+            runs = small.int().unfold(0, streak, 1).sum(1)
+            assert (runs[:-1] < streak).all()

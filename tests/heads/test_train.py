@@ -216,6 +216,30 @@ def test_bank_with_mixed_augmentations_equals_single_spec_banks():
     assert not torch.allclose(bank.weight[0], bank.weight[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("topk", [2, 4])  # 4 = C − 1: every class competes (shared basis)
+def test_carrot_heads_trained_together_equal_the_head_by_head_loop(monkeypatch, topk):
+    """The bank augments a CARROT group all at once (`carrot_augment_heads`); the same bank
+    with that path switched off (head-by-head `carrot_augment`) trains the same heads."""
+    from pipeline.augment.registry import CarrotAugmentation
+
+    fs = FeatureSet.from_arrays({"train": gaussian_data(n=160, d=10, c=5)})
+    carrot = CarrotConfig(topk=topk, aug_per_sample=2)
+    specs = [
+        HeadSpec(lr=lr, weight_decay=wd, aug="carrot", aug_settings=carrot, seed=s)
+        for lr, wd, s in [(1e-2, 0.0, 0), (3e-2, 1e-3, 1), (1e-2, 1e-2, 2)]
+    ]
+    cfg = dataclasses.replace(MINIBATCH, epochs=3, batch_size=40)
+    together = fit_bank(fs, specs, cfg, val_split=None)
+    monkeypatch.setattr(CarrotAugmentation, "augment_heads", lambda self, *a: None)
+    loop = fit_bank(fs, specs, cfg, val_split=None)
+    torch.testing.assert_close(together.bank.weight, loop.bank.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together.bank.bias, loop.bank.bias, rtol=1e-4, atol=1e-5)
+    for a, b in zip(together.diagnostics, loop.diagnostics, strict=True):
+        assert a.keys() == b.keys()
+        for h in a:
+            assert a[h] == pytest.approx(b[h], rel=1e-4, abs=1e-6)
+
+
 def test_carrot_heads_log_diagnostics():
     fs = gaussian_set()
     spec = HeadSpec(lr=3e-2, aug="carrot", aug_settings=CarrotConfig(topk=2))
