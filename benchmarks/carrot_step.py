@@ -33,6 +33,7 @@ from benchmarks._report import median_time, write_report
 from benchmarks.seed_reference import SeedCarrotFeatureAug, seed_train_step
 from pipeline.augment.carrot import CarrotAugment, CarrotConfig, carrot_augment, carrot_loss
 from pipeline.augment.nuisance import linear_logits_error
+from pipeline.denormals import flush_denormals
 from pipeline.threads import step_work, thread_policy
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "carrot_step.json"
@@ -109,11 +110,13 @@ def run(
 
     ``sizes`` (keys B, D, C, K) overrides the default problem for ``device``. CPU threads: as
     `carrot train` picks them for a step of this size (`pipeline.threads.thread_policy`: one
-    here), or ``threads``.
+    here), or ``threads``; denormals flushed, as `carrot train` does (`pipeline.denormals`:
+    without it this problem's well-fit head made every variant's weight-gradient GEMM 17×
+    slower on this CPU).
     """
     sizes = sizes or _sizes(device)
     work = step_work(sizes["B"], sizes["D"], 1, sizes["C"])
-    with thread_policy(work, threads, device=device) as used:
+    with thread_policy(work, threads, device=device) as used, flush_denormals():
         result = _run(quick, device, sizes)
     return result | {"threads": used}
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.denormals import flush_denormals
 from pipeline.errors import InputError
 from pipeline.heads.bank import Head, HeadGrid, HeadSpec
 from pipeline.heads.features import FeatureSet, Split
@@ -197,7 +198,7 @@ def run_fewshot(
         work = bank_step_work(
             grid.specs, cfg, rows=rows, dim=features.dim, classes=features.num_classes
         )
-    with thread_policy(work, threads, device=cfg.device) as n:
+    with thread_policy(work, threads, device=cfg.device) as n, flush_denormals():
         logger.info("few-shot on %d torch thread(s): %.3g multiply-adds per step", n, work)
         return _run_fewshot(features, grid, cfg, shots=shots, seeds=seeds)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.denormals import flush_denormals
 from pipeline.errors import InputError
 from pipeline.heads.bank import Head, HeadBank, HeadGrid, HeadSpec
 from pipeline.heads.features import FeatureSet
@@ -251,7 +252,7 @@ def train_head_bank(
             classes=features.num_classes,
             in_memory="train" in features.splits,
         )
-    with thread_policy(work, threads, device=cfg.device) as n:
+    with thread_policy(work, threads, device=cfg.device) as n, flush_denormals():
         logger.info("training on %d torch thread(s): %.3g multiply-adds per step", n, work)
         return _train_head_bank(features, specs, cfg, on_epoch=on_epoch)
 
