@@ -136,16 +136,30 @@ class CarrotOutput:
     it is left to whoever computes the augmented logits: :meth:`record_violations`).
     ``delta`` (M, D): the noise ``z̃ − z[source]``, detached (post-LN injection; None pre-LN), so
     the augmented logits are ``logits[source] + W·delta`` (:func:`carrot_loss`); ``gamma`` the
-    margin floor the violations are counted against.
+    margin floor the violations are counted against. Post-LN, ``z`` is built on first access
+    from ``rows`` (the augmented input rows, (M / aug_per_sample, D)) and ``delta``: a caller
+    that uses ``delta`` (the bank, :func:`carrot_loss`) never pays for it.
     """
 
-    z: Tensor
     y: Tensor
     source: Tensor
     alpha: Tensor
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     delta: Tensor | None = None
     gamma: float = 0.0
+    rows: Tensor | None = None
+    _z: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def z(self) -> Tensor:
+        """(M, D) augmented rows ``z[source] + delta``, differentiable w.r.t. the input."""
+        if self._z is None:
+            rows, delta = self.rows, self.delta
+            if rows.shape[0] == 0:  # nothing augmented
+                self._z = rows
+            else:
+                self._z = (rows.unsqueeze(0) + delta.view(-1, *rows.shape)).view(delta.shape)
+        return self._z
 
     def record_violations(self, aug_logits: Tensor) -> None:
         """Set ``diagnostics["violation_rate"]`` from the augmented rows' logits (M, C)."""
@@ -605,7 +619,7 @@ def carrot_loss(
     """
     real = logits if logits is not None else F.linear(z, head_weight, bias)
     loss = F.cross_entropy(real, y)
-    if out.z.shape[0] == 0 or aug_weight == 0:
+    if out.y.shape[0] == 0 or aug_weight == 0:
         return loss
     if out.delta is not None:
         aug = real.index_select(0, out.source) + F.linear(out.delta, head_weight)
@@ -739,23 +753,20 @@ def _assemble(
     else:  # every row augmented: no gathers
         z_rows = z
     delta = noise.mul_(scale[None, :, None]).to(z.dtype)  # (a, M, D); noise is ours
-    z_aug = (z_rows.unsqueeze(0) + delta).reshape(-1, z.shape[1])
     source = rows.repeat(cfg.aug_per_sample)
     y_aug = y.index_select(0, source)
     zero = torch.zeros((), device=z.device)
     diag = {"frac_augmented": (alpha > 0).float().mean()}
-    out = CarrotOutput(
-        z_aug,
-        y_aug,
-        source,
-        alpha.float(),
-        diag,
-        delta=delta.reshape(-1, z.shape[1]) if features is None else None,
-        gamma=cfg.gamma,
-    )
+    flat = delta.reshape(-1, z.shape[1])
+    if features is None:  # post-LN: z̃ = z[source] + delta, built only if read
+        out = CarrotOutput(y_aug, source, alpha.float(), diag, flat, cfg.gamma, rows=z_rows)
+    else:  # pre-LN rows x̃: the noise is not the change of any head's input
+        z_aug = (z_rows.unsqueeze(0) + delta).reshape(-1, z.shape[1])
+        out = CarrotOutput(y_aug, source, alpha.float(), diag, gamma=cfg.gamma, _z=z_aug)
     if rows.numel() == 0:
         diag |= {"median_alpha": zero, "median_noise_ratio": zero, "violation_rate": zero}
         return out
+    z_aug = out.z.detach() if measure else None  # built with autograd on, for the caller
     with torch.no_grad():
         base = z_rows.detach().float().norm(dim=-1).clamp_min(1e-30)
         diag |= {
@@ -763,7 +774,7 @@ def _assemble(
             "median_noise_ratio": (delta.float().norm(dim=-1) / base).median(),
         }
         if measure:
-            feats = z_aug.detach() if features is None else features(z_aug.detach())
+            feats = z_aug if features is None else features(z_aug)
             out.record_violations(F.linear(feats.float(), weight.detach().float(), _float(bias)))
     return out
 
