@@ -41,6 +41,7 @@ from pipeline.augment.nuisance import (
     row_difference_sq_fast,
     row_norms_up,
     shared_geometry,
+    standard_normal,
     tail_quantile_sq,
     top_competitors,
 )
@@ -195,6 +196,7 @@ def carrot_augment(
     bias: Tensor | None = None,
     logits_error: Tensor | None = None,
     measure: bool = True,
+    workspace: dict | None = None,
 ) -> CarrotOutput:
     """Augment post-LN features ``z`` (B, D) with labels ``y`` (B,) for a head ``weight`` (C, D)
     and optional ``bias`` (C,) (logits ``W z + b``: the bias shifts the margins, the noise does
@@ -213,7 +215,8 @@ def carrot_augment(
     carries gradient to ``z`` (d z̃ / d z = I). ``class_factor`` (C, D, r): low-rank factor
     ``L_y`` of each class covariance, required for ``cfg.noise == "class_cov"`` (noise
     ``P_N L_y ξ``, ξ ~ N(0, I_r); see :func:`class_factor_from_features`).
-    Deterministic given ``generator`` (on ``weight``'s device). Per call: O(C²·D) for the
+    Deterministic given ``generator`` (on ``weight``'s device); ``workspace`` (a dict the
+    caller keeps, as :class:`CarrotAugment` does) reuses scratch buffers. Per call: O(C²·D) for the
     class Gram plus O(B·C·D); never a D×D matrix, no per-sample Python loop.
     """
     if cfg.injection != "post_ln":
@@ -244,6 +247,7 @@ def carrot_augment(
         logits=logits if logits_error is not None else None,
         logits_error=logits_error,
         measure=measure,
+        workspace=workspace,
     )
 
 
@@ -292,7 +296,7 @@ def augment_with_geometry(
                 f"weight has {tuple(weight.shape)}: rebuild it (competitor_geometry)"
             )
         if _has_source(geo, weight):  # staleness and drift in the weight's own dtype
-            wc, stale = None, not torch.equal(geo.source, weight.detach())  # host sync
+            wc, stale = None, not _same_values(geo.source, weight.detach())
         else:
             wc = centered_weight(weight)
             stale = not torch.equal(wc, geo.weight)  # host sync
@@ -332,8 +336,8 @@ def augment_with_geometry(
                 exact_var=exact_var,
                 eta=ETA_PER_COMPETITOR * k,
             )
-        if factor_y is None:
-            base = torch.randn(shape, generator=generator, device=z.device).to(work)
+        if factor_y is None:  # scratch buffers: projected (a fresh tensor) right below
+            base = standard_normal(shape, generator, z.device, work, workspace)
         else:
             xi = torch.randn((*shape[:2], factor_y.shape[2]), generator=generator, device=z.device)
             base = torch.einsum("bdq,abq->abd", factor_y.to(work), xi.to(work))
@@ -377,6 +381,19 @@ def _has_source(geo: Competitors, weight: Tensor) -> bool:
     """Whether ``geo.source`` (the weight it was built from) is comparable with ``weight``."""
     src = geo.source
     return src is not None and src.dtype == weight.dtype and src.device == weight.device
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal(a, b)``, at once when ``b`` views the very memory of ``a`` (a geometry built
+    from this weight in this call); else a host sync."""
+    alias = (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+    return alias or torch.equal(a, b)
 
 
 def _drift(weight: Tensor, geo: Competitors, wc: Tensor | None) -> Tensor:
@@ -687,6 +704,7 @@ class CarrotAugment(nn.Module):
                 bias=bias,
                 logits_error=logits_error,
                 measure=measure,
+                workspace=self._workspace,
             )
         _check_inputs(z, y, weight)
         return augment_with_geometry(

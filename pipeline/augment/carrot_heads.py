@@ -29,6 +29,7 @@ from pipeline.augment.nuisance import (
     project_out,
     tail_quantile_sq,
     top_competitors,
+    workspace_buffer,
 )
 
 __all__ = ["HeadsOutput", "carrot_augment_heads", "supports_heads"]
@@ -72,6 +73,7 @@ def carrot_augment_heads(
     *,
     logits_error: Tensor,
     generators: Sequence[torch.Generator] | None = None,
+    workspace: dict | None = None,
 ) -> HeadsOutput:
     """CARROT noise for post-LN features ``z`` (H, B, D) of H heads with weights ``weight``
     (H, C, D), shared labels ``y`` (B,), and each head's ``logits``
@@ -80,7 +82,8 @@ def carrot_augment_heads(
 
     The augmented logits are ``logits + W_h·delta`` (no gradient flows through ``delta``).
     Head h draws its noise from ``generators[h]`` (the very draw :func:`carrot_augment` makes
-    with it), so a head's result does not depend on the other heads of the call.
+    with it), so a head's result does not depend on the other heads of the call. ``workspace``:
+    a dict the caller keeps, to reuse the draws' buffers between calls.
     Per call: O(H·C²·D) for the Grams plus O(H·B·(K+1)·D).
     """
     h, b, d = z.shape
@@ -109,7 +112,7 @@ def carrot_augment_heads(
         logits_error=torch.broadcast_to(logits_error, (h, b, c)).reshape(n, c),
         row_heads=heads,
     )
-    base = _draws(generators, h, (cfg.aug_per_sample, b, d), z.device)  # (a, N, D) float64
+    base = _draws(generators, h, (cfg.aug_per_sample, b, d), z.device, workspace)  # (a, N, D)
     if k == c - 1:  # every other class competes: one basis per head, nothing outside
         basis, rank = orthonormal_rows(wc)  # (H, R, D), (H,)
         rows = base.view(-1, h, b, d)
@@ -149,16 +152,24 @@ def carrot_augment_heads(
 
 
 def _draws(
-    generators: Sequence[torch.Generator] | None, h: int, shape: tuple, device: torch.device
+    generators: Sequence[torch.Generator] | None,
+    h: int,
+    shape: tuple,
+    device: torch.device,
+    workspace: dict | None,
 ) -> Tensor:
-    """(a, H·B, D) float64 standard normal draws, head h's block from ``generators[h]``."""
+    """(a, H·B, D) float64 standard normal draws, head h's block from ``generators[h]``
+    (scratch in ``workspace`` buffers when given)."""
     if generators is not None and len(generators) != h:
         raise ValueError(f"need one generator per head ({h}), got {len(generators)}")
-    out = torch.empty((h, *shape), device=device)
+    out = workspace_buffer(workspace, "draws", (h, *shape), torch.float32, torch.device(device))
+    out = torch.empty((h, *shape), device=device) if out is None else out
     for i in range(h):
         torch.randn(shape, generator=None if generators is None else generators[i], out=out[i])
     a, b, d = shape
-    return out.transpose(0, 1).reshape(a, h * b, d).to(torch.float64)
+    draws = out.transpose(0, 1).reshape(a, h * b, d)
+    wide = workspace_buffer(workspace, "draws_wide", draws.shape, torch.float64, draws.device)
+    return draws.to(torch.float64) if wide is None else wide.copy_(draws)
 
 
 def _masked_median(values: Tensor, mask: Tensor) -> Tensor:

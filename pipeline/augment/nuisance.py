@@ -533,12 +533,38 @@ def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
 
 def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:
     """A reusable ``workspace`` tensor (fresh CPU pages are costly), or None without one."""
+    return workspace_buffer(workspace, name, shape, like.dtype, like.device)
+
+
+def workspace_buffer(
+    workspace: dict | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """The ``workspace`` tensor ``name`` of that shape, dtype and device (made on first use), or
+    None without a workspace. Its contents are scratch: the next call overwrites them."""
     if workspace is None:
         return None
     buf = workspace.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+        buf = workspace[name] = torch.empty(shape, dtype=dtype, device=device)
     return buf
+
+
+def standard_normal(
+    shape: tuple,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    workspace: dict | None = None,
+) -> Tensor:
+    """float32 N(0, 1) draws of ``shape`` as ``dtype`` (float32 draws cost about a fifth of
+    float64 ones), into ``workspace`` buffers when given: scratch the caller must consume (e.g.
+    project) before the next call. The same values with or without a workspace."""
+    draw = workspace_buffer(workspace, "draw", shape, torch.float32, torch.device(device))
+    out = torch.randn(shape, generator=generator, device=device, out=draw)
+    if dtype == torch.float32:
+        return out
+    wide = workspace_buffer(workspace, "draw_wide", shape, dtype, out.device)
+    return out.to(dtype) if wide is None else wide.copy_(out)
 
 
 def orthonormal_rows(a: Tensor) -> tuple[Tensor, Tensor]:

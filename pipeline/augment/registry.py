@@ -86,7 +86,14 @@ class CarrotAugmentation:
         if self.pre_ln or not supports_heads(self.settings, z.shape[-1], self.num_classes):
             return None
         return carrot_augment_heads(
-            z, y, logits, weight, self.settings, logits_error=logits_error, generators=generators
+            z,
+            y,
+            logits,
+            weight,
+            self.settings,
+            logits_error=logits_error,
+            generators=generators,
+            workspace=self._impl._workspace,
         )
 
 
