@@ -91,6 +91,38 @@ def test_carrot_exact_and_safe_on_cuda(dtype, mode):
     check_carrot_exact_and_safe("cuda", dtype, mode)
 
 
+@pytest.mark.parametrize("topk", [3, 9])  # 9 = C − 1: the shared-basis path
+def test_carrot_heads_batch_on_cuda_equals_head_by_head(topk):
+    """`carrot_augment_heads` on the GPU (the stacked-weight GEMM projection) against
+    head-by-head `carrot_augment` there, with the same per-head generators."""
+    from pipeline.augment.carrot import CarrotConfig, carrot_augment
+    from pipeline.augment.carrot_heads import carrot_augment_heads
+    from pipeline.augment.nuisance import linear_logits_error
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev, h, b, d, c = "cuda", 3, 128, 64, 10
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(h, c, d, generator=g).to(dev)
+    y = torch.randint(0, c, (b,), generator=g).to(dev)
+    z = (2.0 * w[:, y] + 0.4 * torch.randn(h, b, d, generator=g).to(dev)).contiguous()
+    logits = torch.stack([z[i] @ w[i].T for i in range(h)])
+    err = torch.stack([linear_logits_error(z[i], w[i]) for i in range(h)])
+    cfg = CarrotConfig(topk=topk)
+
+    def gens():
+        return [torch.Generator(device=dev).manual_seed(10 + i) for i in range(h)]
+
+    out = carrot_augment_heads(z, y, logits, w, cfg, logits_error=err, generators=gens())
+    for i, gen in enumerate(gens()):
+        ref = carrot_augment(
+            z[i], y, logits[i], w[i], cfg, generator=gen, logits_error=err[i], measure=False
+        )
+        torch.testing.assert_close(out.alpha[i], ref.alpha, rtol=1e-5, atol=0)
+        rows = torch.nonzero(out.augmented[i]).squeeze(1)
+        assert torch.equal(rows, ref.source)
+        torch.testing.assert_close(out.delta[i, rows], ref.delta, rtol=1e-4, atol=1e-5)
+
+
 def test_head_bank_trains_on_cuda():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
