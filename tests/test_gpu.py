@@ -99,7 +99,6 @@ def test_carrot_heads_batch_on_cuda_equals_head_by_head(topk):
     from pipeline.augment.carrot_heads import carrot_augment_heads
     from pipeline.augment.nuisance import linear_logits_error
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     dev, h, b, d, c = "cuda", 3, 128, 64, 10
     g = torch.Generator().manual_seed(0)
     w = torch.randn(h, c, d, generator=g).to(dev)
