@@ -76,8 +76,8 @@ def carrot_augment_heads(
     workspace: dict | None = None,
 ) -> HeadsOutput:
     """CARROT noise for post-LN features ``z`` (H, B, D) of H heads with weights ``weight``
-    (H, C, D), shared labels ``y`` (B,), and each head's ``logits``
-    (H, B, C) ≈ ``W_h z_h + b_h`` (biases included) within ``logits_error`` (broadcastable to (H, B, C); see
+    (H, C, D), shared labels ``y`` (B,), and each head's ``logits`` (H, B, C) ≈ ``W_h z_h + b_h``
+    (biases included) within ``logits_error`` (broadcastable to (H, B, C); see
     :func:`~pipeline.augment.nuisance.linear_logits_error`): margins are read off them.
 
     The augmented logits are ``logits + W_h·delta`` (no gradient flows through ``delta``).
