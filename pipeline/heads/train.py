@@ -654,9 +654,16 @@ class _MinibatchRun:
 
 
 # ----------------------------------------------------------------------------- entry point
+# Balanced accuracies equal to this many digits are a tie: a mean of per-class recalls differs
+# in its last float32 bits with the order of the classes whose recalls it sums (on the digits
+# store three λ scored 0.716667 and the first one won by rounding, not by the loss rule)
+ACCURACY_DIGITS = 6
+
+
 def select_best(val: Sequence[dict[str, float]], augmented: Sequence[bool] | None = None) -> int:
-    """Index of the head with the highest validation balanced accuracy; ties → a head without
-    augmentation (``augmented[h]`` False) → lowest validation loss → lowest index.
+    """Index of the head with the highest validation balanced accuracy (to ``ACCURACY_DIGITS``
+    digits); ties → a head without augmentation (``augmented[h]`` False) → lowest validation
+    loss → lowest index.
 
     An augmentation must earn its place beyond validation noise (the one-standard-error rule):
     when the scores carry their validation ``rows`` n, an augmented head is chosen over the best
@@ -666,7 +673,8 @@ def select_best(val: Sequence[dict[str, float]], augmented: Sequence[bool] | Non
     aug = augmented if augmented is not None else [False] * len(val)
 
     def key(h: int) -> tuple:
-        return (-val[h]["balanced_accuracy"], bool(aug[h]), val[h]["loss"], h)
+        acc = round(float(val[h]["balanced_accuracy"]), ACCURACY_DIGITS)  # float noise is a tie
+        return (-acc, bool(aug[h]), val[h]["loss"], h)
 
     best = min(range(len(val)), key=key)
     plain = [h for h in range(len(val)) if not aug[h]]

@@ -346,6 +346,25 @@ def test_selection_prefers_the_plain_head_on_an_accuracy_tie():
     assert select_best(val, [False, True, False]) == 1
 
 
+def test_accuracies_equal_but_for_float_rounding_are_a_tie_broken_by_the_loss():
+    """Balanced accuracy is a float32 mean of per-class recalls: the same recalls summed in
+    another class order differ in the last bits. That is a tie: the lower loss wins."""
+    from pipeline.heads.train import select_best
+
+    recalls = torch.tensor([16 / 18, 17 / 19, 15 / 17, 18 / 18, 14 / 19, 13 / 17])
+    a, b = float(recalls.mean()), float(recalls.flip(0).mean())
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    c = float(recalls[perm].mean())
+    assert len({a, b, c}) > 1  # the same recalls, different floats
+    val = [
+        {"balanced_accuracy": max(a, b, c), "loss": 2.9},
+        {"balanced_accuracy": min(a, b, c), "loss": 1.8},
+    ]
+    assert select_best(val) == 1
+    val[1]["balanced_accuracy"] -= 1e-4  # a real difference still decides
+    assert select_best(val) == 0
+
+
 def test_an_augmented_head_must_beat_plain_by_one_standard_error():
     """With the validation row count known, p = 0.8 on n = 400 rows has a standard error of
     0.02: an augmented head 0.015 ahead is noise (plain kept), 0.025 ahead wins; plain heads
