@@ -1,7 +1,8 @@
 """Feature-space augmentations in the post-LayerNorm space of a head.
 
 ``base`` (the interface every augmentation implements) · ``carrot`` and ``nuisance`` (CARROT and
-its geometry, docs/CARROT.md) · ``peers`` (none, gaussian, isda, dc, mixup: the baselines CARROT is
+its geometry, docs/CARROT.md) · ``carrot_heads`` (CARROT for all the heads of a bank group in
+one call) · ``peers`` (none, gaussian, isda, dc, mixup: the baselines CARROT is
 compared with) · ``registry`` (names → settings and factories). Nothing here imports stage 2.
 """
 
@@ -19,6 +20,8 @@ __getattr__, __dir__, __all__ = lazy_surface(
         "carrot_augment_pre_ln": "carrot",
         "carrot_loss": "carrot",
         "class_factor_from_features": "carrot",
+        "carrot_augment_heads": "carrot_heads",
+        "HeadsOutput": "carrot_heads",
         "GaussianSettings": "peers",
         "IsdaSettings": "peers",
         "DCSettings": "peers",
