@@ -723,6 +723,11 @@ class CarrotAugment(nn.Module):
             rows=y,
         )
 
+    @property
+    def workspace(self) -> dict:
+        """Scratch buffers reused between calls (also by callers batching heads)."""
+        return self._workspace
+
     def class_geometry(self, weight: Tensor) -> Competitors:
         """Cached geometry of all C classes (N = C rows); counts one call toward the refresh."""
         key = (tuple(weight.shape), weight.dtype, weight.device)

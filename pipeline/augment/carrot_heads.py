@@ -1,4 +1,4 @@
-"""CARROT for a group of heads at once: one geometry over stacked weights, one noise draw.
+"""CARROT for a group of heads at once: one geometry over stacked weights, one projection.
 
 :func:`carrot_augment` serves one head (C, D); a head bank trains many heads with the same
 CARROT settings over the same batch, and per call each head pays a few milliseconds of small-op

@@ -93,7 +93,7 @@ class CarrotAugmentation:
             self.settings,
             logits_error=logits_error,
             generators=generators,
-            workspace=self._impl._workspace,
+            workspace=self._impl.workspace,
         )
 
 
