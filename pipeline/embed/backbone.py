@@ -26,6 +26,7 @@ from PIL import Image
 from pipeline.embed.cache_point import cached_activations, check_cache_model
 from pipeline.embed.feature_modes import check_model, last_blocks
 from pipeline.embed.feature_modes import embed as embed_features
+from pipeline.embed.seeding import seeded_global_rngs
 from pipeline.embed.weights import (
     check_checkpoint_fits,
     checkpoint_load_error,
@@ -265,8 +266,7 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
         ensure_hub_weights_available(cfg.name)
     try:
         # random init (and anything timm leaves random) is seeded; the caller's RNG is restored
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+        with seeded_global_rngs(cfg.seed):
             model = _build_model(
                 cfg, pretrained=overlay is not None or use_hub, pretrained_cfg_overlay=overlay
             )

@@ -13,7 +13,6 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import random
 import signal
 import sys
 import time
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.embed.backbone import Backbone
 from pipeline.embed.images import ImageLoadError
+from pipeline.embed.seeding import seeded_global_rngs
 from pipeline.embed.sources import ImageSource
 from pipeline.errors import InputError
 from pipeline.terminal import printable
@@ -296,14 +296,6 @@ def run_seeded(
     fn: Callable[[Image.Image], torch.Tensor], img: Image.Image, seed: int
 ) -> torch.Tensor:
     """Run ``fn(img)`` with Python, NumPy and torch RNGs seeded by ``seed``; the global RNG
-    states are restored afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            return fn(img)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    states are restored afterwards (`pipeline.embed.seeding`: one thread at a time)."""
+    with seeded_global_rngs(seed):
+        return fn(img)
