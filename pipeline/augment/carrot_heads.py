@@ -22,6 +22,7 @@ from torch import Tensor
 from pipeline.augment.carrot import DEFAULT_RELATIVE_CAP, CarrotConfig
 from pipeline.augment.nuisance import (
     cap_alpha,
+    centered_weight,
     chance_alpha,
     competitor_geometry,
     margin_slack,
@@ -99,8 +100,7 @@ def carrot_augment_heads(
     heads = torch.arange(h, device=z.device).repeat_interleave(b)  # (N,) head of each row
     labels = y.repeat(h)  # (N,) head-local
     zf = z.reshape(n, d)
-    wc = weight.double()
-    wc = wc - wc.mean(dim=1, keepdim=True)  # (H, C, D) centred per head
+    wc = centered_weight(weight)  # (H, C, D) centred per head
     k = min(cfg.topk, c - 1)
     slack = margin_slack(
         zf,

@@ -85,9 +85,10 @@ class Competitors:
 
 
 def centered_weight(weight: Tensor) -> Tensor:
-    """Centred, detached float64 copy of ``weight`` (C, D); margins and every ``d_c`` unchanged."""
+    """Centred, detached float64 copy of ``weight`` (C, D), or of each head's (H, C, D); margins
+    and every ``d_c`` unchanged."""
     w = weight.detach().to(torch.float64)
-    return w - w.mean(dim=0, keepdim=True)
+    return w - w.mean(dim=-2, keepdim=True)
 
 
 def nearest_classes(gram: Tensor, k: int) -> Tensor:
@@ -421,7 +422,8 @@ def project_out(
         if geo.basis_rows is not None and v.device.type == "cpu":
             return project_out_indexed(basis.to(v.dtype), geo.basis_rows, v)
         if geo.basis_rows is not None:
-            out = _buffer(workspace, "basis", (geo.basis_rows.shape[0], *basis.shape[1:]), basis)
+            shape = (geo.basis_rows.shape[0], *basis.shape[1:])
+            out = workspace_buffer(workspace, "basis", shape, basis.dtype, basis.device)
             basis = torch.index_select(basis, 0, geo.basis_rows, out=out)
         return project_out_explicit(basis.to(v.dtype), v)
     v = v.to(torch.float64)
@@ -531,16 +533,12 @@ def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
     return _minus_weighted_row_sums(vv, flat, cols, coef, k).view(v.shape)
 
 
-def _buffer(workspace: dict | None, name: str, shape: tuple, like: Tensor) -> Tensor | None:
-    """A reusable ``workspace`` tensor (fresh CPU pages are costly), or None without one."""
-    return workspace_buffer(workspace, name, shape, like.dtype, like.device)
-
-
 def workspace_buffer(
     workspace: dict | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device
 ) -> Tensor | None:
-    """The ``workspace`` tensor ``name`` of that shape, dtype and device (made on first use), or
-    None without a workspace. Its contents are scratch: the next call overwrites them."""
+    """The ``workspace`` tensor ``name`` of that shape, dtype and device (made on first use; fresh
+    CPU pages are costly), or None without a workspace. Its contents are scratch: the next call
+    overwrites them."""
     if workspace is None:
         return None
     buf = workspace.get(name)

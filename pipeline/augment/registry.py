@@ -79,8 +79,8 @@ class CarrotAugmentation:
     def augment_heads(self, z, y, logits, weight, generators, logits_error):
         """Every head of a group at once (z (h, B, D), logits (h, B, C), weight (h, C, D),
         ``logits_error`` broadcastable to (h, B, C), one generator per head):
-        `carrot_augment_heads`'s output, or None
-        where its settings are not covered (then the caller goes head by head)."""
+        `carrot_augment_heads`'s output, or None where its settings are not covered (then the
+        caller goes head by head)."""
         from pipeline.augment.carrot_heads import carrot_augment_heads, supports_heads
 
         if self.pre_ln or not supports_heads(self.settings, z.shape[-1], self.num_classes):

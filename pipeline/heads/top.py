@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.embed.cache_point import model_top, top_blocks, top_norms
+from pipeline.embed.seeding import seeded_global_rngs
 from pipeline.errors import InputError
 
 
@@ -228,8 +229,7 @@ def train_top(
     _, shape = cache_point(store)
     num_classes = len(store.class_names)
     device = torch.device(settings.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+    with seeded_global_rngs(settings.seed):  # the top's init, one thread at a time
         cfg = backbone_config_of(store, device=settings.device, checkpoint=settings.checkpoint)
         backbone = create_backbone(cfg)
         top = PartialTop(backbone.model, cached, settings.blocks, num_classes).to(device)
