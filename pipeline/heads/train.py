@@ -46,6 +46,7 @@ from pipeline.heads.features import FeatureSet, Split
 from pipeline.heads.lbfgs import solve_softmax_lbfgs
 from pipeline.heads.optim import BankOptimizer, lr_at
 from pipeline.heads.precondition import standardizing_affine
+from pipeline.heads.softmax import log_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def cross_entropy(
     heads or ``y (M, h)`` per head (or soft ``y_soft (M, C)``), ``smoothing (h,)`` → ``(h,)``.
     Same as ``F.cross_entropy(logits[:, i], y, label_smoothing=smoothing[i])`` per head.
     ``mask (M, h)`` bool: the mean runs over each head's True rows only (padding)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = log_softmax(logits.float())
     if y_soft is None:
         idx = y[..., None] if y.ndim == 2 else y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)
         nll = -logp.gather(-1, idx).squeeze(-1)  # (M, h)
@@ -95,7 +96,7 @@ def evaluate_bank(
     for start in range(0, n, batch_size):
         X, y = split.X[start : start + batch_size], split.y[start : start + batch_size]
         logits = bank.head_logits(bank.normalize(X), sl)  # (b, h, C)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = log_softmax(logits.float())
         loss += -logp.gather(-1, y.view(-1, 1, 1).expand(-1, h, 1)).squeeze(-1).sum(0).double()
         correct = (logits.argmax(-1) == y[:, None]).float().t()  # (h, b)
         hits.index_add_(1, y, correct)
