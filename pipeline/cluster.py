@@ -131,7 +131,9 @@ def _local_cluster(workers: int) -> Iterator[Cluster]:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address=None,  # no dashboard; its HTTP server (health, metrics)
+                # on a free local port, not 8787 (a user's own cluster's, or a second carrot's)
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
             ) as cluster,
         ):

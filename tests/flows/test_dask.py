@@ -179,6 +179,28 @@ def test_local_cluster_puts_the_environment_back():
     assert dict(os.environ) == before
 
 
+def test_local_cluster_leaves_the_dashboard_port_alone():
+    """The local cluster's scheduler serves HTTP on a free local port: with 8787 taken (here, or
+    by another cluster), Dask warns of nothing and 8787 stays its owner's."""
+    import socket
+    import warnings
+
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 8787))
+        taken.listen()
+    except OSError:
+        pass  # already held by someone else: taken all the same
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with dask_cluster(DaskOptions(workers=1)) as c:
+                assert c.threads == 1
+    finally:
+        taken.close()
+    assert not [w for w in caught if "already in use" in str(w.message)]
+
+
 def test_bad_cluster_options_are_input_errors():
     from pipeline.cluster import _connect
 
