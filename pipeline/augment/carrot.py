@@ -31,6 +31,7 @@ from pipeline.augment.nuisance import (
     difference_sq,
     distinct_rows,
     factor_spectrum,
+    gemm_error_factor,
     margin_slack,
     nearest_classes,
     orthonormal_rows,
@@ -39,7 +40,6 @@ from pipeline.augment.nuisance import (
     project_out_explicit,
     row_difference_sq,
     row_difference_sq_fast,
-    row_norms_up,
     shared_geometry,
     standard_normal,
     tail_quantile_sq,
@@ -311,8 +311,8 @@ def augment_with_geometry(
             factor_y = factor.index_select(0, y)  # (B, D, r)
             scale = spectral_sq[y][:, None]  # ‖L_yᵀu‖² ≤ σ_max(L_y)²‖u‖²
         if stale and factor_y is None:
-            drift = _drift(weight, geo, wc)
-            alpha = _stale_alpha_isotropic(slack, eligible, source_geo, drift, cfg, rows, workspace)
+            frame = _drift_frame(weight, geo, wc)
+            alpha = _stale_alpha_isotropic(slack, eligible, source_geo, frame, cfg, rows, workspace)
         elif stale:
             wc = centered_weight(weight) if wc is None else wc
             alpha = _stale_alpha(slack, eligible, geo, wc, cfg, factor_y, scale, work)
@@ -396,47 +396,40 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return alias or torch.equal(a, b)
 
 
-def _drift(weight: Tensor, geo: Competitors, wc: Tensor | None) -> Tensor:
-    """(C, D) rows ``Δ_c`` up to a shared offset (which cancels in every ``Δ_y − Δ_c``): the
-    current weight minus ``geo.source`` (at least float32, rounded once), else the float64
-    centred difference."""
-    src = geo.source
+def _drift_frame(weight: Tensor, geo: Competitors, wc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(position, origin), both (C, D): the drift is ``Δ = position − origin`` up to a shared
+    offset (which cancels in every ``Δ_y − Δ_c``). The current weight and ``geo.source`` (at
+    least float32), else the float64 centred weight and ``geo.weight``."""
     if _has_source(geo, weight):
         dt = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16: difference in fp32
-        return weight.detach().to(dt) - src.to(dt)
-    return (centered_weight(weight) if wc is None else wc) - geo.weight
+        return weight.detach().to(dt), geo.source.to(dt)
+    return (centered_weight(weight) if wc is None else wc), geo.weight
 
 
 def _stale_alpha_isotropic(
     slack: Tensor,
     eligible: Tensor,
     geo: Competitors,
-    drift: Tensor,
+    frame: tuple[Tensor, Tensor],
     cfg: CarrotConfig,
     rows: Tensor | None = None,
     workspace: dict | None = None,
 ) -> Tensor:
-    """(B,) float64 α of :func:`_stale_alpha` for isotropic noise, one bound per distinct class.
+    """(B,) float64 α of :func:`_stale_alpha` for isotropic noise; ``frame`` (position, origin)
+    gives the drift ``Δ = position − origin`` (:func:`_drift_frame`).
 
     For every class c ≠ y the margin moves by ``√α·d_cᵀ P_N ε`` (OLD projector, CURRENT
-    ``d_c = d_c⁰ + (Δ_y − Δ_c)``): variance ``≤ (√s_c⁰ + ‖Δ_y − Δ_c‖)²``, which for a Kset class
-    (``s_k⁰ = 0``) is ``‖Δ_y − Δ_k‖²`` (≥ ``‖P_N (Δ_y − Δ_k)‖²``). The union bound runs over all
-    C − 1 classes; ``‖Δ_y − Δ_c‖`` comes from :func:`_moved_norms`. Rows not ``eligible`` get 0.
-    ``rows``: as in :func:`augment_with_geometry`; ``workspace`` keeps the anchor of
-    :func:`_moved_norms` between calls.
+    ``d_c = d_c⁰ + (Δ_y − Δ_c)``): its standard deviation per unit √α is
+    ``≤ √s_c⁰ + ‖Δ_y − Δ_c‖`` (:func:`_stale_spread`), which for a Kset class (``s_k⁰ = 0``) is
+    ``‖Δ_y − Δ_k‖`` (≥ ``‖P_N (Δ_y − Δ_k)‖``). The union bound runs over all C − 1 classes:
+    ``α = min_c (slack_c / spread_c)² / q²``, shrunk by 16 float64 units for the roundings of
+    the spread and of the quotient. Rows not ``eligible`` get 0. ``rows``: as in
+    :func:`augment_with_geometry`; ``workspace`` keeps the anchor of :func:`_stale_spread`.
     """
-    if rows is None:
-        first, inverse = distinct_rows(geo)
-    else:
-        first, inverse = torch.unique(rows, return_inverse=True)
-    labels = geo.labels.index_select(0, first)  # (U,)
-    moved = _moved_norms(drift, labels, geo.source, workspace)  # (U, C) ≥ ‖Δ_y − Δ_c‖
-    s0 = geo.nuisance_var.index_select(0, first)  # (U, C), 0 for Kset classes and y
-    bound = (s0.sqrt_() + moved).square_().mul_(1 + 8 * _EPS64)
-    c = drift.shape[0]
-    q2 = tail_quantile_sq(cfg.delta, c - 1, cfg.quantile)
-    ratio = slack.clamp_min(0).square_().div_(bound.index_select(0, inverse))  # +inf at y
-    alpha = ratio.amin(dim=1).div_(q2)
+    spread = _stale_spread(*frame, geo, rows, workspace)
+    q2 = tail_quantile_sq(cfg.delta, frame[0].shape[0] - 1, cfg.quantile)
+    ratio = torch.div(slack, spread, out=spread)  # +inf at y; the rows it matters for: > 0
+    alpha = ratio.amin(dim=1).square_().mul_((1 - 16 * _EPS64) / q2)
     return torch.where(eligible & ~alpha.isnan(), alpha, 0.0)
 
 
@@ -445,44 +438,73 @@ def _stale_alpha_isotropic(
 DRIFT_ANCHOR_CALLS = 5
 
 
-def _moved_norms(
-    drift: Tensor, labels: Tensor, source: Tensor | None, workspace: dict | None
+def _stale_spread(
+    position: Tensor,
+    origin: Tensor,
+    geo: Competitors,
+    rows: Tensor | None,
+    workspace: dict | None,
 ) -> Tensor:
-    """(U, C) float64 upper bounds of ``‖Δ_y − Δ_c‖`` for drift rows (C, D) and labels (U,).
+    """(B, C) float64 upper bounds of ``√s_c⁰ + ‖Δ_y − Δ_c‖`` (a fresh tensor) for the drift
+    ``Δ = position − origin`` (rows (C, D), rounded once), a geometry ``geo`` of N rows (its
+    ``labels``, ``nuisance_var`` s⁰ and ``source``), and ``rows`` (B,) the geometry row of each
+    batch row (None: N = B, row b is row b).
 
-    Without a ``workspace``: one float32 (U, D) × (D, C) product rounded up
-    (:func:`row_difference_sq_fast`). With one (a dict kept between calls, as
-    :class:`CarrotAugment` does): the exact (C, C) bound at an *anchor* drift ``Δ^a``, taken
-    every :data:`DRIFT_ANCHOR_CALLS` calls, and in between
-    ``‖Δ_y − Δ_c‖ ≤ ‖Δ^a_y − Δ^a_c‖ + ‖e_y‖ + ‖e_c‖`` with ``e = Δ − Δ^a`` (norms rounded up,
-    the float rounding of ``e`` included) — O(C·D) a call instead of O(U·D·C). The anchor
-    belongs to the geometry's ``source`` weight and is retaken when that changes.
+    Without a ``workspace``: one float32 (U, D) × (D, C) product for the U distinct geometry
+    rows, rounded up (:func:`row_difference_sq_fast`). With one (a dict kept between calls, as
+    :class:`CarrotAugment` does): the exact spread of all N rows at an *anchor* position ``p^a``,
+    taken every :data:`DRIFT_ANCHOR_CALLS` calls, and in between
+    ``‖Δ_y − Δ_c‖ ≤ ‖Δ^a_y − Δ^a_c‖ + ‖e_y‖ + ‖e_c‖`` with ``e = position − p^a`` (norms rounded
+    up, the float rounding of ``e`` included) — one (C, D) difference, a gather and two broadcast
+    sums a call instead of a product. The anchor belongs to the geometry's ``source`` weight and
+    is retaken when that changes.
     """
+    labels, nuisance_var, source = geo.labels, geo.nuisance_var, geo.source
     if workspace is None or source is None:
-        return row_difference_sq_fast(drift, labels).sqrt_()
+        if rows is None:
+            first, inverse = distinct_rows(geo)
+        else:
+            first, inverse = torch.unique(rows, return_inverse=True)
+        drift = position - origin
+        moved = row_difference_sq_fast(drift, labels.index_select(0, first)).sqrt_()
+        root = nuisance_var.index_select(0, first).sqrt_().add_(moved)  # (U, C)
+        return root.index_select(0, inverse)
     anchor = workspace.get("drift_anchor")
     fresh = (
         anchor is None
         or anchor["source"] is not source
         or anchor["calls"] >= DRIFT_ANCHOR_CALLS
-        or anchor["drift"].shape != drift.shape
-        or anchor["drift"].dtype != drift.dtype
+        or anchor["position"].shape != position.shape
+        or anchor["position"].dtype != position.dtype
+        or anchor["root"].shape != nuisance_var.shape
     )
     if fresh:
-        every = torch.arange(drift.shape[0], device=drift.device)
+        every = torch.arange(position.shape[0], device=position.device)
+        moved = row_difference_sq_fast(position - origin, every).sqrt_()  # (C, C)
         anchor = workspace["drift_anchor"] = {
             "source": source,  # held, so that its identity cannot be reused
-            "drift": drift.clone(),
-            "moved": row_difference_sq_fast(drift, every).sqrt_(),  # (C, C)
+            "position": position.clone(),
+            "root": nuisance_var.sqrt().add_(moved.index_select(0, labels)),  # (N, C)
             "calls": 0,
         }
     anchor["calls"] += 1
-    moved = anchor["moved"].index_select(0, labels)
+    root = anchor["root"]
+    spread = root.clone() if rows is None else root.index_select(0, rows)
     if fresh:
-        return moved
-    unit = torch.finfo(drift.dtype).eps / 2  # e is rounded once: ‖exact e‖ ≤ ‖e‖/(1 − u)
-    step = row_norms_up(drift - anchor["drift"]).mul_((1 + 2 * unit) * (1 + 4 * _EPS64))
-    return moved.add_(step.index_select(0, labels)[:, None]).add_(step[None, :])
+        return spread
+    step = _norms_up(position - anchor["position"])  # (C,) ≥ ‖e_c‖
+    own = step.index_select(0, labels if rows is None else labels.index_select(0, rows))
+    return spread.add_(step[None, :]).add_(own[:, None])
+
+
+def _norms_up(e: Tensor) -> Tensor:
+    """(C,) float64 upper bounds of the exact row norms of e (C, D) float32/64 rounded once from
+    exact differences: ``‖exact e‖ ≤ ‖e‖/(1 − u)``, the norm's own sum of squares within
+    ``γ_{D+2}`` and its square root within u (any summation order), float64 rounding above."""
+    unit = torch.finfo(e.dtype).eps / 2
+    gamma = gemm_error_factor(e.shape[1], e.dtype)  # γ_{D+2}
+    up = (1 + 2 * unit) * (1 + gamma) * (1 + 2 * unit) * (1 + 4 * _EPS64)
+    return torch.linalg.vector_norm(e, dim=1).double().mul_(up)
 
 
 def _stale_alpha(

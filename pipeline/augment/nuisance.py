@@ -19,6 +19,7 @@ represented by its orthonormal basis alone (``pinv`` is None).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -486,7 +487,7 @@ def _minus_weighted_row_sums(
     output becomes the result (no second (M, D) buffer: fresh CPU pages are costly)."""
     starts = torch.arange(0, cols.shape[0], r, device=cols.device)
     sums = F.embedding_bag(cols, table, starts, mode="sum", per_sample_weights=weights)
-    return sums.neg_().add_(v)
+    return torch.sub(v, sums, out=sums)
 
 
 def distinct_rows(geo: Competitors) -> tuple[Tensor, Tensor]:
@@ -528,8 +529,9 @@ def project_out_indexed(basis: Tensor, rows: Tensor, v: Tensor) -> Tensor:
     n = rows.shape[0]
     flat = basis.reshape(g * k, d)
     vv = v.reshape(-1, d)  # (a·N, D), copies stacked copy-major
-    cols = (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1)
-    cols = cols.repeat(vv.shape[0] // n)  # (a·N·K,) basis rows of each row, in row order
+    cols = (rows[:, None] * k + torch.arange(k, device=rows.device)).view(-1)
+    if vv.shape[0] > n:
+        cols = cols.repeat(vv.shape[0] // n)  # (a·N·K,) basis rows of each row, in row order
     coef = _sampled_dots(vv, flat, cols)  # (a·N·K,) = Q_r v
     return _minus_weighted_row_sums(vv, flat, cols, coef, k).view(v.shape)
 
@@ -586,6 +588,7 @@ def orthonormal_rows(a: Tensor) -> tuple[Tensor, Tensor]:
     return basis, rank
 
 
+@functools.lru_cache(maxsize=256)
 def tail_quantile_sq(delta: float, n_out: int, kind: str) -> float:
     """q² for the union bound over ``n_out`` Gaussian margins: P(any below) ≤ delta.
 
@@ -634,7 +637,7 @@ def margin_slack(
             raise ValueError(f"logits {tuple(logits.shape)} do not match z and weight")
         if logits.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"logits with logits_error must be float32/64, not {logits.dtype}")
-        values = logits.detach().double()
+        values = logits.detach().to(torch.float64, copy=True)  # ours: worked on in place
         err = torch.broadcast_to(logits_error.detach().double(), values.shape)
         if u_out:  # rounding z̃: ‖w_y − w_c‖ ≤ ‖w_y‖ + ‖w_c‖, norms in float32 rounded up
             up = 1 + gemm_error_factor(d, torch.float32)
@@ -642,9 +645,11 @@ def margin_slack(
             norms = norms[None, :] if row_heads is None else norms.index_select(0, row_heads)
             z_norm = z.detach().float().norm(dim=1, keepdim=True).double()
             err = torch.addcmul(err, z_norm, norms, value=2 * u_out * up * up)
-        # margin − allowance = (l_y − e_y) − (l_c + e_c): exact float32 values in float64
-        low, high = values - err, values + err
-        return (low.gather(1, y[:, None]) - gamma - high).scatter_(1, y[:, None], float("inf"))
+        # margin − allowance = (l_y − e_y) − γ − (l_c + e_c): exact float32 values in float64
+        own = y[:, None]
+        low = values.gather(1, own).sub_(err.gather(1, own)).sub_(gamma)  # (B, 1)
+        high = values.add_(err)  # (B, C) l_c + e_c, in place
+        return torch.sub(low, high, out=high).scatter_(1, own, float("inf"))
     if row_heads is not None:
         raise ValueError("margins of several heads are read off their logits: pass logits_error")
     if z.dtype != torch.float64 and _ieee_fp32_matmul(z.device):

@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from pipeline.augment.carrot import (
     DRIFT_ANCHOR_CALLS,
     CarrotAugment,
     CarrotConfig,
-    _moved_norms,
+    _stale_spread,
     carrot_augment,
     carrot_loss,
 )
 from pipeline.augment.nuisance import (
+    Competitors,
     linear_logits_error,
     margin_slack,
     row_difference_sq,
@@ -131,30 +133,48 @@ def test_fast_row_difference_never_underestimates(n, d, c, scale, dtype, seed):
     st.integers(2, 200),
     SCALES,
     st.sampled_from([torch.float32, torch.float64]),
+    st.booleans(),
     st.integers(0, 2**16),
 )
-def test_anchored_drift_bound_never_underestimates(c, d, scale, dtype, seed):
-    """The drift bound of a stale class geometry, exact at an anchor call and grown by the
-    triangle inequality in between (``_moved_norms`` with a workspace), is ≥ the float64
-    ‖Δ_y − Δ_c‖ at every call over two anchors and a change of source; and tight (within
-    rounding) at the anchor calls."""
+def test_anchored_stale_spread_never_underestimates(c, d, scale, dtype, per_row, seed):
+    """The spread bound ``√s_c⁰ + ‖Δ_y − Δ_c‖`` of a stale geometry, exact at an anchor call and
+    grown by the triangle inequality in between (``_stale_spread`` with a workspace), is ≥ its
+    float64 value at every call over two anchors and a change of source, for a class geometry
+    seen through ``rows`` and for a per-row one; tight (within rounding) at the anchor calls,
+    as is the stateless form there."""
     g = _gen(seed)
+    n = 7 if per_row else c
+    labels = torch.randint(0, c, (n,), generator=g) if per_row else torch.arange(c)
+    s0 = scale**2 * torch.rand(n, c, generator=g, dtype=torch.float64)
+    s0[torch.rand(n, c, generator=g) < 0.3] = 0.0  # Kset classes: s⁰ = 0
+    rows = None if per_row else torch.randint(0, c, (9,), generator=g)
     source, other = torch.zeros(1), torch.zeros(1)
+
+    def geometry(src: Tensor) -> Competitors:
+        empty = torch.empty(0)
+        return Competitors(labels, empty, None, empty, s0, empty, empty, source=src)
+
     drift = scale * torch.randn(c, d, generator=g, dtype=torch.float64)
+    origin = (10 * scale * torch.randn(c, d, generator=g)).to(dtype)  # the source weight
     workspace: dict = {}
-    labels = torch.randint(0, c, (7,), generator=g)
+    seen = labels if rows is None else labels[rows]
     for call in range(2 * DRIFT_ANCHOR_CALLS + 3):
         step = 10.0 ** -int(torch.randint(0, 4, (), generator=g)) * scale
         drift = drift + step * torch.randn(c, d, generator=g, dtype=torch.float64)
-        src = source if call < 2 * DRIFT_ANCHOR_CALLS else other  # then a refresh
-        got = _moved_norms(drift.to(dtype), labels, src, workspace)
-        d64 = drift.to(dtype).double()
-        exact = (d64[labels][:, None, :] - d64[None, :, :]).square().sum(-1).sqrt()
+        geo = geometry(source if call < 2 * DRIFT_ANCHOR_CALLS else other)  # then a refresh
+        position = (origin.double() + drift).to(dtype)  # the current weight
+        got = _stale_spread(position, origin, geo, rows, workspace)
+        d64 = position.double() - origin.double()
+        moved = (d64[seen][:, None, :] - d64[None, :, :]).square().sum(-1).sqrt()
+        exact = (s0 if rows is None else s0[rows]).sqrt() + moved
         assert (got >= exact).all(), call
         if call % DRIFT_ANCHOR_CALLS == 0 or call == 2 * DRIFT_ANCHOR_CALLS:  # an anchor
             norms = d64.norm(dim=1)
-            scale_sq = (norms[labels][:, None] + norms[None, :]).square()
-            assert (got.square() - exact.square() <= 1e-3 * scale_sq).all()
+            room = 0.04 * (norms[seen][:, None] + norms[None, :]) + 1e-12 * exact
+            stateless = _stale_spread(position, origin, geo, rows, None)
+            for bound in (got, stateless):
+                assert (bound >= exact).all() and (bound - exact <= room).all(), call
+    assert workspace["drift_anchor"]["source"] is other
 
 
 def test_margins_read_off_logits_are_no_larger_than_exact():
