@@ -137,9 +137,10 @@ class CarrotOutput:
     it is left to whoever computes the augmented logits: :meth:`record_violations`).
     ``delta`` (M, D): the noise ``z̃ − z[source]``, detached (post-LN injection; None pre-LN), so
     the augmented logits are ``logits[source] + W·delta`` (:func:`carrot_loss`); ``gamma`` the
-    margin floor the violations are counted against. Post-LN, ``z`` is built on first access
-    from ``rows`` (the augmented input rows, (M / aug_per_sample, D)) and ``delta``: a caller
-    that uses ``delta`` (the bank, :func:`carrot_loss`) never pays for it.
+    margin floor the violations are counted against; ``every_row``: ``source`` is 0, 1, …, B − 1.
+    Post-LN, ``z`` is built on first access from ``rows`` (the augmented input rows,
+    (M / aug_per_sample, D)) and ``delta``: a caller that uses ``delta`` (the bank,
+    :func:`carrot_loss`) never pays for it.
     """
 
     y: Tensor
@@ -150,6 +151,7 @@ class CarrotOutput:
     gamma: float = 0.0
     rows: Tensor | None = None
     _z: Tensor | None = field(default=None, repr=False)
+    every_row: bool = False  # source is 0, 1, …, B − 1: every row augmented once
 
     @property
     def z(self) -> Tensor:
@@ -347,8 +349,11 @@ def augment_with_geometry(
         noise = noise.to(torch.promote_types(z.dtype, torch.float32))
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
-        alpha = cap_alpha(alpha, eligible, noise, z.detach().float().norm(dim=1).double(), cap)
-    return _assemble(z, y, weight, cfg, alpha, noise, features=None, bias=bias, measure=measure)
+        z_norm = torch.linalg.vector_norm(z.detach().float(), dim=1)  # (B,) float32
+        alpha = cap_alpha(alpha, eligible, noise, z_norm.double(), cap)
+    return _assemble(
+        z, y, weight, cfg, alpha, noise, features=None, bias=bias, measure=measure, norms=z_norm
+    )
 
 
 class _RowView:
@@ -660,8 +665,9 @@ def carrot_loss(
     loss = F.cross_entropy(real, y)
     if out.y.shape[0] == 0 or aug_weight == 0:
         return loss
-    if out.delta is not None:
-        aug = real.index_select(0, out.source) + F.linear(out.delta, head_weight)
+    if out.delta is not None:  # every row augmented once: source is 0..B−1, no gather
+        base = real if out.every_row else real.index_select(0, out.source)
+        aug = torch.addmm(base, out.delta, head_weight.T)
     else:
         aug = F.linear(out.z, head_weight, bias)
     if "violation_rate" not in out.diagnostics:
@@ -784,17 +790,21 @@ def _assemble(
     features,
     bias=None,
     measure: bool = True,
+    norms: Tensor | None = None,
 ) -> CarrotOutput:
     """:class:`CarrotOutput` from α (B,) float64 and unit-scale noise (a, B, D); ``measure``:
-    compute ``violation_rate`` here (one (M, D) × (D, C) product)."""
+    compute ``violation_rate`` here (one (M, D) × (D, C) product); ``norms`` (B,) float32: the
+    rows' norms if already computed (the noise-to-feature diagnostic)."""
     rows = torch.nonzero(alpha > 0).squeeze(1)  # host sync: M is data-dependent
     scale = alpha.sqrt().to(noise.dtype)
-    if rows.numel() < z.shape[0]:
+    every_row = rows.numel() == z.shape[0]
+    if not every_row:
         noise, scale, z_rows = (
             noise.index_select(1, rows),
             scale.index_select(0, rows),
             z.index_select(0, rows),
         )
+        norms = None if norms is None else norms.index_select(0, rows)
     else:  # every row augmented: no gathers
         z_rows = z
     delta = noise.mul_(scale[None, :, None]).to(z.dtype)  # (a, M, D); noise is ours
@@ -805,6 +815,7 @@ def _assemble(
     flat = delta.reshape(-1, z.shape[1])
     if features is None:  # post-LN: z̃ = z[source] + delta, built only if read
         out = CarrotOutput(y_aug, source, alpha.float(), diag, flat, cfg.gamma, rows=z_rows)
+        out.every_row = every_row and cfg.aug_per_sample == 1
     else:  # pre-LN rows x̃: the noise is not the change of any head's input
         z_aug = (z_rows.unsqueeze(0) + delta).reshape(-1, z.shape[1])
         out = CarrotOutput(y_aug, source, alpha.float(), diag, gamma=cfg.gamma, _z=z_aug)
@@ -813,10 +824,11 @@ def _assemble(
         return out
     z_aug = out.z.detach() if measure else None  # built with autograd on, for the caller
     with torch.no_grad():
-        base = z_rows.detach().float().norm(dim=-1).clamp_min(1e-30)
+        base = torch.linalg.vector_norm(z_rows.detach().float(), dim=-1) if norms is None else norms
+        ratio = torch.linalg.vector_norm(delta.float(), dim=-1).div_(base.clamp_min(1e-30))
         diag |= {
             "median_alpha": alpha.index_select(0, rows).float().median(),
-            "median_noise_ratio": (delta.float().norm(dim=-1) / base).median(),
+            "median_noise_ratio": ratio.median(),
         }
         if measure:
             feats = z_aug if features is None else features(z_aug)
