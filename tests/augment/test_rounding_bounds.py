@@ -71,19 +71,23 @@ def test_linear_logits_error_refuses_reduced_precision_matmul():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(1, 4), SIZES, SCALES, st.integers(0, 2**16))
-def test_bank_logits_error_bounds_the_fused_bank_logits(heads, sizes, scale, seed):
-    """``head_logits`` folds the LayerNorm affine into the matmul (x̂ (W⊙γ)ᵀ + W β + c): the
-    bound holds against float64 ``W z + c`` of the very z the bank hands to CARROT, including
-    a shift β that cancels most of γ⊙x̂."""
+@given(st.integers(1, 4), SIZES, SCALES, st.booleans(), st.integers(0, 2**16))
+def test_bank_logits_error_bounds_the_fused_bank_logits(heads, sizes, scale, shared, seed):
+    """``head_logits`` folds the LayerNorm affine into the matmul (x̂ (W⊙γ)ᵀ + W β + c), or with
+    one frozen affine for every head (``shared``) computes z once (fl(z) Wᵀ + c): the bound
+    holds against float64 ``W z + c`` of the very z the bank hands to CARROT, including a
+    shift β that cancels most of γ⊙x̂."""
     b, d, c = sizes
     g = _gen(seed)
     bank = HeadBank(heads, d, c, seeds=list(range(heads)))
+    rows = 1 if shared else heads
     with torch.no_grad():
         bank.weight.copy_(torch.randn(heads, c, d, generator=g))
         bank.bias.copy_(scale * torch.randn(heads, c, generator=g))
-        bank.ln_weight.copy_(scale * (1 + torch.rand(heads, d, generator=g)))
+        bank.ln_weight.copy_(scale * (1 + torch.rand(rows, d, generator=g)).expand(heads, d))
         bank.ln_bias.copy_(-scale * 3 * torch.ones(heads, d))  # z = γ x̂ + β: large terms cancel
+    bank.freeze_layer_norm(shared)
+    assert bank._shared_affine() == shared
     x = torch.randn(b, d, generator=g) + 3
     idx = torch.arange(heads)
     with torch.no_grad():

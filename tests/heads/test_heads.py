@@ -129,6 +129,36 @@ def test_freezing_the_layer_norm_leaves_it_out_of_the_parameters_and_the_gradien
     assert list(bank.trainable()) == ["weight", "bias", "ln_weight", "ln_bias"]
 
 
+def test_shared_frozen_affine_path_matches_the_folded_one():
+    """With every head's LayerNorm affine frozen and equal, ``head_logits`` normalizes the rows
+    once (z Wᵀ + c): the same logits and weight/bias gradients as the folded x̂ (W⊙γ)ᵀ + W β + c
+    path; changing one head's affine in place sends it back to the folded path."""
+    H, C, D, B = 3, 5, 7, 9
+    bank = _perturbed_bank(H, D, C)
+    with torch.no_grad():
+        bank.ln_weight.copy_(bank.ln_weight[:1].expand(H, D))
+        bank.ln_bias.copy_(bank.ln_bias[:1].expand(H, D))
+    bank.freeze_layer_norm()
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(5)) * 2 + 1
+    y = torch.arange(B) % C
+    xhat = bank.normalize(x)
+    folded = _BankLogits.apply(xhat, bank.weight, bank.ln_weight, bank.ln_bias, bank.bias, None)
+    F.cross_entropy(folded.view(B * H, C), y.repeat_interleave(H)).backward()
+    expected = {n: getattr(bank, n).grad.clone() for n in ("weight", "bias")}
+    bank.zero_grad()
+    assert bank._shared_affine()
+    logits = bank.head_logits(xhat)
+    torch.testing.assert_close(logits, folded.view(B, H, C), rtol=1e-5, atol=1e-5)
+    F.cross_entropy(logits.view(B * H, C), y.repeat_interleave(H)).backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(getattr(bank, name).grad, grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        bank.ln_weight[1].mul_(2.0)  # one head's affine differs now
+    assert not bank._shared_affine()
+    for h in range(H):
+        torch.testing.assert_close(bank(x)[h], bank.head(h)(x), rtol=1e-5, atol=1e-5)
+
+
 def test_init_is_seeded_per_head():
     a = HeadBank(2, 8, 3, seeds=[5, 6])
     b = HeadBank(1, 8, 3, seeds=[6])
