@@ -23,10 +23,10 @@ from pipeline.augment.carrot import DEFAULT_RELATIVE_CAP, CarrotConfig
 from pipeline.augment.nuisance import (
     cap_alpha,
     centered_weight,
+    centred_span_basis,
     chance_alpha,
     competitor_geometry,
     margin_slack,
-    orthonormal_rows,
     project_out,
     tail_quantile_sq,
     top_competitors,
@@ -114,7 +114,7 @@ def carrot_augment_heads(
     )
     base = _draws(generators, h, (cfg.aug_per_sample, b, d), z.device, workspace)  # (a, N, D)
     if k == c - 1:  # every other class competes: one basis per head, nothing outside
-        basis, rank = orthonormal_rows(wc)  # (H, R, D), (H,)
+        basis, rank = centred_span_basis(wc)  # (H, R, D), (H,)
         rows = base.view(-1, h, b, d)
         noise = rows - (rows @ basis.transpose(1, 2)) @ basis
         alpha = torch.full((n,), math.inf, dtype=torch.float64, device=z.device)

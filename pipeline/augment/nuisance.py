@@ -227,7 +227,7 @@ def shared_geometry(wc: Tensor, labels: Tensor) -> Competitors:
     """
     n = labels.shape[0]
     c = wc.shape[0]
-    basis, rank = orthonormal_rows(wc.unsqueeze(0))
+    basis, rank = centred_span_basis(wc.unsqueeze(0))
     others = torch.arange(c - 1, device=labels.device).expand(n, c - 1)
     kset = others + (others >= labels[:, None])  # (N, C − 1): every class but y
     zeros = torch.zeros(n, c, dtype=wc.dtype, device=wc.device)
@@ -586,6 +586,26 @@ def orthonormal_rows(a: Tensor) -> tuple[Tensor, Tensor]:
         basis = (vec * inv_sqrt[:, None, :]).transpose(1, 2) @ basis
         rank = keep.sum(dim=1) if rank is None else rank
     return basis, rank
+
+
+def centred_span_basis(wc: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis (N, R, D) float64 of ``span{w_y − w_k : k ≠ y}`` for centred weights
+    wc (N, C, D) (:func:`centered_weight`, one set per leading index), and its rank (N,).
+
+    That span is the row space of ``wc`` whatever y is, and centred rows sum to zero, so the
+    first C − 1 rows span it: their (C − 1)² Gram is generically nonsingular and is whitened
+    by Cholesky with the conditioning proof of :func:`_whitening` (eigh only for the rows it
+    cannot prove), the second orthonormalization pass only where that Gram is ill-conditioned
+    — where :func:`orthonormal_rows` takes two eigendecompositions of the C² Gram. Dropped
+    directions are zero rows, as there.
+    """
+    a = wc[:, :-1]  # (N, C − 1, D)
+    if a.shape[1] >= a.shape[2]:
+        return orthonormal_rows(a)
+    gram = a @ a.transpose(1, 2)
+    gram = 0.5 * (gram + gram.transpose(1, 2))
+    whiten, rank, condition = _whitening(gram.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+    return _reorthonormalize(whiten.transpose(1, 2) @ a, condition), rank
 
 
 @functools.lru_cache(maxsize=256)
