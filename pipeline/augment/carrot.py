@@ -31,7 +31,6 @@ from pipeline.augment.nuisance import (
     difference_sq,
     distinct_rows,
     factor_spectrum,
-    gemm_error_factor,
     margin_slack,
     nearest_classes,
     orthonormal_rows,
@@ -40,6 +39,7 @@ from pipeline.augment.nuisance import (
     project_out_explicit,
     row_difference_sq,
     row_difference_sq_fast,
+    row_norms_up,
     shared_geometry,
     standard_normal,
     tail_quantile_sq,
@@ -497,19 +497,9 @@ def _stale_spread(
     spread = root.clone() if rows is None else root.index_select(0, rows)
     if fresh:
         return spread
-    step = _norms_up(position - anchor["position"])  # (C,) ≥ ‖e_c‖
+    step = row_norms_up(position - anchor["position"], rounded=True)  # (C,) ≥ ‖exact e_c‖
     own = step.index_select(0, labels if rows is None else labels.index_select(0, rows))
     return spread.add_(step[None, :]).add_(own[:, None])
-
-
-def _norms_up(e: Tensor) -> Tensor:
-    """(C,) float64 upper bounds of the exact row norms of e (C, D) float32/64 rounded once from
-    exact differences: ``‖exact e‖ ≤ ‖e‖/(1 − u)``, the norm's own sum of squares within
-    ``γ_{D+2}`` and its square root within u (any summation order), float64 rounding above."""
-    unit = torch.finfo(e.dtype).eps / 2
-    gamma = gemm_error_factor(e.shape[1], e.dtype)  # γ_{D+2}
-    up = (1 + 2 * unit) * (1 + gamma) * (1 + 2 * unit) * (1 + 4 * _EPS64)
-    return torch.linalg.vector_norm(e, dim=1).double().mul_(up)
 
 
 def _stale_alpha(

@@ -376,11 +376,16 @@ def _fp32_squared_norms(w32: Tensor) -> tuple[Tensor, Tensor, float]:
     return diag, (diag * (1 + gamma)).sqrt() * (1 + _EPS64), gamma
 
 
-def row_norms_up(w: Tensor) -> Tensor:
-    """(C,) float64 upper bounds ``≥ ‖w_c‖`` for rows w (C, D) float32 or float64."""
-    if w.dtype == torch.float64:
-        return w.square().sum(dim=1).sqrt() * (1 + 2 * w.shape[1] * _EPS64)
-    return _fp32_squared_norms(w.float())[1]
+def row_norms_up(w: Tensor, *, rounded: bool = False) -> Tensor:
+    """(C,) float64 upper bounds ``≥ ‖w_c‖`` for rows w (C, D) float32 or float64: the norm's
+    sum of squares is within ``γ_{D+2}`` (any summation order) and its square root within u of
+    exact, the float64 scaling rounds up. ``rounded``: bound the norms of the exact rows w was
+    rounded from once (e.g. a difference of two weights): ``‖exact‖ ≤ ‖w‖/(1 − u)``."""
+    unit = torch.finfo(w.dtype).eps / 2
+    first = (1 + 2 * unit) if rounded else 1.0
+    gamma = gemm_error_factor(w.shape[1], w.dtype)  # γ_{D+2}
+    up = first * (1 + gamma) * (1 + 2 * unit) * (1 + 4 * _EPS64)
+    return torch.linalg.vector_norm(w, dim=1).double().mul_(up)
 
 
 def _rounded_up_difference_sq(rows: Tensor, diag: Tensor, labels: Tensor, dim: int) -> Tensor:
