@@ -57,24 +57,28 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def cross_entropy(
     logits: torch.Tensor,
     y: torch.Tensor,
-    smoothing: torch.Tensor,
+    smoothing: torch.Tensor | None,
     *,
     y_soft: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head mean CE: ``logits (M, h, C)`` (batch-major), labels ``y (M,)`` shared by the
     heads or ``y (M, h)`` per head (or soft ``y_soft (M, C)``), ``smoothing (h,)`` → ``(h,)``.
-    Same as ``F.cross_entropy(logits[:, i], y, label_smoothing=smoothing[i])`` per head.
-    ``mask (M, h)`` bool: the mean runs over each head's True rows only (padding)."""
+    Same as ``F.cross_entropy(logits[:, i], y, label_smoothing=smoothing[i])`` per head;
+    ``smoothing`` None: no head smooths (the same values and gradients as zeros, without the
+    smoothing term's operations). ``mask (M, h)`` bool: the mean runs over each head's True
+    rows only (padding)."""
     logp = log_softmax(logits.float())
     if y_soft is None:
         idx = y[..., None] if y.ndim == 2 else y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)
         nll = -logp.gather(-1, idx).squeeze(-1)  # (M, h)
     else:
         nll = -(logp * y_soft.to(logp.dtype)[:, None, :]).sum(-1)
-    smooth = -logp.mean(-1)
-    s = smoothing.to(logp.dtype)
-    per_row = (1 - s) * nll + s * smooth  # (M, h)
+    if smoothing is None:
+        per_row = nll  # (M, h)
+    else:
+        s = smoothing.to(logp.dtype)
+        per_row = (1 - s) * nll + s * -logp.mean(-1)  # (M, h)
     if mask is None:
         return per_row.mean(0)
     return (per_row * mask).sum(0) / mask.sum(0).clamp_min(1)
@@ -389,7 +393,8 @@ class _MinibatchRun:
             cfg,
             space,
         )
-        self.smoothing = smoothing
+        # None when no head smooths: cross_entropy then skips the smoothing term's operations
+        self.smoothing = smoothing if bool((smoothing != 0).any()) else None
         device = bank.weight.device
         self.groups = _build_groups(specs, cfg, num_classes=bank.num_classes, device=device)
         _fit_augmentations(self.groups, features, bank, space, cfg.seed)
@@ -489,6 +494,10 @@ class _MinibatchRun:
         ]
         return status, curves, diagnostics, epochs_run
 
+    def _smoothing(self, heads: torch.Tensor) -> torch.Tensor | None:
+        """The label smoothing of ``heads`` (h,), or None when no head smooths."""
+        return None if self.smoothing is None else self.smoothing[heads]
+
     def _loss(
         self,
         X: torch.Tensor,
@@ -516,7 +525,7 @@ class _MinibatchRun:
             x_aug = self.space.to_xhat(out.z)  # back to x̂: each head applies its own affine
             span = g.span
             la = bank.head_logits(x_aug, span) if span else bank.head_logits(x_aug)[:, g.index]
-            ce = cross_entropy(la, out.y, smoothing[g.index], y_soft=out.y_soft)
+            ce = cross_entropy(la, out.y, self._smoothing(g.index), y_soft=out.y_soft)
             losses = losses.index_add(0, g.index, aug.aug_weight * ce)
         return losses
 
@@ -588,7 +597,7 @@ class _MinibatchRun:
             la = bank.group_logits(pad, idx)  # (h, M, C): one batched matmul
         mask = torch.arange(width, device=X.device)[:, None] < torch.tensor(counts, device=X.device)
         self._record(diag_acc, heads, outs, (la, y_pad, mask.t()))
-        ce = cross_entropy(la.transpose(0, 1), y_pad.t(), self.smoothing[idx], mask=mask)
+        ce = cross_entropy(la.transpose(0, 1), y_pad.t(), self._smoothing(idx), mask=mask)
         weight = torch.tensor([g.augs[j].aug_weight for j in run], device=X.device)
         return losses.index_add(0, idx, weight * ce)
 
@@ -615,7 +624,7 @@ class _MinibatchRun:
         for i, j in enumerate(run):
             diag = {k: v[i] for k, v in out.diagnostics.items()}
             self._append(diag_acc, g.heads[j], diag | {"violation_rate": rates[i]}, y.device)
-        ce = cross_entropy(la.transpose(0, 1), y_rows, self.smoothing[idx], mask=out.augmented.t())
+        ce = cross_entropy(la.transpose(0, 1), y_rows, self._smoothing(idx), mask=out.augmented.t())
         weight = torch.tensor([g.augs[j].aug_weight for j in run], device=y.device)
         return losses.index_add(0, idx, weight * ce)
 
