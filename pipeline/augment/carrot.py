@@ -302,8 +302,17 @@ def augment_with_geometry(
         else:
             wc = centered_weight(weight)
             stale = not torch.equal(wc, geo.weight)  # host sync
+        z_norm = torch.linalg.vector_norm(z.detach().float(), dim=1)  # (B,) float32
         slack = margin_slack(  # (B, C), +inf at y
-            z, y, weight, cfg.gamma, z.dtype, bias, logits=logits, logits_error=logits_error
+            z,
+            y,
+            weight,
+            cfg.gamma,
+            z.dtype,
+            bias,
+            logits=logits,
+            logits_error=logits_error,
+            z_norm=z_norm,
         )
         eligible = (slack > 0).all(dim=1) & (geo.rank < d)
         shape = (cfg.aug_per_sample, b, d)
@@ -349,7 +358,6 @@ def augment_with_geometry(
         noise = noise.to(torch.promote_types(z.dtype, torch.float32))
         default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
         cap = cfg.alpha_max if cfg.alpha_max is not None else default
-        z_norm = torch.linalg.vector_norm(z.detach().float(), dim=1)  # (B,) float32
         alpha = cap_alpha(alpha, eligible, noise, z_norm.double(), cap)
     return _assemble(
         z, y, weight, cfg, alpha, noise, features=None, bias=bias, measure=measure, norms=z_norm

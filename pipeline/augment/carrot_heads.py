@@ -102,6 +102,7 @@ def carrot_augment_heads(
     zf = z.reshape(n, d)
     wc = centered_weight(weight)  # (H, C, D) centred per head
     k = min(cfg.topk, c - 1)
+    z_norm32 = torch.linalg.vector_norm(zf.float(), dim=1)  # (N,): margins, cap, diagnostics
     slack = margin_slack(
         zf,
         labels,
@@ -111,6 +112,7 @@ def carrot_augment_heads(
         logits=logits.reshape(n, c),
         logits_error=torch.broadcast_to(logits_error, (h, b, c)).reshape(n, c),
         row_heads=heads,
+        z_norm=z_norm32,
     )
     base = _draws(generators, h, (cfg.aug_per_sample, b, d), z.device, workspace)  # (a, N, D)
     if k == c - 1:  # every other class competes: one basis per head, nothing outside
@@ -134,13 +136,13 @@ def carrot_augment_heads(
     noise = noise.reshape(-1, n, d).to(torch.promote_types(z.dtype, torch.float32))
     default = DEFAULT_RELATIVE_CAP if n_out == 0 else None
     cap = cfg.alpha_max if cfg.alpha_max is not None else default
-    z_norm = zf.float().norm(dim=1).double()
+    z_norm = z_norm32.double()
     alpha = cap_alpha(alpha, eligible, noise, z_norm, cap)  # (N,)
     delta = noise.mul_(alpha.sqrt().to(noise.dtype)[None, :, None]).to(z.dtype)  # (a, N, D)
     delta = delta.view(-1, h, b, d).transpose(0, 1).reshape(h, -1, d)  # (H, a·B, D)
     on = (alpha > 0).view(h, b)
     augmented = on.repeat(1, cfg.aug_per_sample)  # (H, a·B)
-    z_norm_hb = z_norm.float().clamp_min(1e-30).view(h, b).repeat(1, cfg.aug_per_sample)
+    z_norm_hb = z_norm32.clamp_min(1e-30).view(h, b).repeat(1, cfg.aug_per_sample)
     ratio = delta.float().norm(dim=-1) / z_norm_hb  # (H, a·B) ‖z̃ − z‖/‖z‖
     alpha_hb = alpha.view(h, b)
     diagnostics = {

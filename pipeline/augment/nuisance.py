@@ -143,8 +143,7 @@ def competitor_geometry(
     g_kk = gram.reshape(-1).index_select(0, (kg[:, :, None] * c + kset[:, None, :]).view(-1))
     # A Aᵀ: (N, K, K); (w_y − w_i)ᵀ(w_y − w_j) = g_yy − g_yj − g_iy + g_ij
     gram_a = g_yy[:, None, None] - g_ky[:, None, :] - g_ky[:, :, None] + g_kk.view(n, k, k)
-    gram_a = 0.5 * (gram_a + gram_a.transpose(1, 2))
-    whiten, rank, condition = _whitening(gram_a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+    whiten, rank, condition = _whitening(gram_a)
     pinv = whiten @ whiten.transpose(1, 2)  # G⁺ = whiten whitenᵀ
     in_s = _in_span_sq(gram, whiten.transpose(1, 2), kg, g_ky, g_yc - g_yy[:, None])
     diag = gram.view(-1, c, c).diagonal(dim1=1, dim2=2)  # (H, C)
@@ -193,9 +192,11 @@ def _whitening(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Directions with eigenvalue ≤ RTOL·λ_max are dropped. Cholesky first (about 10× cheaper
     than eigh for small K): a row whose bound ``λ_min ≥ 1/‖L⁻¹‖_F²`` against ``λ_max ≤ tr G``
     proves every eigenvalue is kept gets ``whiten = L⁻ᵀ``, the same subspace; the others
-    (rank-deficient, or not provably well-conditioned) go through eigh.
+    (rank-deficient, or not provably well-conditioned) go through eigh. G is symmetrized and
+    its non-finite entries zeroed first.
     """
     n, k, _ = gram.shape
+    gram = (0.5 * (gram + gram.transpose(1, 2))).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     chol, info = torch.linalg.cholesky_ex(gram)
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device).expand(n, k, k)
     inv = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
@@ -607,9 +608,7 @@ def centred_span_basis(wc: Tensor) -> tuple[Tensor, Tensor]:
     a = wc[:, :-1]  # (N, C − 1, D)
     if a.shape[1] >= a.shape[2]:
         return orthonormal_rows(a)
-    gram = a @ a.transpose(1, 2)
-    gram = 0.5 * (gram + gram.transpose(1, 2))
-    whiten, rank, condition = _whitening(gram.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+    whiten, rank, condition = _whitening(a @ a.transpose(1, 2))
     return _reorthonormalize(whiten.transpose(1, 2) @ a, condition), rank
 
 
@@ -637,6 +636,7 @@ def margin_slack(
     logits: Tensor | None = None,
     logits_error: Tensor | None = None,
     row_heads: Tensor | None = None,
+    z_norm: Tensor | None = None,
 ) -> Tensor:
     """(B, C) float64 ``m_c − γ`` of features z (B, D), minus a rounding allowance; +inf at y.
 
@@ -653,7 +653,8 @@ def margin_slack(
     to (B, C)), a bound on ``|logits − (W z + b)|`` per entry (e.g. :func:`linear_logits_error`),
     the margins are read off them: no GEMM; the allowance is ``err_y + err_c`` plus the rounding
     term. Rows of several heads (logits given): ``weight`` (H, C, D) and ``row_heads`` (B,) the
-    head of each row.
+    head of each row. ``z_norm`` (B,): z's float32 row norms (``vector_norm``), if the caller
+    has them already.
     """
     d = z.shape[1]
     u_out = 0.0 if out_dtype == torch.float64 else torch.finfo(out_dtype).eps / 2
@@ -668,8 +669,10 @@ def margin_slack(
             up = 1 + gemm_error_factor(d, torch.float32)
             norms = weight.detach().float().norm(dim=-1).double()  # (C,) or (H, C)
             norms = norms[None, :] if row_heads is None else norms.index_select(0, row_heads)
-            z_norm = z.detach().float().norm(dim=1, keepdim=True).double()
-            err = torch.addcmul(err, z_norm, norms, value=2 * u_out * up * up)
+            if z_norm is None:
+                z_norm = torch.linalg.vector_norm(z.detach().float(), dim=1)
+            rows = z_norm.double()[:, None]
+            err = torch.addcmul(err, rows, norms, value=2 * u_out * up * up)
         # margin − allowance = (l_y − e_y) − γ − (l_c + e_c): exact float32 values in float64
         own = y[:, None]
         low = values.gather(1, own).sub_(err.gather(1, own)).sub_(gamma)  # (B, 1)
