@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.embed.backbone import Backbone
 from pipeline.embed.images import ImageLoadError
-from pipeline.embed.seeding import seeded_global_rngs
 from pipeline.embed.sources import ImageSource
+from pipeline.embed.views import SeededView
 from pipeline.errors import InputError
 from pipeline.terminal import printable
 
@@ -144,7 +144,7 @@ def extract_rows(
         source,
         list(rows),
         clean=backbone.transform(train=False, normalize=False),
-        augment=backbone.transform(train=True, normalize=False) if cfg.views else None,
+        augment=SeededView(backbone.transform(train=True, normalize=False)) if cfg.views else None,
         views=cfg.views,
         view_seed=cfg.view_seed,
         input_size=backbone.input_size,
@@ -250,7 +250,7 @@ class _RowDataset(Dataset):
         rows: list[int],
         *,
         clean: Callable[[Image.Image], torch.Tensor],
-        augment: Callable[[Image.Image], torch.Tensor] | None,
+        augment: SeededView | None,
         views: int,
         view_seed: int,
         input_size: tuple[int, int, int],
@@ -276,11 +276,7 @@ class _RowDataset(Dataset):
             )
         out = [self.clean(img)]
         for v in range(1, 1 + self.views):
-            out.append(
-                run_seeded(
-                    self.augment, img, view_seed_for(self.view_seed, self.row_offset + row, v)
-                )
-            )  # type: ignore[arg-type]
+            out.append(self.augment(img, view_seed_for(self.view_seed, self.row_offset + row, v)))  # type: ignore[misc]
         return torch.stack(out), True, ""
 
 
@@ -290,12 +286,3 @@ def die_with_parent(_worker_id: int) -> None:
     workers for up to that long (measured: alive at 3 s, gone by 6 s; with this, 0.5 s)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def run_seeded(
-    fn: Callable[[Image.Image], torch.Tensor], img: Image.Image, seed: int
-) -> torch.Tensor:
-    """Run ``fn(img)`` with Python, NumPy and torch RNGs seeded by ``seed``; the global RNG
-    states are restored afterwards (`pipeline.embed.seeding`: one thread at a time)."""
-    with seeded_global_rngs(seed):
-        return fn(img)

@@ -5,8 +5,11 @@ transforms draw from Python's ``random`` and torch's global generator: neither t
 of ours. So stage 1 seeds those global RNGs around each such call and restores them after — and
 two of this process's threads doing that at once would interleave their draws (one thread's seed,
 the other's draw), giving views and random-init weights that depend on timing. Every seeded
-block holds one process-wide lock. Threads that draw from the global RNGs without it (none of
-this project's) can still disturb a block.
+block holds one process-wide lock. Threads that draw from the global RNGs without it can still
+disturb a block — and a Dask scheduler, Prefect's client and tornado's timers in the same process
+do — so the training views no longer come from here: `pipeline.embed.views` feeds timm's
+transform steps from private RNGs, and only a transform with a step it does not know (and
+random-init model construction, which draws from torch alone) still runs in a seeded block.
 """
 
 from __future__ import annotations

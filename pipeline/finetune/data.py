@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.embed.extract import derived_seed, resolve_num_workers, run_seeded
+from pipeline.embed.extract import derived_seed, resolve_num_workers
 from pipeline.embed.images import ImageLoadError
 from pipeline.embed.sources import ImageSource
+from pipeline.embed.views import SeededView
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -46,6 +47,7 @@ class SplitImages(Dataset):
         self.source, self.rows, self.transform = source, [int(r) for r in rows], transform
         self.labels = source.labels[np.asarray(rows, dtype=np.int64)]
         self.input_size, self.seed, self.epoch = input_size, seed, 0
+        self.view = SeededView(transform)  # its draws from RNGs of its own, seeded per item
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -62,7 +64,7 @@ class SplitImages(Dataset):
         if self.seed is None:
             return self.transform(img), int(self.labels[k]), True
         seed = epoch_seed(self.seed, self.epoch, row)
-        return run_seeded(self.transform, img, seed), int(self.labels[k]), True
+        return self.view(img, seed), int(self.labels[k]), True
 
 
 class EpochOrder(torch.utils.data.Sampler[int]):
