@@ -31,13 +31,13 @@ from pipeline.embed.seeding import seeded_global_rngs
 
 Step = Callable[[Any, random.Random, torch.Generator], Any]  # (image, py rng, torch rng) → image
 
-# Steps that draw nothing: called as they are.
+# Steps that draw nothing: called as they are. (timm's ResizeKeepRatio is not among them: with
+# random_scale_prob, random_aspect_prob or a "random" interpolation it draws from `random`.)
 _DETERMINISTIC = (
     timm_tf.ToNumpy,
     timm_tf.ToTensor,
     timm_tf.MaybeToTensor,
     timm_tf.MaybePILToTensor,
-    timm_tf.ResizeKeepRatio,
     timm_tf.CenterCropOrPad,
     timm_tf.TrimBorder,
     T.ToTensor,

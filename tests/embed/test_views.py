@@ -14,6 +14,7 @@ import torchvision.transforms as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from timm.data import transforms as timm_tf
 
 from pipeline.embed.seeding import seeded_global_rngs
 from pipeline.embed.views import SeededView
@@ -106,8 +107,16 @@ def test_a_private_view_leaves_the_global_rngs_alone():
     assert (random.random(), torch.rand(2).tolist()) == expected
 
 
-def test_a_transform_with_an_unknown_step_falls_back_to_the_seeded_global_rngs():
-    transform = T.Compose([T.RandomRotation(30), T.PILToTensor()])
+@pytest.mark.parametrize(
+    "step",
+    [
+        T.RandomRotation(30),
+        timm_tf.ResizeKeepRatio(24, random_scale_prob=0.5, random_aspect_prob=0.5),
+    ],
+    ids=["RandomRotation", "ResizeKeepRatio with random scale"],
+)
+def test_a_transform_with_an_unknown_step_falls_back_to_the_seeded_global_rngs(step):
+    transform = T.Compose([step, T.PILToTensor()])
     view, img = SeededView(transform), image(32, 32)
     assert not view.private
     assert torch.equal(view(img, 5), global_seeded(transform, img, 5))
